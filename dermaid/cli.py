@@ -1,0 +1,84 @@
+"""The `dermaid` command: one sub-command per Hydra app, each with its own primary config in conf/.
+
+    dermaid --help
+    dermaid synth out=data/toy n=600 seed=0
+    dermaid prepare data=isic2019 data.root=data/toy out=data/prepared
+    dermaid train experiment=toy
+    dermaid <cmd> --help | --cfg job | key=value ...
+
+A DermaidError (bad input the user can fix) is printed as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Callable
+
+# name -> (module, function, one-line help). The primary config is conf/<name>.yaml.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "synth": ("dermaid.data.synth", "run", "generate a toy dataset in the ISIC 2019 layout"),
+    "download": ("dermaid.data.download", "run", "download the official ISIC 2019 archives"),
+    "prepare": ("dermaid.data.prepare", "run", "decode, resize and shard a dataset into a version"),
+    "train": ("dermaid.training.train", "run", "train a classifier on Ray Train"),
+    "evaluate": ("dermaid.evaluation.evaluate", "run", "predictions.csv + metrics.json for a checkpoint"),
+    "tune": ("dermaid.tuning", "run", "hyperparameter search with Ray Tune"),
+    "distill": ("dermaid.compress", "run_distill", "knowledge distillation into a smaller student"),
+    "quantize": ("dermaid.compress", "run_quantize", "int8 post-training quantization"),
+    "export": ("dermaid.compress", "run_export", "export a checkpoint to ONNX or TorchScript"),
+    "serve": ("dermaid.serving", "run", "serve a checkpoint over HTTP with Ray Serve"),
+    "labels-export": ("dermaid.store.labels", "run_export", "write reviewed uploads as an ISIC dataset"),
+    "report": ("dermaid.reports", "run", "execute a notebook report with papermill"),
+    "pipeline": ("dermaid.pipeline", "run", "prepare -> train -> evaluate -> reports -> register"),
+}
+
+
+def _usage() -> str:
+    from dermaid.config import conf_dir
+
+    lines = ["usage: dermaid <command> [key=value ...] [--help | --cfg job]", "", "commands:"]
+    for name, (_, _, text) in COMMANDS.items():
+        available = (conf_dir() / f"{name}.yaml").exists()
+        lines.append(f"  {name:<14} {text}" + ("" if available else "  (not available yet)"))
+    lines += ["", "DermAID gives decision support for research; it does not diagnose."]
+    return "\n".join(lines)
+
+
+def _guarded(fn: Callable) -> Callable:
+    from dermaid.errors import DermaidError
+
+    def wrapper(cfg):
+        try:
+            return fn(cfg)
+        except DermaidError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    wrapper.__module__ = fn.__module__
+    return wrapper
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        sys.exit(2)
+    import hydra
+
+    from dermaid.config import conf_dir
+
+    module_name, func_name, _ = COMMANDS[name]
+    fn = getattr(importlib.import_module(module_name), func_name)
+    app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=name)(_guarded(fn))
+    sys.argv = [f"dermaid {name}", *rest]
+    app()
+
+
+if __name__ == "__main__":
+    main()
