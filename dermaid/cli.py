@@ -74,7 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     from dermaid.config import conf_dir
 
     module_name, func_name, _ = COMMANDS[name]
-    fn = getattr(importlib.import_module(module_name), func_name)
+    module = importlib.import_module(module_name)
+    fn = getattr(module, func_name)
+    # A command module may accept shorthand (`dermaid report eda k=v`): its optional
+    # `hydra_args(argv) -> argv` rewrites the arguments into Hydra overrides.
+    if hasattr(module, "hydra_args"):
+        rest = module.hydra_args(rest)
     app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=name)(_guarded(fn))
     sys.argv = [f"dermaid {name}", *rest]
     app()

@@ -36,7 +36,8 @@ class LesionClassifier(nn.Module):
             raise ValueError(f"unknown timm backbone {name!r}: {exc}") from None
         self.name = name
         self.use_metadata = use_metadata
-        features = self.backbone.num_features
+        # pooled feature width: timm models with a pre-logits head (mobilenetv3, ...) expose head_hidden_size
+        features = int(getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features)
         if use_metadata:
             self.metadata_branch = nn.Sequential(
                 nn.Linear(METADATA_DIM, metadata_hidden),

@@ -1,0 +1,89 @@
+"""prepare's throughput next to the bare per-image limit measured in the same run, as a ratio.
+
+    .venv/bin/python benchmarks/prepare_throughput.py                 # 200 images of 1024x1024 -> 512 px
+    .venv/bin/python benchmarks/prepare_throughput.py --n 400 --image-size 384 --num-cpus 2
+
+The bare limit is a plain loop in one process over the same files: read the bytes, decode with
+JPEG draft mode, resize the shorter side, encode (dermaid.data.prepare.process_image, the
+function the workers call), i.e. images/s per core, times the cores prepare uses. prepare's
+rate is `prepare_dataset` end to end on an already running Ray (records, splits, tasks, Parquet
+shards, version hash, manifest), with the raw-listing cache off. The bare loop runs before and
+after prepare and the two are averaged, since other work on a shared machine drifts.
+Target: ratio >= 0.8. Results are also written to benchmarks/results/prepare_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from dermaid.config import compose, to_plain
+from dermaid.data.isic import read_records
+from dermaid.data.prepare import prepare_dataset, process_image
+from dermaid.data.synth import generate
+
+
+def _bare_rate(urls: list[str], image_size: int, quality: int) -> float:
+    """Images per second of read + decode (draft) + resize + encode in a plain loop, one core."""
+    start = time.perf_counter()
+    for url in urls:
+        with open(url, "rb") as f:
+            process_image(f.read(), image_size, quality)
+    return len(urls) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=200, help="images to generate (1024x1024 JPEGs)")
+    parser.add_argument("--image-size", type=int, default=512, help="prepare's data.image_size")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="cores of the local Ray")
+    parser.add_argument("--workdir", default=None, help="where to put the generated set (default: a temp dir)")
+    args = parser.parse_args()
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dermaid-bench-"))
+    raw = workdir / "raw"
+    t0 = time.perf_counter()
+    generate(str(raw), n=args.n, seed=0, size=(1024, 1024))
+    print(f"generated {args.n} images of 1024x1024 in {time.perf_counter() - t0:.1f} s at {raw}")
+
+    data_cfg = to_plain(compose("prepare", [f"data.root={raw}", f"data.image_size={args.image_size}"]).data)
+    urls = read_records(str(raw))["image_url"].tolist()
+    _bare_rate(urls[:10], args.image_size, data_cfg["quality"])  # warm the page cache and the imports
+
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+    cores = int(ray.cluster_resources()["CPU"])
+    before = _bare_rate(urls, args.image_size, data_cfg["quality"])
+    t0 = time.perf_counter()
+    manifest = prepare_dataset(data_cfg, out=str(workdir / "prepared"), use_cache=False)
+    seconds = time.perf_counter() - t0
+    after = _bare_rate(urls, args.image_size, data_cfg["quality"])
+    ray.shutdown()
+
+    per_core = (before + after) / 2
+    limit = per_core * cores
+    rate = manifest["num_records"] / seconds
+    result = {
+        "images": manifest["num_records"], "source_size": [1024, 1024], "image_size": args.image_size,
+        "cores": cores, "bare_per_core_img_s": round(per_core, 1), "bare_before_img_s": round(before, 1),
+        "bare_after_img_s": round(after, 1), "bare_limit_img_s": round(limit, 1),
+        "prepare_img_s": round(rate, 1), "prepare_seconds": round(seconds, 2), "ratio": round(rate / limit, 3),
+        "shards": len(manifest["shards"]), "cpu_count": os.cpu_count(),
+    }
+    print(f"bare loop: {per_core:.1f} img/s per core (before {before:.1f}, after {after:.1f}) x {cores} cores "
+          f"= {limit:.1f} img/s")
+    print(f"prepare:   {rate:.1f} img/s ({manifest['num_records']} images in {seconds:.2f} s, "
+          f"{len(manifest['shards'])} shards)")
+    print(f"ratio:     {rate / limit:.2f}  (target >= 0.8)")
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / "prepare_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

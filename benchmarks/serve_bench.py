@@ -1,0 +1,291 @@
+"""Serving benchmark: the Ray Serve app next to the bare in-process pipeline, measured in one run (CPU).
+
+    .venv/bin/python benchmarks/serve_bench.py                     # efficientnet_b0 @ 224, untrained
+    .venv/bin/python benchmarks/serve_bench.py --requests 480 --batch 8 --concurrency 16
+
+What it measures (JPEG uploads from `dermaid synth`, 600x450 .. 1280x960 px, bounded loops on 127.0.0.1):
+    throughput   POST /v1/classify at concurrency 16 vs. the bare pipeline (Predictor.prepare = decode +
+                 preprocess, then batched Predictor.forward at the same batch size, same threads)  target >= 0.8
+    batching     the same load with max_batch_size=1 (changed through user_config): the gain of batching
+    latency      concurrency 1: p50 of classify minus p50 of the bare single-image pipeline     target <= 15 ms
+    saliency     p50 of POST /v1/saliency (gradcam) / p50 of classify, same model               target <= 3
+    cold start   seconds from launching `dermaid serve` to its first successful classify (reported)
+The bare rates run before and after the Serve measurements and are averaged (a shared machine drifts).
+The load generator (16 threads on keep-alive connections) shares the machine's cores with the server.
+Results also go to benchmarks/results/serve_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import itertools
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def create_bench_checkpoint(out: str, model: str, img_size: int) -> str:
+    """An untrained timm model (pretrained=false) saved as a DermAID checkpoint."""
+    import torch
+
+    from dermaid.models.card import build_card, save_checkpoint
+    from dermaid.models.classifier import create_classifier, resolve_input_spec
+
+    torch.manual_seed(0)
+    model_cfg = {"name": model, "pretrained": False, "use_metadata": True}
+    net = create_classifier(model_cfg)
+    save_checkpoint(out, build_card(model_cfg, resolve_input_spec(net, img_size)), net.state_dict())
+    return out
+
+
+def load_images(workdir: str, n: int) -> list[bytes]:
+    from dermaid.data.synth import INPUT_DIR, generate
+
+    generate(f"{workdir}/synth", n=n, seed=0)
+    files = sorted(Path(f"{workdir}/synth/{INPUT_DIR}").glob("*.jpg"))
+    return [f.read_bytes() for f in files[:n]]
+
+
+# --- the bare in-process pipeline ----------------------------------------------------------------------------
+
+def bare_throughput(predictor, images: list[bytes], total: int, batch: int) -> float:
+    """Images/s of decode + preprocess + batched forward in a plain loop."""
+    import torch
+
+    stream = itertools.islice(itertools.cycle(images), total)
+    start = time.perf_counter()
+    done = 0
+    while done < total:
+        chunk = list(itertools.islice(stream, batch))
+        tensors = torch.stack([predictor.prepare(data).tensor for data in chunk])  # (B, 3, H, W)
+        metadata = torch.stack([predictor.encode_metadata() for _ in chunk])  # (B, 14)
+        predictor.forward(tensors, metadata)
+        done += len(chunk)
+    return total / (time.perf_counter() - start)
+
+
+def bare_latency_ms(predictor, images: list[bytes], n: int) -> float:
+    """p50 of one image through the same pipeline (batch of 1)."""
+    times = []
+    for data in itertools.islice(itertools.cycle(images), n):
+        start = time.perf_counter()
+        tensor = predictor.prepare(data).tensor[None]  # (1, 3, H, W)
+        predictor.forward(tensor, predictor.encode_metadata()[None])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+# --- HTTP load ------------------------------------------------------------------------------------------------
+
+def _multipart(data: bytes, fields: dict[str, str] | None = None) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
+             for k, v in (fields or {}).items()]
+    parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"lesion.jpg\"\r\n"
+                 f"Content-Type: image/jpeg\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+class Client:
+    """One keep-alive HTTP connection (cheap on the shared CPU: no per-request client overhead)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        for attempt in range(2):
+            try:
+                self.conn.request("POST", path, body=body, headers={"Content-Type": content_type})
+                response = self.conn.getresponse()
+                return response.status, response.read()
+            except (http.client.HTTPException, OSError):
+                self.conn.close()
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+                if attempt:
+                    raise
+        raise RuntimeError("unreachable")
+
+
+def http_throughput(port: int, bodies: list[tuple[bytes, str]], total: int, concurrency: int) -> float:
+    """Requests/s of POST /v1/classify with `concurrency` clients until `total` requests are answered."""
+    counter = itertools.count()
+    errors: list[int] = []
+
+    def worker() -> None:
+        client = Client(port)
+        while (i := next(counter)) < total:
+            status, _ = client.post("/v1/classify", *bodies[i % len(bodies)])
+            if status != 200:
+                errors.append(status)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed: {errors[:5]}")
+    return total / elapsed
+
+
+def http_latency_ms(port: int, path: str, bodies: list[tuple[bytes, str]], n: int) -> float:
+    client = Client(port)
+    times = []
+    for body in itertools.islice(itertools.cycle(bodies), n):
+        start = time.perf_counter()
+        status, payload = client.post(path, *body)
+        times.append(time.perf_counter() - start)
+        if status != 200:
+            raise RuntimeError(f"{path}: {status} {payload[:200]!r}")
+    return statistics.median(times) * 1000
+
+
+# --- cold start -----------------------------------------------------------------------------------------------
+
+def cold_start_s(checkpoint: str, workdir: str, image: bytes, timeout_s: float = 600) -> float:
+    """Seconds from launching `dermaid serve` to its first successful POST /v1/classify."""
+    port = _free_port()
+    body = _multipart(image)
+    cmd = [str(REPO / ".venv/bin/dermaid"), "serve", f"checkpoint={checkpoint}", f"port={port}",
+           f"storage.url={workdir}/cold_uploads", f"hydra.run.dir={workdir}/cold_hydra"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        while time.perf_counter() - start < timeout_s:
+            if proc.poll() is not None:
+                raise RuntimeError(f"dermaid serve exited with {proc.returncode}")
+            try:
+                status, _ = Client(port).post("/v1/classify", *body)
+                if status == 200:
+                    return time.perf_counter() - start
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("dermaid serve did not answer in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# --- main -----------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="efficientnet_b0")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--images", type=int, default=32, help="distinct synthetic JPEGs")
+    parser.add_argument("--requests", type=int, default=320, help="requests per throughput measurement")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8, help="max_batch_size of the classifier and the bare loop")
+    parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--latency-n", type=int, default=40)
+    parser.add_argument("--skip-cold-start", action="store_true")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args(argv)
+
+    import ray
+    import torch
+    from ray import serve
+
+    sys.path.insert(0, str(REPO))
+    from dermaid.inference import Predictor
+    from serve.app import build_app
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="serve_bench_")
+    checkpoint = create_bench_checkpoint(f"{workdir}/ckpt", args.model, args.img_size)
+    images = load_images(workdir, args.images)
+    bodies = [_multipart(data) for data in images]
+    print(f"{len(images)} JPEGs, {args.model} @ {args.img_size}, batch {args.batch}, "
+          f"concurrency {args.concurrency}, {os.cpu_count()} CPUs", flush=True)
+
+    results: dict = {"model": args.model, "img_size": args.img_size, "batch": args.batch,
+                     "concurrency": args.concurrency, "requests": args.requests, "cpus": os.cpu_count()}
+    if not args.skip_cold_start:
+        results["cold_start_s"] = cold_start_s(checkpoint, workdir, images[0])
+        print(f"cold start: {results['cold_start_s']:.1f} s", flush=True)
+
+    torch.set_num_threads(args.torch_threads)
+    predictor = Predictor(checkpoint)
+    predictor.warmup(args.batch)
+    bare_before = bare_throughput(predictor, images, args.requests // 2, args.batch)
+    bare_latency = bare_latency_ms(predictor, images, args.latency_n)
+    print(f"bare: {bare_before:.1f} img/s, single-image p50 {bare_latency:.1f} ms", flush=True)
+
+    port = _free_port()
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app_args = {"checkpoint": checkpoint, "storage": {"url": f"{workdir}/uploads"},
+                "classifier": {"torch_threads": args.torch_threads, "max_batch_size": args.batch}}
+    try:
+        serve.run(build_app(app_args), name="bench", route_prefix="/")
+        http_throughput(port, bodies, 2 * args.concurrency, args.concurrency)  # warm-up
+        served = http_throughput(port, bodies, args.requests, args.concurrency)
+        print(f"serve: {served:.1f} req/s at concurrency {args.concurrency}", flush=True)
+        classify_p50 = http_latency_ms(port, "/v1/classify", bodies, args.latency_n)
+        saliency_p50 = http_latency_ms(port, "/v1/saliency", bodies, max(10, args.latency_n // 2))
+        print(f"serve p50: classify {classify_p50:.1f} ms, saliency {saliency_p50:.1f} ms", flush=True)
+        serve.run(build_app({**app_args, "classifier": {"torch_threads": args.torch_threads, "max_batch_size": 1}}),
+                  name="bench", route_prefix="/")  # a user_config change: reconfigure() in place
+        http_throughput(port, bodies, args.concurrency, args.concurrency)
+        unbatched = http_throughput(port, bodies, args.requests, args.concurrency)
+        print(f"serve max_batch_size=1: {unbatched:.1f} req/s", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    bare_after = bare_throughput(predictor, images, args.requests // 2, args.batch)
+    bare = (bare_before + bare_after) / 2
+    print(f"bare after: {bare_after:.1f} img/s", flush=True)
+
+    results.update({
+        "bare_img_per_s": bare, "bare_before": bare_before, "bare_after": bare_after,
+        "serve_req_per_s": served, "throughput_ratio": served / bare,
+        "serve_unbatched_req_per_s": unbatched, "batching_gain": served / unbatched,
+        "bare_single_p50_ms": bare_latency, "classify_p50_ms": classify_p50,
+        "latency_overhead_ms": classify_p50 - bare_latency,
+        "saliency_p50_ms": saliency_p50, "saliency_over_classify": saliency_p50 / classify_p50,
+    })
+    checks = [
+        ("throughput ratio (serve / bare)", results["throughput_ratio"], ">= 0.8", results["throughput_ratio"] >= 0.8),
+        ("batching gain (batch / batch=1)", results["batching_gain"], "reported", True),
+        ("classify p50 - bare p50 (ms)", results["latency_overhead_ms"], "<= 15", results["latency_overhead_ms"] <= 15),
+        ("saliency p50 / classify p50", results["saliency_over_classify"], "<= 3", results["saliency_over_classify"] <= 3),
+    ]
+    if "cold_start_s" in results:
+        checks.append(("cold start (s)", results["cold_start_s"], "reported", True))
+    print()
+    for name, value, target, ok in checks:
+        print(f"{name:<36} {value:8.2f}   target {target:<9} {'ok' if ok else 'MISSED'}")
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_bench.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""Prepare a raw dataset into a versioned, sharded form: decode once, resize, re-encode, write Parquet.
+
+    dermaid prepare data=isic2019 data.root=data/isic2019 out=data/prepared tag=v3
+    dermaid prepare data=ham10000 data.root=gs://bucket/HAM10000 data.image_size=384
+    dermaid prepare data.root=data/toy data.image_size=128 tag=toy ray.address=auto   # on a running cluster
+
+    from dermaid.data.prepare import prepare_dataset, ensure_prepared
+    manifest = prepare_dataset(data_cfg, out="data/prepared", tag="toy")
+    version_url = ensure_prepared(data_cfg)        # what train/evaluate call
+
+Steps: read records (dermaid.data.isic; data.root plus data.extra roots, the source column
+telling them apart) -> lesion-grouped folds (dermaid.data.splits) -> Ray tasks, one per shard of
+records sorted by image id: read the raw bytes in the worker, decode with JPEG draft mode, resize
+the shorter side to data.image_size, re-encode, write the shard -> the version is a content
+hash over the sorted records, the raw image bytes and the settings -> manifest.json is written
+last and the temporary directory moves into place as <out>/<version>. The same version is
+re-used, never rewritten; a different one gets its own directory. A cache file keyed by the raw
+listing (file names, sizes, modification stamps, CSV contents) and the settings lets an
+unchanged root skip the decoding entirely.
+
+URLs on memory:// exist only in this process, so such data is prepared in-process, not on Ray.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from omegaconf import DictConfig
+
+from dermaid.classes import CLASS_INDEX
+from dermaid.config import to_plain
+from dermaid.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image, resize_shorter_side
+from dermaid.data.isic import DatasetError, absolute_url, raw_files, read_records
+from dermaid.data.loading import (
+    CACHE_DIR, MANIFEST_FILE, SHARD_SCHEMA, SHARDS_DIR, read_manifest, resolve_version, validate_tag, write_tag,
+)
+from dermaid.data.splits import assign_folds, split_counts
+from dermaid.errors import DermaidError
+from dermaid.storage import exists, get_fs, is_local, join, read_text, write_text
+
+log = logging.getLogger(__name__)
+
+SETTING_KEYS = ("image_size", "folds", "test_fraction", "seed", "quality")
+DEFAULT_SHARD_SIZE = 512  # images per shard and per Ray task (~30 MB of JPEG at 512 px)
+MIN_SHARD_SIZE = 16  # below this, task overhead outweighs spreading small sets over more cores
+MAX_ERRORS_NAMED = 5
+_COMPRESSION = {f.name: ("NONE" if f.name == "image" else "SNAPPY") for f in SHARD_SCHEMA}
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def prepare_settings(data_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings that define a version (besides the records and image bytes)."""
+    missing = [k for k in SETTING_KEYS if data_cfg.get(k) is None]
+    if missing:
+        raise DermaidError(f"data config lacks {missing} (needed to prepare a dataset)")
+    settings = {
+        "image_size": int(data_cfg["image_size"]),
+        "folds": int(data_cfg["folds"]),
+        "test_fraction": float(data_cfg["test_fraction"]),
+        "seed": int(data_cfg["seed"]),
+        "quality": int(data_cfg["quality"]),
+    }
+    if settings["image_size"] < 16:
+        raise DermaidError(f"data.image_size must be at least 16, got {settings['image_size']}")
+    if not 1 <= settings["quality"] <= 100:
+        raise DermaidError(f"data.quality must be in 1..100, got {settings['quality']}")
+    return settings
+
+
+def raw_sources(data_cfg: dict[str, Any]) -> list[dict[str, str]]:
+    """[{root, layout, source}] for data.root and each data.extra entry (a URL or such a dict)."""
+    if not data_cfg.get("root"):
+        raise DermaidError("data.root is not set: give the raw dataset URL (data.root=...)")
+    layout = data_cfg.get("layout") or "isic2019"
+    sources = [{"root": absolute_url(data_cfg["root"]), "layout": layout, "source": data_cfg.get("source") or layout}]
+    extras = data_cfg.get("extra") or []
+    if isinstance(extras, (str, dict)):  # `data.extra=URL` on the command line: one root, not a list of characters
+        extras = [extras]
+    for i, extra in enumerate(extras):
+        entry = {"root": extra} if isinstance(extra, str) else dict(extra)
+        if not entry.get("root"):
+            raise DermaidError(f"data.extra[{i}] has no root: give a URL or {{root, layout, source}}")
+        root = absolute_url(entry["root"])
+        sources.append({
+            "root": root,
+            "layout": entry.get("layout") or "isic2019",
+            "source": entry.get("source") or root.rstrip("/").rsplit("/", 1)[-1],
+        })
+    names = [s["source"] for s in sources]
+    if len(set(names)) != len(names):
+        raise DermaidError(f"data sources need distinct names, got {names}; set data.source / data.extra[i].source")
+    return sources
+
+
+def read_all_records(sources: list[dict[str, str]]) -> pd.DataFrame:
+    """Records of every source, concatenated; an image id may occur only once overall."""
+    frames = [read_records(s["root"], s["layout"], s["source"]) for s in sources]
+    unlisted = {s["source"]: len(f.attrs.get("unlisted", [])) for s, f in zip(sources, frames)}
+    records = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    dup = records["image_id"][records["image_id"].duplicated()].tolist()
+    if dup:
+        raise DatasetError(f"{len(dup)} image id(s) occur in more than one source (e.g. {dup[:MAX_ERRORS_NAMED]}); "
+                           "the same image twice would leak between folds: drop one copy")
+    records.attrs["unlisted"] = unlisted
+    return records
+
+
+def prepare_dataset(
+    data_cfg: dict[str, Any],
+    out: str | None = None,
+    tag: str | None = None,
+    *,
+    use_cache: bool = True,
+    ray_address: str | None = "local",
+    num_cpus: int | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> dict[str, Any]:
+    """Prepare data_cfg's root(s) into <out>/<version>; returns the manifest (idempotent)."""
+    data_cfg = to_plain(data_cfg)
+    out = absolute_url(out or data_cfg.get("prepared_dir") or "")
+    if not out:
+        raise DermaidError("no output directory: set out= or data.prepared_dir")
+    if tag is not None:
+        validate_tag(tag)
+    settings = prepare_settings(data_cfg)
+    sources = raw_sources(data_cfg)
+    start = time.perf_counter()
+
+    raw_key = _raw_key(sources, settings)
+    if use_cache:
+        manifest = _from_cache(out, raw_key)
+        if manifest is not None:
+            log.info("prepare: unchanged raw data; re-using version %s", manifest["version"])
+            return _finish(out, manifest, tag)
+
+    records = read_all_records(sources)
+    records["fold"] = assign_folds(records, settings["folds"], settings["test_fraction"], settings["seed"])
+    records = records.sort_values("image_id", kind="stable").reset_index(drop=True)
+
+    in_process = not all(_ray_capable(u) for u in [out, *(s["root"] for s in sources)])
+    tmp_url = join(out, f".tmp-{uuid.uuid4().hex[:12]}")
+    fs, tmp_path = get_fs(tmp_url)
+    fs.makedirs(tmp_path, exist_ok=True)
+    try:
+        shards, results = _run_shards(records, tmp_url, settings, in_process, ray_address, num_cpus, shard_size)
+        raw_sha = {image_id: sha for r in results for image_id, sha, _, _ in r["images"]}
+        version = _version_hash(records, raw_sha, settings)
+        final_url = join(out, version)
+        if exists(join(final_url, MANIFEST_FILE)):
+            log.info("prepare: version %s exists already; re-using it", version)
+            manifest = read_manifest(final_url)
+        else:
+            manifest = {
+                "version": version,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "source": {"layout": sources[0]["layout"], "root": sources[0]["root"], "name": sources[0]["source"],
+                           "extra": sources[1:], "unlisted": records.attrs.get("unlisted", {})},
+                "settings": settings,
+                "num_records": int(len(records)),
+                "counts": split_counts(records["label"].tolist(), records["fold"].tolist()),
+                "shards": shards,
+                "tags": [],
+                "raw_key": raw_key,
+                "image_bytes": int(sum(r["bytes"] for r in results)),
+                "prepare_seconds": round(time.perf_counter() - start, 2),
+            }
+            _commit(tmp_url, final_url, manifest)
+    finally:
+        if fs.exists(tmp_path):
+            fs.rm(tmp_path, recursive=True)
+    write_text(join(out, CACHE_DIR, f"{raw_key}.json"), json.dumps({"version": manifest["version"]}))
+    log.info("prepare: %d images -> %s in %.1f s", manifest["num_records"], join(out, manifest["version"]),
+             time.perf_counter() - start)
+    return _finish(out, manifest, tag)
+
+
+def ensure_prepared(data_cfg: dict[str, Any]) -> str:
+    """The version URL train/evaluate use: data.version resolved, else data.root prepared (cached)."""
+    data_cfg = to_plain(data_cfg)
+    prepared_dir = data_cfg.get("prepared_dir")
+    if not prepared_dir:
+        raise DermaidError("data.prepared_dir is not set")
+    if data_cfg.get("version"):
+        return resolve_version(prepared_dir, str(data_cfg["version"]))
+    manifest = prepare_dataset(data_cfg, out=prepared_dir, tag=data_cfg.get("tag"))
+    return join(absolute_url(prepared_dir), manifest["version"])
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """`dermaid prepare data=... data.root=URL out=URL [tag=NAME] [force=true]`."""
+    manifest = prepare_dataset(
+        to_plain(cfg.data), out=str(cfg.out), tag=cfg.tag, use_cache=not bool(cfg.force),
+        ray_address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, shard_size=int(cfg.shard_size),
+    )
+    url = join(absolute_url(str(cfg.out)), manifest["version"])
+    print(f"dataset version {manifest['version']}: {manifest['num_records']} images at {url}")
+    print("images per class: " + ", ".join(f"{c}={n}" for c, n in manifest["counts"]["class"].items()))
+    print("images per fold (-1 = test): " + ", ".join(f"{f}={n}" for f, n in manifest["counts"]["fold"].items()))
+    if manifest.get("tags"):
+        print(f"tags: {', '.join(manifest['tags'])}")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: one shard
+
+
+def process_image(data: bytes, image_size: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, int, int]:
+    """Raw image bytes -> (JPEG bytes with shorter side image_size, width, height)."""
+    img = resize_shorter_side(open_image(data, max_pixels=max_pixels, draft_size=image_size), image_size)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), img.width, img.height
+
+
+def prepare_shard(rows: list[dict[str, Any]], shard_url: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Decode, resize and encode `rows`, write them as one Parquet shard (only if all succeed).
+
+    Returns {"images": [(image_id, raw sha256, width, height)], "errors": [(image_url, message)], "bytes": n}.
+    """
+    columns: dict[str, list] = {f.name: [] for f in SHARD_SCHEMA}
+    images, errors, total = [], [], 0
+    for row in rows:
+        url = row["image_url"]
+        try:
+            fs, path = get_fs(url)
+            data = fs.cat_file(path)
+        except (OSError, ValueError) as exc:
+            errors.append((url, f"could not be read ({type(exc).__name__}: {exc})"))
+            continue
+        try:
+            encoded, width, height = process_image(data, settings["image_size"], settings["quality"])
+        except ImageDecodeError as exc:
+            errors.append((url, str(exc)))
+            continue
+        images.append((row["image_id"], hashlib.sha256(data).hexdigest(), width, height))
+        total += len(encoded)
+        label = row["label"] if isinstance(row["label"], str) and row["label"] else None
+        columns["image_id"].append(row["image_id"])
+        columns["image"].append(encoded)
+        columns["label"].append(label)
+        columns["label_idx"].append(CLASS_INDEX[label] if label else -1)
+        columns["age"].append(None if _missing(row["age"]) else float(row["age"]))
+        for key in ("sex", "site", "lesion_id"):
+            columns[key].append(None if _missing(row[key]) else str(row[key]))
+        columns["source"].append(row["source"])
+        columns["fold"].append(int(row["fold"]))
+        columns["width"].append(width)
+        columns["height"].append(height)
+    if not errors:
+        table = pa.Table.from_pydict(columns, schema=SHARD_SCHEMA)
+        fs, path = get_fs(shard_url)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "wb") as f:
+            pq.write_table(table, f, compression=_COMPRESSION, use_dictionary=[c for c in columns if c != "image"])
+    return {"images": images, "errors": errors, "bytes": total}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value)
+
+
+def _ray_capable(url: str) -> bool:
+    return not str(url).startswith("memory://")
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or "local"
+    kwargs: dict[str, Any] = {"include_dashboard": False}
+    if address == "local":
+        kwargs["num_cpus"] = num_cpus
+    log.info("prepare: starting Ray (address=%s)", address)
+    for attempt in range(3):  # a busy machine can miss Ray's fixed 30 s raylet start-up window
+        try:
+            ray.init(address=address, **kwargs)
+            return
+        except Exception as exc:  # ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            log.warning("prepare: Ray start-up timed out (busy machine?); retrying")
+            ray.shutdown()
+
+
+def _chunks(n: int, shard_size: int, parallelism: int) -> list[tuple[int, int]]:
+    """(start, stop) ranges: at most shard_size each, at least 2 per core when the set is big enough."""
+    count = max(math.ceil(n / max(1, shard_size)), min(math.ceil(n / MIN_SHARD_SIZE), 2 * max(1, parallelism)), 1)
+    bounds = np.linspace(0, n, count + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _run_shards(records: pd.DataFrame, tmp_url: str, settings: dict[str, Any], in_process: bool,
+                ray_address: str | None, num_cpus: int | None, shard_size: int) -> tuple[list[str], list[dict]]:
+    rows = records[["image_id", "image_url", "label", "age", "sex", "site", "lesion_id", "source", "fold"]]
+    rows = rows.astype(object).where(rows.notna(), None).to_dict("records")
+    if in_process:
+        parallelism = 1
+    else:
+        import ray
+
+        _init_ray(ray_address, num_cpus)
+        parallelism = int(ray.cluster_resources().get("CPU", 1))
+    ranges = _chunks(len(rows), shard_size, parallelism)
+    shards = [f"{SHARDS_DIR}/part-{i:05d}.parquet" for i in range(len(ranges))]
+    progress = _Progress(len(rows), len(ranges))
+    results: list[dict | None] = [None] * len(ranges)
+    if in_process:
+        for i, (a, b) in enumerate(ranges):
+            results[i] = prepare_shard(rows[a:b], join(tmp_url, shards[i]), settings)
+            progress.update(b - a)
+    else:
+        import ray
+
+        task = ray.remote(num_cpus=1, max_retries=2)(prepare_shard)
+        pending = {task.remote(rows[a:b], join(tmp_url, shards[i]), settings): i for i, (a, b) in enumerate(ranges)}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                i = pending.pop(ref)
+                results[i] = ray.get(ref)
+                progress.update(ranges[i][1] - ranges[i][0])
+    progress.close()
+    errors = [e for r in results for e in r["errors"]]  # type: ignore[index]
+    if errors:
+        named = "; ".join(f"{url}: {msg}" for url, msg in errors[:MAX_ERRORS_NAMED])
+        more = f" (and {len(errors) - MAX_ERRORS_NAMED} more)" if len(errors) > MAX_ERRORS_NAMED else ""
+        raise DatasetError(f"{len(errors)} image(s) could not be prepared: {named}{more}")
+    return shards, results  # type: ignore[return-value]
+
+
+class _Progress:
+    """A tqdm bar on a terminal, a log line per ~10% otherwise."""
+
+    def __init__(self, total: int, shards: int) -> None:
+        self.total, self.done, self.next_log = total, 0, 0.1
+        self.start = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc="prepare", file=sys.stderr)
+        log.info("prepare: %d images in %d shard(s)", total, shards)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.done / max(1, self.total) >= self.next_log or self.done == self.total:
+            rate = self.done / max(1e-6, time.perf_counter() - self.start)
+            log.info("prepare: %d/%d images (%.0f img/s)", self.done, self.total, rate)
+            self.next_log = self.done / max(1, self.total) + 0.1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _version_hash(records: pd.DataFrame, raw_sha: dict[str, str], settings: dict[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for row in records.itertuples(index=False):
+        age = None if _missing(row.age) else float(row.age)
+        fields = [row.image_id, row.label, age, row.sex, row.site, row.lesion_id, row.source, raw_sha[row.image_id]]
+        h.update(json.dumps([None if _missing(v) else v for v in fields]).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def _raw_key(sources: list[dict[str, str]], settings: dict[str, Any]) -> str:
+    """Cheap fingerprint of the raw inputs: CSV contents, image names + sizes + change stamps."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for source in sources:
+        h.update(json.dumps(source, sort_keys=True).encode())
+        fs, root = get_fs(source["root"])
+        for name in raw_files(source["root"], source["layout"]):
+            path = f"{root.rstrip('/')}/{name}"
+            try:
+                if name.endswith(".csv"):
+                    if fs.exists(path):
+                        h.update(name.encode() + hashlib.sha256(fs.cat_file(path)).digest())
+                    continue
+                if not fs.isdir(path):
+                    continue
+                listing = fs.find(path, detail=True)
+            except (OSError, ValueError):
+                continue  # the reader reports unreadable inputs with a proper message
+            for file_path in sorted(listing):
+                info = listing[file_path]
+                stamp = [info.get(k) for k in ("size", "mtime", "md5Hash", "crc32c", "ETag", "LastModified")]
+                h.update(json.dumps([file_path, stamp], default=str).encode())
+    return h.hexdigest()[:24]
+
+
+def _from_cache(out: str, raw_key: str) -> dict[str, Any] | None:
+    url = join(out, CACHE_DIR, f"{raw_key}.json")
+    try:
+        version = json.loads(read_text(url))["version"]
+    except (FileNotFoundError, KeyError, ValueError, OSError):
+        return None
+    if not exists(join(out, version, MANIFEST_FILE)):
+        return None
+    return read_manifest(join(out, version))
+
+
+def _commit(tmp_url: str, final_url: str, manifest: dict[str, Any]) -> None:
+    """Move the filled temporary directory to final_url; manifest.json is the last thing to appear."""
+    fs, tmp_path = get_fs(tmp_url)
+    _, final_path = get_fs(final_url)
+    text = json.dumps(manifest, indent=2, sort_keys=False)
+    if is_local(final_url):
+        write_text(join(tmp_url, MANIFEST_FILE), text)
+        if os.path.exists(final_path):  # a leftover without manifest (a crash mid-move): replace it
+            shutil.rmtree(final_path, ignore_errors=True)
+        try:
+            os.replace(tmp_path, final_path)
+        except OSError:
+            if not os.path.exists(os.path.join(final_path, MANIFEST_FILE)):
+                raise  # someone else committed the same version concurrently otherwise
+    else:
+        fs.mv(tmp_path, final_path, recursive=True)
+        write_text(join(final_url, MANIFEST_FILE), text)
+
+
+def _finish(out: str, manifest: dict[str, Any], tag: str | None) -> dict[str, Any]:
+    """Point a tag at the version (recorded in tags/ and the manifest's tag list)."""
+    if not tag:
+        return manifest
+    previous = write_tag(out, tag, manifest["version"])
+    if previous and previous != manifest["version"]:
+        log.warning("prepare: tag %r moved from %s to %s", tag, previous, manifest["version"])
+    if tag not in manifest.get("tags", []):
+        manifest = {**manifest, "tags": [*manifest.get("tags", []), tag]}
+        version_url = join(out, manifest["version"])
+        tmp = join(version_url, f"{MANIFEST_FILE}.tmp-{uuid.uuid4().hex[:8]}")
+        write_text(tmp, json.dumps(manifest, indent=2))
+        fs, tmp_path = get_fs(tmp)
+        fs.mv(tmp_path, get_fs(join(version_url, MANIFEST_FILE))[1])
+    return manifest

@@ -1,0 +1,93 @@
+"""The end-to-end demo on toy data: a list of steps, each a function of one shared state dict.
+
+    make demo
+    python -m dermaid.demo                      # everything under ./data, ./runs, ./reports
+    python -m dermaid.demo paths.root=/tmp/demo # another base directory (paths.* overrides only)
+
+Steps so far: synth (~600 toy images in the ISIC 2019 layout under data/toy, skipped when the
+same n/seed is already there) -> prepare (shorter side 128 px, the toy experiment's size, tagged
+`toy`). Later steps (train, evaluate, report, serve) append themselves to STEPS and read what
+earlier steps left in the state (`toy_root`, `prepared_dir`, `version_url`, `manifest`, ...).
+
+The toy images are synthetic drawings, not real lesions; DermAID gives decision support only.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dermaid.classes import DISCLAIMER
+from dermaid.config import compose, to_plain
+from dermaid.errors import DermaidError
+
+DEMO_N = 600  # the toy experiment's size: every class in every validation fold
+DEMO_SEED = 0  # fixed: the same toy set and the same prepared version on every run
+DEMO_IMAGE_SIZE = 128  # the toy experiment's prepared size (conf/experiment/toy.yaml data.image_size)
+DEMO_TAG = "toy"  # tag of the prepared toy version (conf/experiment/toy.yaml data.tag)
+
+State = dict[str, Any]
+
+
+def step_synth(state: State) -> None:
+    """Generate the toy set in the ISIC 2019 layout (re-used when already there)."""
+    from dermaid.data.synth import generate
+
+    cfg = compose("synth", [*state["overrides"], f"n={DEMO_N}", f"seed={DEMO_SEED}"])
+    summary = generate(str(cfg.out), n=int(cfg.n), seed=int(cfg.seed), quality=int(cfg.quality),
+                       workers=int(cfg.workers))
+    state["toy_root"] = summary["out"]
+    what = "re-used" if summary["reused"] else f"generated in {summary['seconds']} s"
+    print(f"[synth] {summary['n']} toy images (synthetic drawings, not real lesions) at {summary['out']} ({what})")
+
+
+def step_prepare(state: State) -> None:
+    """Prepare the toy set into a tagged dataset version (cheap when nothing changed)."""
+    from dermaid.data.prepare import prepare_dataset
+    from dermaid.data.isic import absolute_url
+    from dermaid.storage import join
+
+    cfg = compose("prepare", [*state["overrides"], f"data.root={state['toy_root']}",
+                              f"data.image_size={DEMO_IMAGE_SIZE}", f"tag={DEMO_TAG}"])
+    manifest = prepare_dataset(to_plain(cfg.data), out=str(cfg.out), tag=str(cfg.tag),
+                               ray_address=cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+    state["prepared_dir"] = absolute_url(str(cfg.out))
+    state["version_url"] = join(state["prepared_dir"], manifest["version"])
+    state["manifest"] = manifest
+    print(f"[prepare] dataset version {manifest['version']} (tag {DEMO_TAG!r}): {state['version_url']}")
+    print("[prepare] images per class: " + ", ".join(f"{c}={n}" for c, n in manifest["counts"]["class"].items()))
+
+
+# Later steps append here: STEPS.append(step_train), ...
+STEPS: list[Callable[[State], None]] = [step_synth, step_prepare]
+
+
+def run_demo(overrides: list[str] | None = None, steps: list[Callable[[State], None]] | None = None) -> State:
+    """Run the steps in order; returns the final state."""
+    state: State = {"overrides": [o for o in (overrides or []) if o.startswith("paths.")]}
+    for step in steps or STEPS:
+        start = time.perf_counter()
+        step(state)
+        state.setdefault("seconds", {})[step.__name__] = round(time.perf_counter() - start, 1)
+    return state
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ignored = [a for a in argv if not a.startswith("paths.")]
+    if ignored:
+        print(f"error: the demo takes only paths.* overrides, got {ignored}", file=sys.stderr)
+        sys.exit(2)
+    print(DISCLAIMER)
+    try:
+        state = run_demo(argv)
+    except DermaidError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print("[demo] done: " + ", ".join(f"{k} {v} s" for k, v in state["seconds"].items()))
+
+
+if __name__ == "__main__":
+    main()

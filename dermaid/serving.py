@@ -1,0 +1,107 @@
+"""`dermaid serve`: serve a checkpoint over HTTP with Ray Serve on a local Ray (conf/serve.yaml).
+
+    dermaid serve checkpoint=runs/toy/best                       # http://127.0.0.1:8000, Ctrl-C stops
+    dermaid serve checkpoint=runs/toy/best port=8080 classifier.max_batch_size=16
+    dermaid serve checkpoint=runs/toy/best storage.url=/data/uploads host=0.0.0.0
+
+On a cluster, the same application runs with `serve run serve/config.yaml` or
+`serve deploy serve/config.yaml` (serve/app.py: build_app). Results are decision support, never a
+diagnosis.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from dermaid.classes import DISCLAIMER
+from dermaid.config import to_plain
+from dermaid.errors import DermaidError
+
+
+def repo_root() -> Path:
+    """The checkout holding serve/app.py (beside the dermaid package)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def _serve_app_module():
+    """Import serve/app.py (the Serve application lives beside the package, not inside it)."""
+    root = str(repo_root())
+    if not (repo_root() / "serve" / "app.py").exists():
+        raise DermaidError(f"{root}/serve/app.py not found: `dermaid serve` runs from a DermAID checkout")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import serve.app as serve_app
+
+    return serve_app
+
+
+def build_app_args(cfg: DictConfig | dict[str, Any]):
+    """conf/serve.yaml -> serve.app.AppArgs (validated; a DermaidError names the bad key)."""
+    from pydantic import ValidationError
+
+    serve_app = _serve_app_module()
+    plain = to_plain(cfg)
+    try:
+        return serve_app.AppArgs.model_validate({k: plain[k] for k in serve_app.AppArgs.model_fields if k in plain})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise DermaidError(f"serve config: {problems}") from None
+
+
+def start(cfg: DictConfig | dict[str, Any]) -> str:
+    """Start Ray (if needed), Serve on host:port, and the application; returns the base URL."""
+    import ray
+    from ray import serve
+
+    from dermaid.models.card import load_card
+
+    plain = to_plain(cfg)
+    args = build_app_args(plain)
+    load_card(args.checkpoint)  # a missing or foreign checkpoint fails here, before Ray starts
+    if args.explainer_checkpoint:
+        load_card(args.explainer_checkpoint)
+    serve_app = _serve_app_module()
+    host, port = str(plain.get("host", "127.0.0.1")), int(plain.get("port", 8000))
+    if not ray.is_initialized():
+        ray_cfg = plain.get("ray") or {}
+        # Replicas import serve.app: put the checkout on their path whatever the working directory.
+        pythonpath = os.pathsep.join(p for p in (str(repo_root()), os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(address=ray_cfg.get("address", "local"), num_cpus=ray_cfg.get("num_cpus"),
+                 include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(serve_app.build_app(args), name=str(plain.get("app_name", "dermaid")), route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def print_usage(url: str) -> None:
+    print(f"DermAID is serving at {url} (OpenAPI docs: {url}/docs)")
+    print("Try:")
+    print(f"  curl -s {url}/readyz")
+    print(f"  curl -s -F image=@lesion.jpg -F age=55 -F sex=male -F site='posterior torso' {url}/v1/classify")
+    print(f"  curl -s -F image=@lesion.jpg -F method=gradcam -o saliency.png {url}/v1/saliency")
+    print(f"  curl -s -F image=@lesion.jpg -F consent=true {url}/v1/classify   # store for dermatologist review")
+    print(DISCLAIMER)
+
+
+def run(cfg: DictConfig) -> str:
+    """`dermaid serve checkpoint=PATH [host=] [port=] [key=value ...]`."""
+    url = start(cfg)
+    print_usage(url)
+    if not cfg.get("blocking", True):
+        return url
+    from ray import serve
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping DermAID serve")
+    finally:
+        serve.shutdown()
+    return url

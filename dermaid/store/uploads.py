@@ -1,0 +1,171 @@
+"""Consented uploads: blobs through fsspec, one row per upload in SQL (dermaid.store.db).
+
+    store = UploadStore("uploads")                       # local dir; SQLite at uploads/uploads.db
+    store = UploadStore("gs://bucket/uploads", "postgresql+psycopg2://dermaid@db/dermaid")
+    upload_id = store.save(image=raw, model_input_png=png, age=55, sex="male", site=None,
+                           probabilities=probs, model_version="efficientnet_b0-float-1a2b3c")
+
+Layout under the storage URL:
+    blobs/<id>/image.<ext>    the raw bytes as uploaded
+    blobs/<id>/input.png      what the model saw (resized centre crop, before normalisation)
+    blobs/<id>/record.json    metadata + prediction (the row's content, readable without the database)
+
+Writes are atomic from a reader's point of view: the blobs are written first, then the row is inserted
+in one transaction. A crash in between leaves blobs without a row ("orphans"); they are never counted
+as uploads (everything counts rows) and `find_orphans` lists them for cleanup. A row never exists
+without its blobs. Upload ids are uuid4, never derived from client input.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
+
+from dermaid.classes import CLASS_CODES, MALIGNANT_CODES, NUM_CLASSES
+from dermaid.errors import DermaidError
+from dermaid.storage import get_fs, is_local, join, read_bytes, write_bytes
+from dermaid.store.db import Upload, create_db_engine, init_db
+
+BLOBS_DIR = "blobs"
+_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+
+
+def default_db_url(storage_url: str) -> str:
+    """SQLite file beside the blobs for a local storage URL; remote storage needs an explicit db_url."""
+    if not is_local(storage_url):
+        raise DermaidError(f"storage.db_url: required when storage.url is not local ({storage_url!r}); "
+                           "use a PostgreSQL URL")
+    _, path = get_fs(storage_url)
+    return f"sqlite:///{path.rstrip('/')}/uploads.db"
+
+
+class UploadStore:
+    """Blob store + SQL index of consented uploads."""
+
+    def __init__(self, storage_url: str, db_url: str | None = None) -> None:
+        self.storage_url = str(storage_url).rstrip("/")
+        self.db_url = db_url or default_db_url(self.storage_url)
+        self.engine = create_db_engine(self.db_url)
+        init_db(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def save(self, *, image: bytes, model_input_png: bytes, probabilities: Sequence[float], model_version: str,
+             age: float | None = None, sex: str | None = None, site: str | None = None,
+             width: int | None = None, height: int | None = None, malignancy_score: float | None = None,
+             consent: bool = True) -> str:
+        """Store one upload; returns its id. Only with consent: without it nothing is written."""
+        if not consent:
+            raise DermaidError("consent: uploads are stored only with the user's consent")
+        if len(probabilities) != NUM_CLASSES:
+            raise ValueError(f"expected {NUM_CLASSES} probabilities, got {len(probabilities)}")
+        upload_id = str(uuid.uuid4())
+        created = _dt.datetime.now(_dt.timezone.utc)
+        image_format = _sniff_format(image)
+        probs = {code: float(probabilities[i]) for i, code in enumerate(CLASS_CODES)}
+        top = max(probs, key=probs.__getitem__)
+        score = float(malignancy_score if malignancy_score is not None
+                      else sum(probs[c] for c in MALIGNANT_CODES))
+        prefix = f"{BLOBS_DIR}/{upload_id}"
+        blobs = {
+            "image": f"{prefix}/image.{_EXTENSIONS.get(image_format or '', 'bin')}",
+            "input": f"{prefix}/input.png",
+            "record": f"{prefix}/record.json",
+        }
+        row = Upload(
+            id=upload_id, created=created, model_version=model_version, age=age, sex=sex, site=site,
+            probabilities=probs, top_class=top, malignancy_score=score, entropy=entropy(list(probs.values())),
+            blobs=blobs, image_format=image_format, width=width, height=height,
+            sha256=hashlib.sha256(image).hexdigest(), consent=True,
+        )
+        record = row_to_record(row)
+        # 1) blobs, 2) the row in one transaction: a row never points at missing blobs.
+        write_bytes(self.url(blobs["image"]), image)
+        write_bytes(self.url(blobs["input"]), model_input_png)
+        write_bytes(self.url(blobs["record"]), json.dumps(record, indent=2).encode())
+        try:
+            with self._session.begin() as session:
+                session.add(row)
+        except BaseException:
+            self._remove_prefix(prefix)  # best effort; anything left is an orphan, never counted
+            raise
+        return upload_id
+
+    def url(self, key: str) -> str:
+        return join(self.storage_url, key)
+
+    def read_blob(self, key: str) -> bytes:
+        return read_bytes(self.url(key))
+
+    def get(self, upload_id: str) -> dict[str, Any] | None:
+        with self._session() as session:
+            row = session.get(Upload, str(upload_id))
+            return row.to_dict() if row is not None else None
+
+    def count(self) -> int:
+        with self._session() as session:
+            return int(session.scalar(select(func.count()).select_from(Upload)) or 0)
+
+    def list_uploads(self, limit: int = 100, offset: int = 0, order: str = "created") -> list[dict[str, Any]]:
+        """Rows as dicts; order "created" (newest first) or "entropy" (most uncertain first: the review queue)."""
+        column = {"created": Upload.created.desc(), "entropy": Upload.entropy.desc()}.get(order)
+        if column is None:
+            raise DermaidError(f"order: unknown order {order!r}; allowed: ['created', 'entropy']")
+        with self._session() as session:
+            rows = session.scalars(select(Upload).order_by(column).limit(limit).offset(offset)).all()
+            return [row.to_dict() for row in rows]
+
+    def find_orphans(self) -> list[str]:
+        """Blob directories without a row (left by a crash between the blob writes and the insert)."""
+        fs, path = get_fs(join(self.storage_url, BLOBS_DIR))
+        if not fs.exists(path):
+            return []
+        ids = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)}
+        with self._session() as session:
+            known = set(session.scalars(select(Upload.id).where(Upload.id.in_(ids))).all()) if ids else set()
+        return sorted(f"{BLOBS_DIR}/{i}" for i in ids - known)
+
+    def _remove_prefix(self, prefix: str) -> None:
+        try:
+            fs, path = get_fs(self.url(prefix))
+            fs.rm(path, recursive=True)
+        except Exception:  # noqa: BLE001 - cleanup must not hide the original error
+            pass
+
+
+def row_to_record(row: Upload) -> dict[str, Any]:
+    """The record.json content for a row (metadata + prediction)."""
+    record = row.to_dict()
+    record["metadata"] = {"age": record.pop("age"), "sex": record.pop("sex"), "site": record.pop("site")}
+    record["prediction"] = {
+        "probabilities": record.pop("probabilities"),
+        "top_class": record.pop("top_class"),
+        "malignancy_score": record.pop("malignancy_score"),
+        "entropy": record.pop("entropy"),
+    }
+    return record
+
+
+def entropy(probabilities: Sequence[float]) -> float:
+    """Shannon entropy in nats (0 = certain, log(8) ~ 2.08 = uniform): the review queue's uncertainty."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)
+    return float(-(p * np.log(p)).sum())
+
+
+def _sniff_format(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format
+    except Exception:  # noqa: BLE001 - the format only names the blob's extension
+        return None
+
+

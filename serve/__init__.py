@@ -1,0 +1,1 @@
+"""Ray Serve application of DermAID (serve/app.py) and its Serve config (serve/config.yaml)."""

@@ -1,0 +1,592 @@
+"""DermAID on Ray Serve: a classifier and an explainer deployment behind one FastAPI ingress.
+
+    dermaid serve checkpoint=runs/toy/best                  # local Ray, http://127.0.0.1:8000 (conf/serve.yaml)
+    serve run serve/config.yaml                             # any Ray cluster; app args in the file
+    serve run serve.app:build_app checkpoint=/abs/ckpt      # quick try with default args
+    serve deploy serve/config.yaml                          # a running cluster (or a KubeRay RayService)
+
+Routes (OpenAPI at /docs):
+    POST /v1/classify   multipart: image, optional age (0-120), sex, site, consent (store for review)
+    POST /v1/saliency   the same plus target (class code), method (gradcam, ...), format (png | json)
+    GET  /v1/model      the model card        GET /healthz   alive        GET /readyz   model loaded
+
+Deployments: `Classifier` (dermaid.inference.Predictor; decoding in a thread pool, `@serve.batch`
+dynamic batching tuned through user_config), `Explainer` (Grad-CAM; one model copy per concurrent
+call), `Ingress` (FastAPI: validation, limits, the uploads store). `build_app(AppArgs)` composes them.
+Nothing runs at import time: the module only declares classes; models load in replica __init__.
+
+Every error is JSON {"error": {"code": ..., "message": ...}} with a 4xx status for client input.
+Outputs are decision support, never a diagnosis (the disclaimer is in every result).
+"""
+
+import asyncio
+import io
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, Callable, Literal
+
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dermaid import __version__
+from dermaid.classes import AGE_RANGE, CLASS_CODES, DISCLAIMER, MALIGNANT_CODES, SEXES, SITES
+from dermaid.data.images import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, ImageTooLargeError
+from dermaid.errors import DermaidError
+from dermaid.inference import CAM_METHODS, DEFAULT_TRIAGE, ImageShapeError, build_result
+
+logger = logging.getLogger("ray.serve")
+
+MIB = 1024 * 1024
+
+
+# --- typed application arguments (serve/config.yaml `args`, conf/serve.yaml) ---------------------------
+
+class DeploymentArgs(BaseModel):
+    """Replicas and resources of one deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_replicas: int | Literal["auto"] = 1
+    autoscaling_config: dict[str, Any] | None = None   # Serve's AutoscalingConfig; replaces num_replicas
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 32
+
+
+class ClassifierArgs(DeploymentArgs):
+    torch_threads: int = 2
+    decode_threads: int = 2
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+
+
+class ExplainerArgs(DeploymentArgs):
+    torch_threads: int = 2
+    concurrency: int = 1          # model copies, i.e. concurrent Grad-CAM calls per replica
+    max_ongoing_requests: int = 8
+
+
+class IngressArgs(DeploymentArgs):
+    num_cpus: float = 0.25
+    max_ongoing_requests: int = 128
+
+
+class StorageArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = "uploads"          # fsspec URL of the blobs (local dir, gs://bucket/prefix)
+    db_url: str | None = None     # SQLAlchemy URL; None = SQLite file under a local `url`
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build_app` (validated by Serve from a config file's `args` or from the CLI)."""
+
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str
+    explainer_checkpoint: str | None = None
+    device: str = "cpu"
+    max_upload_mb: float = 20.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    malignant_codes: list[str] = Field(default_factory=lambda: list(MALIGNANT_CODES))
+    triage: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TRIAGE))
+    storage: StorageArgs = Field(default_factory=StorageArgs)
+    classifier: ClassifierArgs = Field(default_factory=ClassifierArgs)
+    explainer: ExplainerArgs = Field(default_factory=ExplainerArgs)
+    ingress: IngressArgs = Field(default_factory=IngressArgs)
+
+    @field_validator("checkpoint", "explainer_checkpoint")
+    @classmethod
+    def _absolute_checkpoint(cls, value: str | None) -> str | None:
+        return _absolute(value) if value else value
+
+    @field_validator("malignant_codes")
+    @classmethod
+    def _known_codes(cls, value: list[str]) -> list[str]:
+        unknown = [code for code in value if code not in CLASS_CODES]
+        if unknown:
+            raise ValueError(f"unknown class codes {unknown}; allowed: {list(CLASS_CODES)}")
+        return value
+
+    @field_validator("triage")
+    @classmethod
+    def _triage_levels(cls, value: dict[str, float]) -> dict[str, float]:
+        merged = {**DEFAULT_TRIAGE, **value}
+        if set(merged) != set(DEFAULT_TRIAGE) or not 0 <= merged["moderate"] <= merged["high"] <= 1:
+            raise ValueError(f"triage needs 0 <= moderate <= high <= 1 (keys {sorted(DEFAULT_TRIAGE)}); got {value}")
+        return merged
+
+    @model_validator(mode="after")
+    def _absolute_storage(self) -> "AppArgs":
+        # Replicas may run in another working directory: pin local paths at build time.
+        self.storage.url = _absolute(self.storage.url)
+        return self
+
+
+def _absolute(url: str) -> str:
+    """Local relative paths -> absolute; URLs with a protocol (gs://, memory://, ...) unchanged."""
+    if "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
+# --- errors ------------------------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """A client-facing error: rendered as {"error": {"code", "message"}} with `status`."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from the body stream once more than the limit has arrived (FastAPI re-raises HTTPExceptions)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than the {limit / MIB:g} MiB limit")
+
+
+_STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+                 415: "unsupported_media_type", 422: "invalid_field", 500: "internal", 503: "unavailable"}
+
+# What each form field accepts (named in 422 messages).
+ALLOWED_VALUES: dict[str, str] = {
+    "image": "an image file in the multipart field 'image' (JPEG, PNG, WebP, GIF, BMP, TIFF)",
+    "age": f"a number from {AGE_RANGE[0]} to {AGE_RANGE[1]}",
+    "sex": ", ".join(SEXES),
+    "site": ", ".join(SITES),
+    "consent": "true or false",
+    "target": ", ".join(CLASS_CODES),
+    "method": ", ".join(CAM_METHODS),
+    "format": "png, json",
+}
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+def describe_image_error(exc: Exception, data: bytes) -> dict[str, Any]:
+    """A decoding failure -> {"status", "code", "message"}: 413 too large, 415 not an allowed image, else 400."""
+    message = str(exc)
+    if isinstance(exc, ImageTooLargeError):
+        return {"status": 413, "code": "image_too_large", "message": message}
+    if not data:
+        return {"status": 400, "code": "empty_image", "message": "the image is empty"}
+    if isinstance(exc, ImageShapeError):
+        return {"status": 400, "code": "invalid_image", "message": message}
+    if _sniff_format(data) not in ALLOWED_FORMATS:
+        return {"status": 415, "code": "unsupported_media_type",
+                "message": f"{message}; send {ALLOWED_VALUES['image']}"}
+    return {"status": 400, "code": "undecodable_image", "message": message}
+
+
+def _sniff_format(data: bytes) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format
+    except Exception:  # noqa: BLE001 - unknown bytes are simply "not an image"
+        return None
+
+
+# --- deployments -------------------------------------------------------------------------------------------
+
+@serve.deployment(name="Classifier", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1.0})
+class Classifier:
+    """Predictor behind dynamic batching. Decoding runs in a thread pool, the forward in its own thread,
+    so the next batch decodes while the current one runs. user_config: max_batch_size, batch_wait_timeout_s."""
+
+    def __init__(self, checkpoint: str, device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 torch_threads: int = 2, decode_threads: int = 2) -> None:
+        import torch
+
+        from dermaid.inference import Predictor
+
+        torch.set_num_threads(max(1, int(torch_threads)))
+        self.predictor = Predictor(checkpoint, device=device, max_pixels=max_pixels)
+        self.predictor.warmup()
+        self._decode_pool = ThreadPoolExecutor(max(1, int(decode_threads)), thread_name_prefix="decode")
+        self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        logger.info("Classifier loaded %s (%s)", checkpoint, self.predictor.version)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self.predict_batch.set_max_batch_size(int(config.get("max_batch_size", 8)))
+        self.predict_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
+
+    def info(self) -> dict[str, Any]:
+        return {"model_version": self.predictor.version, "card": self.predictor.card}
+
+    async def classify(self, data: bytes, age: float | None = None, sex: str | None = None,
+                       site: str | None = None, return_input: bool = False) -> dict[str, Any]:
+        """-> {"probabilities": [8], "model_version", "width", "height", "input_png"?} or {"error": {...}}."""
+        loop = asyncio.get_running_loop()
+        try:
+            prepared = await loop.run_in_executor(self._decode_pool, self.predictor.prepare, data)
+        except DermaidError as exc:
+            return {"error": describe_image_error(exc, data)}
+        metadata = self.predictor.encode_metadata(age, sex, site)  # (14,)
+        probabilities = await self.predict_batch((prepared.tensor, metadata))
+        out = {"probabilities": probabilities, "model_version": self.predictor.version,
+               "width": prepared.image.width, "height": prepared.image.height}
+        if return_input:
+            out["input_png"] = await loop.run_in_executor(self._decode_pool, _png_bytes, prepared.model_input, 3)
+        return out
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, items: list[tuple[Any, Any]]) -> list[list[float]]:
+        import torch
+
+        images = torch.stack([image for image, _ in items])        # (B, 3, H, W)
+        metadata = torch.stack([meta for _, meta in items])        # (B, 14)
+        loop = asyncio.get_running_loop()
+        probs = await loop.run_in_executor(self._forward_pool, self.predictor.forward, images, metadata)  # (B, 8)
+        return probs.tolist()
+
+
+@serve.deployment(name="Explainer", max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.5})
+class Explainer:
+    """Grad-CAM overlays. Each concurrent call uses its own model copy and CAM object (see inference.Explainer)."""
+
+    def __init__(self, checkpoint: str, device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 torch_threads: int = 2, concurrency: int = 1) -> None:
+        import torch
+
+        from dermaid.inference import Explainer as CamExplainer
+        from dermaid.inference import Predictor
+
+        torch.set_num_threads(max(1, int(torch_threads)))
+        self.explainer = CamExplainer(Predictor(checkpoint, device=device, max_pixels=max_pixels), concurrency)
+        self.explainer.warmup()
+        self._pool = ThreadPoolExecutor(max(1, int(concurrency)), thread_name_prefix="cam")
+
+    def info(self) -> dict[str, Any]:
+        return {"model_version": self.explainer.predictor.version, "layer": self.explainer.target_name}
+
+    async def explain(self, data: bytes, age: float | None = None, sex: str | None = None, site: str | None = None,
+                      target: str | None = None, method: str = "gradcam") -> dict[str, Any]:
+        """-> {"png", "target", "probability", "method", "layer", "width", "height", "model_version"} or {"error"}."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, self._explain, data, age, sex, site, target, method)
+        except DermaidError as exc:
+            return {"error": describe_image_error(exc, data)}
+
+    def _explain(self, data: bytes, age: Any, sex: Any, site: Any, target: str | None, method: str) -> dict:
+        saliency = self.explainer.explain(data, age, sex, site, target=target, method=method)
+        return {
+            "png": _png_bytes(saliency.overlay, 1),
+            "target": saliency.target,
+            "probability": saliency.probability,
+            "method": saliency.method,
+            "layer": saliency.layer,
+            "width": saliency.overlay.width,
+            "height": saliency.overlay.height,
+            "model_version": self.explainer.predictor.version,
+        }
+
+
+def _png_bytes(image: Any, compress_level: int = 3) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+# --- HTTP: the FastAPI ingress -----------------------------------------------------------------------------
+
+class ClassProbability(BaseModel):
+    code: str
+    name: str
+    probability: float
+
+
+class Triage(BaseModel):
+    level: Literal["low", "moderate", "high"]
+    message: str
+
+
+class ClassifyResponse(BaseModel):
+    upload_id: str | None = Field(description="id of the stored upload (only with consent)")
+    stored: bool
+    model_version: str
+    probabilities: list[ClassProbability] = Field(description="all 8 classes, most probable first")
+    top: ClassProbability
+    malignancy_score: float = Field(description="summed probability of the malignant classes")
+    triage: Triage
+    disclaimer: str
+
+
+class SaliencyResponse(BaseModel):
+    target: str
+    name: str
+    probability: float
+    method: str
+    layer: str
+    width: int
+    height: int
+    model_version: str
+    overlay_png_base64: str
+    disclaimer: str
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 503)}
+
+Age = Annotated[float | None, Form(ge=AGE_RANGE[0], le=AGE_RANGE[1], description="age in years")]
+Sex = Annotated[Literal[SEXES] | None, Form(description="sex")]  # type: ignore[valid-type]
+Site = Annotated[Literal[SITES] | None, Form(description="anatomical site (ISIC 2019)")]  # type: ignore[valid-type]
+ImageFile = Annotated[UploadFile, File(description=ALLOWED_VALUES["image"] + "; the content decides the format")]
+
+api = FastAPI(
+    title="DermAID",
+    version=__version__,
+    description="Skin-lesion classification for research. " + DISCLAIMER,
+)
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI: 413 for a declared Content-Length over the limit (nothing read), and a receive stream
+    that stops as soon as more than the limit has arrived (chunked bodies)."""
+
+    def __init__(self, app: Any, max_bytes: Callable[[], int]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes()
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                await _send_json(send, 400, error_body("bad_request", "Content-Length is not a number"))
+                return
+            if int(declared) > limit:
+                await _send_json(send, 413, error_body("body_too_large", BodyTooLarge(limit).detail))
+                return
+        received = 0
+        started = False
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as exc:
+            if started:
+                raise
+            await _send_json(send, 413, error_body("body_too_large", exc.detail))
+
+
+async def _send_json(send: Callable, status: int, body: dict) -> None:
+    import json
+
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _replica_upload_limit() -> int:
+    """The serving Ingress replica's limit (config: max_upload_mb); the default outside a replica."""
+    try:
+        return int(serve.get_replica_context().servable_object.max_upload_bytes)
+    except Exception:  # noqa: BLE001 - not inside a replica (or not initialised yet)
+        return int(AppArgs.model_fields["max_upload_mb"].default * MIB)
+
+
+api.add_middleware(BodyLimitMiddleware, max_bytes=_replica_upload_limit)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    fields = []
+    for err in exc.errors():
+        loc = [str(part) for part in err.get("loc", ()) if part not in ("body", "query", "form")]
+        field = loc[0] if loc else "request"
+        got = err.get("input")
+        message = str(err.get("msg", "invalid value"))
+        if err.get("type") == "missing":
+            message = "required"
+        elif got is not None and not isinstance(got, (dict, list)):
+            message += f" (got {str(got)[:80]!r})"
+        fields.append({"field": field, "message": message, "allowed": ALLOWED_VALUES.get(field, "")})
+    text = "; ".join(f"{f['field']}: {f['message']}" + (f"; allowed: {f['allowed']}" if f["allowed"] else "")
+                     for f in fields)
+    return JSONResponse(error_body("invalid_field", text or "invalid request", fields=fields), status_code=422)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = _STATUS_CODES.get(exc.status_code, "error")
+    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+@api.exception_handler(Exception)
+async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error: %s", exc)
+    return JSONResponse(error_body("internal", "internal server error"), status_code=500)
+
+
+# Everything the routes use is defined above this class: serve.ingress freezes a copy of `api` here.
+async def _read_image(upload: UploadFile) -> bytes:
+    data = await upload.read()
+    if not data:
+        raise ApiError(400, "empty_image", "the image is empty")
+    return data
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(api)
+class Ingress:
+    """HTTP routes: validation and limits here; model work in Classifier and Explainer; uploads store."""
+
+    def __init__(self, classifier: DeploymentHandle, explainer: DeploymentHandle, settings: dict[str, Any]) -> None:
+        from dermaid.store.uploads import UploadStore
+
+        self.classifier = classifier
+        self.explainer = explainer
+        self.max_upload_bytes = int(float(settings["max_upload_mb"]) * MIB)
+        self.malignant_codes = list(settings["malignant_codes"])
+        self.triage = dict(settings["triage"])
+        self.store = UploadStore(settings["storage"]["url"], settings["storage"]["db_url"])
+        self._model: dict[str, Any] | None = None
+
+    @api.get("/", include_in_schema=False)
+    async def index(self) -> dict[str, str]:
+        return {"name": "DermAID", "docs": "/docs", "disclaimer": DISCLAIMER}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """The ingress is up (not necessarily the model: see /readyz)."""
+        return {"status": "ok"}
+
+    @api.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz(self) -> JSONResponse:
+        """Ready once the classifier and the explainer have loaded their models."""
+        try:
+            info = await asyncio.wait_for(self.classifier.info.remote(), timeout=5.0)
+            await asyncio.wait_for(self.explainer.info.remote(), timeout=5.0)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+            return JSONResponse(error_body("not_ready", f"model not loaded yet ({type(exc).__name__})"),
+                                status_code=503)
+        return JSONResponse({"status": "ready", "model_version": info["model_version"]})
+
+    @api.get("/v1/model")
+    async def model(self) -> JSONResponse:
+        """The model card of the served checkpoint (classes, input, metadata, metrics, calibration)."""
+        if self._model is None:
+            self._model = await self.classifier.info.remote()
+        return JSONResponse({**self._model, "disclaimer": DISCLAIMER})
+
+    @api.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS)
+    async def classify(self, image: ImageFile, age: Age = None, sex: Sex = None, site: Site = None,
+                       consent: Annotated[bool, Form(description="store the upload for dermatologist review")] = False,
+                       ) -> JSONResponse:
+        """Class probabilities, malignancy score and triage message for one image. Decision support only."""
+        data = await _read_image(image)
+        out = await self.classifier.classify.remote(data, age, sex, site, consent)
+        if "error" in out:
+            raise ApiError(**out["error"])
+        result = build_result(out["probabilities"], self.malignant_codes, self.triage)
+        upload_id = None
+        if consent:
+            upload_id = await run_in_threadpool(self._store, data, out, age, sex, site, result["malignancy_score"])
+        return JSONResponse({"upload_id": upload_id, "stored": upload_id is not None,
+                             "model_version": out["model_version"], **result})
+
+    @api.post("/v1/saliency", responses={200: {"content": {"image/png": {}}}, **_ERRORS})
+    async def saliency(self, image: ImageFile, age: Age = None, sex: Sex = None, site: Site = None,
+                       target: Annotated[Literal[CLASS_CODES] | None, Form(description="class code; default: top class")] = None,  # type: ignore[valid-type]  # noqa: E501
+                       method: Annotated[Literal[CAM_METHODS], Form(description="CAM method")] = "gradcam",  # type: ignore[valid-type]  # noqa: E501
+                       format: Annotated[Literal["png", "json"], Form(description="png image or json with base64")] = "png",  # noqa: A002, E501
+                       ) -> Response:
+        """A Grad-CAM overlay at the input image's size (PNG), or JSON with the class and base64 PNG."""
+        data = await _read_image(image)
+        out = await self.explainer.explain.remote(data, age, sex, site, target, method)
+        if "error" in out:
+            raise ApiError(**out["error"])
+        if format == "png":
+            return Response(out["png"], media_type="image/png",
+                            headers={"X-DermAID-Target": out["target"], "X-DermAID-Probability": f"{out['probability']:.6f}"})
+        import base64
+
+        from dermaid.classes import BY_CODE
+
+        body = {key: out[key] for key in ("target", "probability", "method", "layer", "width", "height", "model_version")}
+        body.update(name=BY_CODE[out["target"]].name, overlay_png_base64=base64.b64encode(out["png"]).decode(),
+                    disclaimer=DISCLAIMER)
+        return JSONResponse(body)
+
+    def _store(self, data: bytes, out: dict, age: Any, sex: Any, site: Any, score: float) -> str | None:
+        try:
+            return self.store.save(image=data, model_input_png=out["input_png"], probabilities=out["probabilities"],
+                                   model_version=out["model_version"], age=age, sex=sex, site=site,
+                                   width=out["width"], height=out["height"], malignancy_score=score)
+        except Exception:  # noqa: BLE001 - the prediction still goes back; nothing half-stored is counted
+            logger.exception("storing a consented upload failed")
+            return None
+
+
+# --- the application ---------------------------------------------------------------------------------------
+
+def _options(spec: DeploymentArgs) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "max_ongoing_requests": spec.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+    }
+    if spec.autoscaling_config:
+        options["autoscaling_config"] = spec.autoscaling_config
+    else:
+        options["num_replicas"] = spec.num_replicas
+    return options
+
+
+def build_app(args: AppArgs) -> Application:
+    """Compose Classifier + Explainer + Ingress (`serve run serve.app:build_app checkpoint=...`)."""
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(args)
+    c, e = args.classifier, args.explainer
+    classifier = Classifier.options(
+        **_options(c), user_config={"max_batch_size": c.max_batch_size, "batch_wait_timeout_s": c.batch_wait_timeout_s},
+    ).bind(args.checkpoint, args.device, args.max_pixels, c.torch_threads, c.decode_threads)
+    explainer = Explainer.options(**_options(e)).bind(
+        args.explainer_checkpoint or args.checkpoint, args.device, args.max_pixels, e.torch_threads, e.concurrency,
+    )
+    settings = {"max_upload_mb": args.max_upload_mb, "malignant_codes": args.malignant_codes,
+                "triage": args.triage, "storage": args.storage.model_dump()}
+    return Ingress.options(**_options(args.ingress)).bind(classifier, explainer, settings)

@@ -1,0 +1,289 @@
+"""The web pages and the dermatologist review API: one FastAPI APIRouter the ingress includes with one line.
+
+    api.include_router(review.router)       # serve/app.py, before the @serve.ingress class freezes `api`
+    settings["review"] = review_settings(args.review)                     # in build_app (token hashes only)
+    self.review = create_review_context(self.store, settings["review"])   # in the ingress __init__
+
+Pages (plain HTML, CSS and JavaScript in serve/web/; no build step):
+    GET /                 the consumer page: photo -> probabilities, saliency overlay, triage, disclaimer
+    GET /review           the dermatologist page: token -> queue -> image, prediction, saliency -> label
+    GET /web/{file}       their CSS and JavaScript
+Review API (header `Authorization: Bearer <dermatologist token>`: 401 without one, 403 for a wrong one):
+    GET  /v1/review/me                               who the token belongs to
+    GET  /v1/review/queue?top_class=&labels_below=1&limit=&offset=   consented, unlabeled, most uncertain first
+    GET  /v1/review/uploads/{id}                     metadata, prediction, label history, agreement
+    GET  /v1/review/uploads/{id}/image?kind=image    the photo (kind=input: what the model saw, PNG)
+    GET  /v1/review/uploads/{id}/labels              label history + agreement
+    POST /v1/review/uploads/{id}/labels              {"code": "MEL", "comment": "..."} -> 201
+    GET  /v1/review/labeled?min_agreement=0.6        labeled uploads with a consensus
+    GET  /v1/review/labelstudio/config               the Label Studio labeling config (XML)
+    GET  /v1/review/labelstudio/tasks                pending uploads as Label Studio tasks, model prediction pre-annotated
+    POST /v1/review/labelstudio/import               a Label Studio JSON export -> labels (idempotent)
+
+Errors are raised as HTTPException and rendered by the ingress in its one JSON shape
+({"error": {"code", "message"}}). Reviewer names come from the token, never from a request body.
+Everything shown is decision support for research, never a diagnosis.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Path as PathParam, Query, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from dermaid.auth import TOKENS_ENV, ReviewerTokens, parse_bearer
+from dermaid.classes import AGE_RANGE, CLASS_CODES, DISCLAIMER, NOT_A_LESION, REVIEW_CODES, SEXES, SITES, class_table
+from dermaid.errors import DermaidError
+from dermaid.store.labels import (
+    LABELSTUDIO_CONFIG, MAX_COMMENT_CHARS, MAX_PAGE, InvalidUploadId, LabelStore, UnknownUpload,
+)
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+STATIC_FILES = {"app.css": "text/css", "common.js": "text/javascript", "consumer.js": "text/javascript",
+                "review.js": "text/javascript"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+                               "object-src 'none'; base-uri 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+REVIEW_HEADERS = {"Cache-Control": "no-store"}  # review data never lands in a shared cache
+
+
+class ReviewArgs(BaseModel):
+    """`review` in the app args (conf/serve.yaml, serve/config.yaml): who may use the review routes."""
+
+    model_config = ConfigDict(extra="forbid")
+    tokens: dict[str, str] = Field(default_factory=dict,
+                                   description="reviewer -> token HASH (python -m dermaid.auth new NAME); never a token")
+    tokens_env: str = Field(TOKENS_ENV, description="environment variable with plain 'name:token,...' (hashed on load)")
+
+
+def review_settings(args: ReviewArgs | dict[str, Any] | None) -> dict[str, Any]:
+    """Resolve the tokens where the app is built: config hashes + the environment's tokens, hashed.
+
+    Only hashes cross into the replicas; a malformed entry fails here, before anything is deployed.
+    """
+    args = args if isinstance(args, ReviewArgs) else ReviewArgs.model_validate(args or {})
+    return {"tokens": ReviewerTokens.from_settings(args.model_dump()).hashes(), "tokens_env": args.tokens_env}
+
+
+@dataclass
+class ReviewContext:
+    """What the review routes need inside the ingress replica."""
+
+    labels: LabelStore
+    tokens: ReviewerTokens
+
+
+def create_review_context(upload_store: Any, settings: dict[str, Any] | None = None) -> ReviewContext:
+    """Labels on the ingress' UploadStore (same database) + the token hashes of `review_settings(...)`."""
+    settings = dict(settings or {})
+    return ReviewContext(LabelStore(upload_store), ReviewerTokens(settings.get("tokens") or {}))
+
+
+def get_review_context() -> ReviewContext:
+    """The ReviewContext of this Serve replica (the ingress object's `review` attribute)."""
+    from ray import serve
+
+    try:
+        context = getattr(serve.get_replica_context().servable_object, "review", None)
+    except Exception:  # noqa: BLE001 - not inside a replica
+        context = None
+    if context is None:
+        raise HTTPException(503, "dermatologist review is not configured on this server")
+    return context
+
+
+def require_reviewer(request: Request, context: Annotated[ReviewContext, Depends(get_review_context)]) -> str:
+    """The reviewer named by the bearer token: 401 without a token, 403 for one that is not a reviewer's."""
+    token = parse_bearer(request.headers.get("authorization"))
+    if token is None:
+        raise HTTPException(401, "a dermatologist token is required: send the header 'Authorization: Bearer <token>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    reviewer = context.tokens.verify(token)
+    if reviewer is None:
+        raise HTTPException(403, "this token is not a dermatologist token")
+    return reviewer
+
+
+Context = Annotated[ReviewContext, Depends(get_review_context)]
+Reviewer = Annotated[str, Depends(require_reviewer)]
+UploadId = Annotated[str, PathParam(description="upload id (uuid4)", max_length=64)]
+TopClass = Annotated[Literal[CLASS_CODES] | None, Query(description="the model's predicted class")]  # type: ignore[valid-type]
+
+router = APIRouter()
+review_api = APIRouter(prefix="/v1/review", tags=["review"], dependencies=[Depends(require_reviewer)],
+                responses={401: {"description": "no token"}, 403: {"description": "not a dermatologist token"}})
+
+
+class LabelIn(BaseModel):
+    code: str = Field(description=f"one of {', '.join(REVIEW_CODES)} ({NOT_A_LESION}: not a lesion / unusable)")
+    comment: str | None = Field(None, description=f"optional, at most {MAX_COMMENT_CHARS} characters")
+    source: Literal["web", "api"] = Field("api", description="web: the review page; api: any other client")
+
+
+# --- pages ---------------------------------------------------------------------------------------------------
+
+@router.get("/", include_in_schema=False)
+def consumer_page(request: Request) -> HTMLResponse:
+    return _page("index.html", request)
+
+
+@router.get("/review", include_in_schema=False)
+def review_page(request: Request) -> HTMLResponse:
+    return _page("review.html", request)
+
+
+@router.get("/web/{name}", include_in_schema=False)
+def static_file(name: str) -> Response:
+    media = STATIC_FILES.get(name)  # an allow-list: no path from the request reaches the file system
+    if media is None:
+        raise HTTPException(404, f"no such file: {name[:60]}")
+    return Response(_read_web(name), media_type=f"{media}; charset=utf-8", headers=PAGE_HEADERS)
+
+
+# --- review API ----------------------------------------------------------------------------------------------
+
+@review_api.get("/me")
+def me(reviewer: Reviewer) -> dict[str, Any]:
+    return {"reviewer": reviewer, "disclaimer": DISCLAIMER}
+
+
+@review_api.get("/queue")
+def queue(context: Context, reviewer: Reviewer, top_class: TopClass = None,
+          labels_below: Annotated[int, Query(ge=1, le=100, description="fewer reviewers than this")] = 1,
+          limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+          offset: Annotated[int, Query(ge=0)] = 0) -> Response:
+    """Consented uploads not yet labeled (by this reviewer; fewer than labels_below reviewers), highest entropy first."""
+    page = _call(context.labels.queue, top_class=top_class, reviewer=reviewer, labels_below=labels_below,
+                 limit=limit, offset=offset)
+    return _json({**page, "order": "entropy of the calibrated probabilities, highest first", "disclaimer": DISCLAIMER})
+
+
+@review_api.get("/uploads/{upload_id}")
+def upload_item(context: Context, upload_id: UploadId) -> Response:
+    return _json({**_call(context.labels.item, upload_id), "disclaimer": DISCLAIMER})
+
+
+@review_api.get("/uploads/{upload_id}/image", responses={200: {"content": {"image/*": {}}}})
+def upload_image(context: Context, upload_id: UploadId,
+                 kind: Annotated[Literal["image", "input"], Query(description="image: the photo; input: what the model saw")] = "image",
+                 ) -> Response:
+    data, media = _call(context.labels.read_image, upload_id, kind)
+    return Response(data, media_type=media, headers={**REVIEW_HEADERS, "X-Content-Type-Options": "nosniff"})
+
+
+@review_api.get("/uploads/{upload_id}/labels")
+def upload_labels(context: Context, upload_id: UploadId) -> Response:
+    labels = _call(context.labels.history, upload_id)
+    from dermaid.store.labels import compute_agreement
+
+    return _json({"upload_id": upload_id, "labels": labels, "agreement": compute_agreement(labels)})
+
+
+@review_api.post("/uploads/{upload_id}/labels", status_code=201)
+def add_label(context: Context, reviewer: Reviewer, upload_id: UploadId, body: LabelIn) -> Response:
+    """Add this reviewer's label (earlier labels are kept: the newest label per reviewer is their vote)."""
+    label = _call(context.labels.add, upload_id, reviewer, body.code, body.comment, source=body.source)
+    return _json({"label": label, "agreement": _call(context.labels.agreement, label["upload_id"])}, status=201)
+
+
+@review_api.get("/labeled")
+def labeled(context: Context,
+            min_agreement: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
+            min_reviewers: Annotated[int, Query(ge=1, le=100)] = 1) -> Response:
+    """Uploads with a consensus label that reach the thresholds (what `dermaid labels-export` would write)."""
+    items = _call(context.labels.labeled, min_agreement, min_reviewers)
+    from dermaid.store.labels import public_upload
+
+    return _json({"items": [{"upload": public_upload(item["upload"]), "agreement": item["agreement"]} for item in items],
+                  "total": len(items)})
+
+
+@review_api.get("/labelstudio/config", response_class=PlainTextResponse)
+def labelstudio_config() -> PlainTextResponse:
+    """The Label Studio labeling config the tasks and the import expect (paste it into the project settings)."""
+    return PlainTextResponse(LABELSTUDIO_CONFIG, media_type="application/xml", headers=REVIEW_HEADERS)
+
+
+@review_api.get("/labelstudio/tasks")
+def labelstudio_tasks(request: Request, context: Context, top_class: TopClass = None,
+                      limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
+                      offset: Annotated[int, Query(ge=0)] = 0,
+                      images: Annotated[Literal["api", "storage"], Query(
+                          description="api: this server's image route (needs the token); storage: the blob URL "
+                                      "(gs://..., for a Label Studio cloud storage source)")] = "api") -> Response:
+    """Pending uploads as Label Studio tasks JSON (import it in Label Studio), most uncertain first."""
+    base = str(request.base_url).rstrip("/")
+
+    def image_url(upload: dict[str, Any]) -> str:
+        if images == "storage":
+            return context.labels.uploads.url(upload["blobs"]["image"])
+        return f"{base}/v1/review/uploads/{upload['id']}/image"
+
+    tasks = _call(context.labels.labelstudio_tasks, image_url, top_class=top_class, limit=limit, offset=offset)
+    return _json(tasks, headers={"Content-Disposition": 'attachment; filename="dermaid-labelstudio-tasks.json"'})
+
+
+@review_api.post("/labelstudio/import")
+def labelstudio_import(context: Context,
+                       export: Annotated[list[Any] | dict[str, Any], Body(description="Label Studio Export -> JSON")],
+                       ) -> Response:
+    """Store the annotations of a Label Studio JSON export as labels (all or nothing; a re-import adds nothing)."""
+    return _json(_call(context.labels.import_labelstudio, export))
+
+
+router.include_router(review_api)
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a store call; its DermaidErrors become 4xx: a malformed id 400, an unknown upload 404, else 422."""
+    try:
+        return fn(*args, **kwargs)
+    except InvalidUploadId as exc:
+        raise HTTPException(400, str(exc)) from None
+    except UnknownUpload as exc:
+        raise HTTPException(404, str(exc)) from None
+    except DermaidError as exc:
+        raise HTTPException(422, str(exc)) from None
+    except FileNotFoundError:
+        raise HTTPException(404, "the stored image of this upload is missing") from None
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body, default=str), status_code=status, media_type="application/json",
+                    headers={**REVIEW_HEADERS, **(headers or {})})
+
+
+@lru_cache(maxsize=16)
+def _read_web(name: str) -> bytes:
+    return (WEB_DIR / name).read_bytes()
+
+
+def _page_config() -> dict[str, Any]:
+    """What the pages need from dermaid.classes (one definition: nothing is spelled twice in the HTML)."""
+    return {"classes": class_table(), "review_codes": list(REVIEW_CODES), "not_a_lesion": NOT_A_LESION,
+            "sexes": list(SEXES), "sites": list(SITES), "age_range": list(AGE_RANGE), "disclaimer": DISCLAIMER,
+            "max_comment_chars": MAX_COMMENT_CHARS}
+
+
+def _page(name: str, request: Request) -> HTMLResponse:
+    """A page with its <base href> (so it works under any route prefix) and the class/vocabulary config."""
+    base = (request.scope.get("root_path") or "").rstrip("/") + "/"
+    config = json.dumps(_page_config()).replace("</", "<\\/")
+    text = _read_web(name).decode("utf-8")
+    text = (text.replace("{{BASE}}", html.escape(base, quote=True))
+            .replace("{{CONFIG}}", config)
+            .replace("{{DISCLAIMER}}", html.escape(DISCLAIMER)))
+    return HTMLResponse(text, headers=PAGE_HEADERS)

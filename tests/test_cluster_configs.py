@@ -1,0 +1,430 @@
+"""Offline checks of the cluster side (cluster/, .github/workflows/, environment.yml).
+
+No cloud is reachable from the tests, so they check what can be checked here: every manifest
+parses and names the project's Ray version and image; the GCP launcher config passes Ray's own
+schema validation; each RayJob entrypoint composes as a Hydra command; the RayService's
+`import_path` + `args` build the Serve application (without starting Ray); the Dockerfile pins the
+same Ray and copies files that exist; the workflows and the conda environment do what the README
+says.
+
+    .venv/bin/python -m pytest tests/test_cluster_configs.py -q
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import os
+import re
+import shlex
+import string
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+
+# The values `render` (cluster/README.md) substitutes; the tests use fake but well-formed ones.
+PLACEHOLDERS = {
+    "PROJECT_ID": "test-project",
+    "REGION": "us-central1",
+    "ZONE": "us-central1-a",
+    "BUCKET": "test-bucket",
+    "IMAGE_TAG": "0.0.0-test",
+    "DERMAID_DATABASE_URL": "postgresql+psycopg2://dermaid:test@10.0.0.5:5432/dermaid",
+}
+PROJECT_IMAGE = "us-central1-docker.pkg.dev/test-project/dermaid/dermaid:0.0.0-test"
+RAY_KINDS = ("RayCluster", "RayJob", "RayService")
+MANIFESTS = sorted(KUBERAY.glob("*.yaml"))
+
+
+def _render(path: Path) -> str:
+    """The file as `envsubst` fills it: only our ${NAME} placeholders, never $RAY_HEAD_IP or ${hydra.key}."""
+    return string.Template(path.read_text()).safe_substitute(PLACEHOLDERS)
+
+
+def _load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(_render(path)) if doc is not None]
+
+
+def _ray_resources() -> list[tuple[Path, dict[str, Any]]]:
+    return [(p, doc) for p in MANIFESTS for doc in _load_all(p) if doc.get("kind") in RAY_KINDS]
+
+
+def _cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    spec = doc["spec"]
+    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[
+        doc["kind"]
+    ]
+
+
+def _pod_specs(cluster: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(group name, group spec, pod spec) for the head and every worker group."""
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])]
+    return [(name, group, group["template"]["spec"]) for name, group in groups]
+
+
+def _rayjobs() -> list[tuple[Path, dict[str, Any]]]:
+    return [(p, doc) for p, doc in _ray_resources() if doc["kind"] == "RayJob"]
+
+
+def _serve_config() -> dict[str, Any]:
+    (service,) = [doc for _, doc in _ray_resources() if doc["kind"] == "RayService"]
+    return yaml.safe_load(service["spec"]["serveConfigV2"])
+
+
+def _quantity(value: Any) -> float:
+    """A Kubernetes CPU quantity ("6", "500m", 2) in cores."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _worker_groups(cluster: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray's view of each worker group: logical CPUs and GPUs per pod, and the most pods."""
+    groups = []
+    for name, spec, pod in _pod_specs(cluster)[1:]:
+        limits = pod["containers"][0]["resources"]["limits"]
+        params = spec.get("rayStartParams") or {}
+        groups.append({
+            "name": name,
+            "CPU": float(params.get("num-cpus", _quantity(limits["cpu"]))),
+            "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
+            "max": int(spec["maxReplicas"]),
+        })
+    return groups
+
+
+def _capacity(groups: list[dict[str, Any]], cpu: float, gpu: float) -> float:
+    """How many (cpu, gpu) bundles the groups hold when every group is at its maximum size."""
+    total = 0.0
+    for group in groups:
+        per_node = min(group["CPU"] // cpu if cpu else math.inf, group["GPU"] // gpu if gpu else math.inf)
+        total += per_node * group["max"] if per_node else 0
+    return total
+
+
+def _scalings(cfg: Any) -> list[dict[str, Any]]:
+    """Every Ray Train ScalingConfig group (a dict with num_workers and use_gpu) inside a composed config."""
+    if isinstance(cfg, dict):
+        own = [cfg] if {"num_workers", "use_gpu"} <= cfg.keys() else []
+        return own + [s for value in cfg.values() for s in _scalings(value)]
+    if isinstance(cfg, list):
+        return [s for value in cfg for s in _scalings(value)]
+    return []
+
+
+def _fits(scaling: dict[str, Any], groups: list[dict[str, Any]]) -> bool:
+    cpu = float(scaling.get("cpus_per_worker", 1))
+    gpu = float(scaling.get("gpus_per_worker", 1)) if scaling["use_gpu"] else 0.0
+    return _capacity(groups, cpu, gpu) >= int(scaling["num_workers"])
+
+
+# Manifests
+
+
+def test_every_manifest_parses_and_the_expected_resources_exist():
+    kinds: dict[str, list[str]] = {}
+    for path in MANIFESTS:
+        for doc in _load_all(path):
+            assert {"apiVersion", "kind", "metadata"} <= doc.keys(), f"{path.name}: not a Kubernetes object"
+            kinds.setdefault(doc["kind"], []).append(path.name)
+    assert len(kinds.get("RayCluster", [])) == 1
+    assert len(kinds.get("RayService", [])) == 1
+    commands = sorted(shlex.split(doc["spec"]["entrypoint"])[1] for _, doc in _rayjobs())
+    assert commands == ["pipeline", "train", "tune"]
+    assert kinds.get("Secret") == ["secrets.template.yaml"], "secrets belong in the template only"
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_names_the_project_ray_version_and_image(path: Path):
+    docs = [doc for doc in _load_all(path) if doc.get("kind") in RAY_KINDS]
+    for doc in docs:
+        assert doc["apiVersion"] == "ray.io/v1"
+        cluster = _cluster_spec(doc)
+        assert cluster["rayVersion"] == ray.__version__, (
+            f"{path.name}: rayVersion {cluster['rayVersion']} but the project's Ray is {ray.__version__}"
+        )
+        for group, _, pod in _pod_specs(cluster):
+            images = {c["image"] for c in pod["containers"]}
+            assert images == {PROJECT_IMAGE}, f"{path.name}/{group}: images {images}"
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_ray_pods_get_settings_secrets_and_fitting_resources(path: Path):
+    for doc in [d for d in _load_all(path) if d.get("kind") in RAY_KINDS]:
+        cluster = _cluster_spec(doc)
+        assert cluster.get("enableInTreeAutoscaling") is True, f"{path.name}: worker groups must autoscale"
+        for group, spec, pod in _pod_specs(cluster):
+            where = f"{path.name}/{group}"
+            ray_container = pod["containers"][0]
+            assert ray_container["name"] == ("ray-head" if group == "head" else "ray-worker"), where
+            assert pod["serviceAccountName"] == "dermaid-ray", where
+            sources = {
+                (kind, ref["name"]) for c in pod["containers"] for e in c.get("envFrom", []) for kind, ref in e.items()
+            }
+            assert sources == {("configMapRef", "dermaid-config"), ("secretRef", "dermaid-secrets")}, where
+            resources = ray_container["resources"]
+            assert resources["requests"] == resources["limits"], f"{where}: requests must equal limits (Ray sizes from them)"
+            gpus = int(resources["limits"].get("nvidia.com/gpu", 0))
+            if gpus:
+                assert pod["nodeSelector"]["cloud.google.com/gke-accelerator"].startswith("nvidia-"), where
+                assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+            if group != "head":
+                assert 0 <= spec["minReplicas"] <= spec["replicas"] <= spec["maxReplicas"], where
+
+
+def test_config_map_points_dermaid_at_the_bucket():
+    (config_map,) = [d for d in _load_all(KUBERAY / "config.yaml") if d["kind"] == "ConfigMap"]
+    assert config_map["metadata"]["name"] == "dermaid-config"
+    assert config_map["data"]["DERMAID_HOME"] == "gs://test-bucket"
+    assert all(isinstance(v, str) for v in config_map["data"].values()), "ConfigMap values must be strings"
+
+
+def test_secret_template_holds_placeholders_only():
+    (secret,) = _load_all(KUBERAY / "secrets.template.yaml")
+    assert secret["metadata"]["name"] == "dermaid-secrets"
+    assert "data" not in secret, "base64 `data` would hide real values; use stringData placeholders"
+    assert {"DERMAID_DATABASE_URL", "DERMAID_REVIEWER_TOKENS", "JUPYTER_TOKEN", "WANDB_API_KEY"} <= secret["stringData"].keys()
+    for key, value in secret["stringData"].items():
+        assert "REPLACE_ME" in value, f"{key} must be a placeholder, not a real value"
+
+
+@pytest.mark.parametrize("path", [*MANIFESTS, CLUSTER / "gcp.yaml"], ids=lambda p: p.name)
+def test_placeholders_are_the_documented_ones(path: Path):
+    """Every ${NAME} in a file is one `render` fills, and the file's own envsubst line lists them all."""
+    text = path.read_text()
+    used = set(re.findall(r"\$\{([A-Z_]+)\}", text))
+    assert used <= PLACEHOLDERS.keys(), f"{path.name}: unknown placeholders {used - PLACEHOLDERS.keys()}"
+    if not used:
+        return
+    listed = re.search(r"envsubst '([^']*)'", text)
+    assert listed, f"{path.name}: header lacks the envsubst command that renders it"
+    assert used <= {v.lstrip("$") for v in listed.group(1).split()}, f"{path.name}: envsubst line misses some of {used}"
+
+
+def test_readme_render_fills_every_placeholder():
+    readme = (CLUSTER / "README.md").read_text()
+    assert "envsubst '" + " ".join(f"${k}" for k in PLACEHOLDERS) + "'" in readme
+
+
+# RayJob entrypoints: each is one Hydra command that composes
+
+
+@pytest.mark.parametrize("path", [p for p in MANIFESTS if p.name.startswith("rayjob-")], ids=lambda p: p.name)
+def test_rayjob_spec_and_entrypoint_composes(path: Path):
+    (job,) = [doc for doc in _load_all(path) if doc["kind"] == "RayJob"]
+    spec = job["spec"]
+    assert spec["submissionMode"] == "K8sJobMode"
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert job["metadata"]["generateName"].startswith("dermaid-")
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[0] == "dermaid" and not ({";", "&&", "||", "|"} & set(argv)), "one dermaid command, no shell chains"
+    dermaid = Path(sys.executable).with_name("dermaid")
+    cmd = [str(dermaid)] if dermaid.exists() else [sys.executable, "-m", "dermaid.cli"]
+    env = {**os.environ, "DERMAID_HOME": "gs://test-bucket", "HYDRA_FULL_ERROR": "1"}
+    env.pop("DERMAID_CONF", None)
+    done = subprocess.run(
+        [*cmd, *argv[1:], "--cfg", "job", "--resolve"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, f"{spec['entrypoint']!r} does not compose:\n{done.stderr[-3000:]}"
+    cfg = yaml.safe_load(done.stdout)
+    assert "gs://test-bucket" in yaml.safe_dump(cfg), "the job must write to the bucket (DERMAID_HOME)"
+    groups = _worker_groups(spec["rayClusterSpec"])
+    for scaling in _scalings(cfg):
+        assert _fits(scaling, groups), f"{path.name}: {scaling} does not fit the worker groups {groups}"
+
+
+# RayService: the Serve config is valid and its import path + args build the app
+
+
+def test_serve_config_validates_against_serves_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(_serve_config())
+    (app,) = config.applications
+    assert app.import_path == "serve.app:build_app"
+    assert app.route_prefix == "/"
+    assert app.args["storage"]["url"] == "gs://test-bucket/uploads"
+    assert app.args["storage"]["db_url"] == PLACEHOLDERS["DERMAID_DATABASE_URL"]
+
+
+def _build_serve_app(monkeypatch) -> tuple[Any, list[Any]]:
+    """What `serve deploy` / KubeRay do with import_path + args, short of deploying: -> (app, DeploymentSchemas)."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.build_app import build_app
+    from ray.serve.deployment import deployment_to_schema
+
+    monkeypatch.syspath_prepend(str(REPO))  # serve/ sits beside the package, as on the image's PYTHONPATH
+    (app_cfg,) = _serve_config()["applications"]
+    module_name, attr = app_cfg["import_path"].split(":")
+    builder = getattr(importlib.import_module(module_name), attr)
+    app = call_user_app_builder_with_args_if_necessary(builder, copy.deepcopy(app_cfg.get("args", {})))
+    return app, [deployment_to_schema(d) for d in build_app(app, name=app_cfg["name"]).deployments]
+
+
+def test_rayservice_import_path_and_args_build_the_app(monkeypatch):
+    from ray.serve.deployment import Application
+
+    was_running = ray.is_initialized()
+    app, deployments = _build_serve_app(monkeypatch)
+    assert isinstance(app, Application)
+    names = {d.name for d in deployments}
+    assert {"Classifier", "Explainer", "Ingress"} <= names
+    (app_cfg,) = _serve_config()["applications"]
+    configured = {d["name"] for d in app_cfg.get("deployments", [])}
+    assert configured <= names, f"serveConfigV2 names deployments the app lacks: {configured - names}"
+    for d in deployments:
+        scaling = d.autoscaling_config
+        assert scaling and scaling.min_replicas >= 1 and scaling.max_replicas > scaling.min_replicas, (
+            f"{d.name}: autoscaling replicas with a warm one"
+        )
+    assert ray.is_initialized() == was_running, "building the app must not start Ray"
+
+
+def test_rayservice_replicas_fit_its_worker_groups(monkeypatch):
+    """Every replica fits a pod, and all CPU replicas at their maximum fit the CPU group at its maximum."""
+    _, deployments = _build_serve_app(monkeypatch)
+    (service,) = [doc for _, doc in _ray_resources() if doc["kind"] == "RayService"]
+    groups = _worker_groups(service["spec"]["rayClusterConfig"])
+    needed = 0.0
+    for d in deployments:
+        cpus = d.ray_actor_options.num_cpus if d.ray_actor_options.num_cpus is not None else 1.0  # Serve's default
+        gpus = d.ray_actor_options.num_gpus or 0.0
+        assert _capacity(groups, cpus, gpus) >= 1, f"{d.name}: one replica fits no pod"
+        if not gpus:
+            needed += cpus * d.autoscaling_config.max_replicas
+    available = sum(g["CPU"] * g["max"] for g in groups if not g["GPU"])
+    assert needed <= available, f"{needed} CPUs of replicas at full scale exceed the CPU group's {available}"
+
+
+# GCP cluster launcher
+
+
+def test_gcp_launcher_config_passes_rays_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load(_render(CLUSTER / "gcp.yaml"))
+    assert {"cluster_name", "provider", "available_node_types", "head_node_type", "max_workers"} <= config.keys()
+    assert config["provider"]["type"] == "gcp"
+    assert config["provider"]["project_id"] == "test-project"
+    assert config["docker"]["image"] == PROJECT_IMAGE and config["docker"]["container_name"]
+    assert config["idle_timeout_minutes"] > 0
+    validate_config(prepare_config(copy.deepcopy(config)))  # Ray's own schema + consistency checks
+
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    assert config["max_workers"] == sum(t["max_workers"] for t in workers.values())
+    gpus_per_machine = {"g2-standard-8": 1, "a2-highgpu-4g": 4}
+    machines = {t["node_config"]["machineType"] for t in workers.values()}
+    assert set(gpus_per_machine) <= machines, "an L4 and a 4xA100 worker type"
+    for name, node_type in types.items():
+        machine = node_type["node_config"]["machineType"]
+        assert node_type["resources"].get("GPU", 0) == gpus_per_machine.get(machine, 0), f"{name}: GPU count"
+        scheduling = node_type["node_config"].get("scheduling", {})
+        assert isinstance(scheduling, dict), f"{name}: GCE's scheduling is an object, not a list"
+        if machine in gpus_per_machine:
+            assert scheduling["onHostMaintenance"] == "TERMINATE", f"{name}: GPU VMs cannot live-migrate"
+        if name != config["head_node_type"]:
+            assert node_type["min_workers"] == 0, f"{name}: scales from zero"
+
+    groups = [{"name": n, "CPU": t["resources"].get("CPU", 0), "GPU": t["resources"].get("GPU", 0), "max": t["max_workers"]}
+              for n, t in workers.items()]
+    for path in sorted((REPO / "conf" / "scaling").glob("*.yaml")):
+        scaling = yaml.safe_load(path.read_text())
+        assert _fits(scaling, groups), f"scaling={path.stem} does not fit gcp.yaml's worker types"
+
+
+# Dockerfile
+
+
+def _dockerfile() -> str:
+    return (CLUSTER / "Dockerfile").read_text()
+
+
+def test_dockerfile_base_image_is_the_project_ray():
+    text = _dockerfile()
+    assert re.search(r"^ARG RAY_VERSION=(\S+)$", text, re.M).group(1) == ray.__version__
+    base = re.search(r"^FROM (\S+)", text, re.M).group(1)
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    assert re.fullmatch(r"rayproject/ray:\$\{RAY_VERSION\}-" + py + r"-\$\{RAY_PLATFORM\}", base), base
+    assert re.search(r"^ARG RAY_PLATFORM=(gpu|cu\d+)$", text, re.M), "the default image must carry CUDA"
+    assert "ENV DERMAID_SRC" in text and "DERMAID_CONF=/home/ray/dermaid/conf" in text
+
+
+def test_dockerfile_copies_files_that_exist_and_the_context_admits():
+    ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
+    admitted = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    copied = []
+    for line in _dockerfile().splitlines():
+        if line.startswith("COPY "):
+            words = [w for w in line.split()[1:] if not w.startswith("--")]
+            copied += words[:-1]
+    assert {"pyproject.toml", "dermaid/", "conf/", "serve/", "notebooks/"} <= set(copied)
+    for source in copied:
+        path = REPO / source
+        assert path.exists(), f"the Dockerfile copies {source}, which does not exist"
+        if path.is_dir():
+            files = [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+            assert files, f"{source} is empty: git keeps no empty folders, so COPY fails on a fresh clone"
+        assert source.rstrip("/") in admitted, f"{source} is excluded from the build context"
+
+
+# Workflows and the conda environment
+
+
+def _workflow(name: str) -> dict[str, Any]:
+    doc = yaml.safe_load((REPO / ".github" / "workflows" / name).read_text())
+    doc["on"] = doc.pop(True, doc.get("on"))  # YAML 1.1 reads the bare key `on` as True
+    return doc
+
+
+def test_test_workflow_runs_ci_script_on_python_311():
+    doc = _workflow("test.yml")
+    assert {"push", "pull_request"} <= set(doc["on"])
+    (job,) = doc["jobs"].values()
+    assert job["runs-on"].startswith("ubuntu")
+    steps = job["steps"]
+    setup = [s for s in steps if s.get("uses", "").startswith("actions/setup-python@")]
+    assert setup and str(setup[0]["with"]["python-version"]) == "3.11"
+    assert steps[-1]["run"].strip() == "bash .ci/run"
+
+
+def test_image_workflow_builds_the_dockerfile_on_tags():
+    doc = _workflow("image.yml")
+    assert doc["on"]["push"]["tags"] == ["v*"]
+    assert doc["permissions"]["packages"] == "write"
+    (job,) = doc["jobs"].values()
+    build = [s for s in job["steps"] if s.get("uses", "").startswith("docker/build-push-action@")]
+    assert build, "docker/build-push-action builds the image"
+    assert build[0]["with"]["file"] == "cluster/Dockerfile" and build[0]["with"]["context"] == "."
+    assert build[0]["with"]["push"] is True
+
+
+def test_conda_environment_installs_this_package_with_dev_extras():
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    deps = env["dependencies"]
+    assert "python=3.11" in deps and "pip" in deps
+    (pip,) = [d["pip"] for d in deps if isinstance(d, dict)]
+    assert "-e .[dev]" in pip
+
+
+def test_readme_walks_through_every_step_and_names_existing_files():
+    readme = (CLUSTER / "README.md").read_text()
+    for step in ("gcloud services enable", "docker build -f cluster/Dockerfile", "docker push", "ray up",
+                 "kubectl apply", "kubectl create", "ray job submit", "serve deploy", "port-forward",
+                 "ray down", "clusters delete", "gcloud sql instances create", "helm install"):
+        assert step in readme, f"cluster/README.md lacks `{step}`"
+    for folder in ("data/isic2019/", "data/prepared/", "runs/", "registry/", "uploads/"):
+        assert folder in readme, f"bucket layout lacks {folder}"
+    for ref in set(re.findall(r"cluster/[\w./-]+\.(?:yaml|md)|\bkuberay/[\w.-]+\.yaml", readme)):
+        path = REPO / ref if ref.startswith("cluster/") else CLUSTER / ref
+        assert path.exists(), f"cluster/README.md names {ref}, which does not exist"

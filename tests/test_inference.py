@@ -1,0 +1,156 @@
+"""dermaid.inference: the one preprocessing path, calibrated probabilities, results, Grad-CAM (no Ray)."""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dermaid.classes import CLASS_CODES, DISCLAIMER
+from dermaid.data.images import open_image
+from dermaid.data.transforms import create_eval_transform
+from dermaid.errors import DermaidError
+from dermaid.inference import (CAM_METHODS, LOADERS, Explainer, ImageShapeError, Predictor, build_result,
+                               find_cam_target)
+from dermaid.models.card import CheckpointError, build_card, save_checkpoint
+from dermaid.models.classifier import create_classifier, resolve_input_spec
+
+
+def _image(width: int = 120, height: int = 90, seed: int = 0, fmt: str = "JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((width, height), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint) -> Predictor:
+    return Predictor(tiny_checkpoint)
+
+
+def test_preprocessing_is_open_image_then_eval_transform(predictor):
+    data = _image(seed=1)
+    expected = create_eval_transform(predictor.card["input"])(open_image(data))  # (3, 64, 64)
+    assert torch.equal(predictor.preprocess(data), expected)
+    assert tuple(expected.shape) == (3, 64, 64)
+
+
+def test_predict_matches_manual_forward_with_temperature(predictor):
+    data = _image(seed=2)
+    probs = predictor.predict([(data, 60, "female", "lower extremity")])
+    assert probs.shape == (1, 8) and probs.sum() == pytest.approx(1.0)
+    x = predictor.preprocess(data)[None]
+    meta = predictor.encode_metadata(60, "female", "lower extremity")[None]
+    with torch.no_grad():
+        logits = predictor.model(x, meta)
+    assert predictor.temperature == 1.5
+    np.testing.assert_allclose(probs, torch.softmax(logits.double() / 1.5, dim=1).numpy(), atol=1e-6)
+
+
+def test_metadata_reaches_the_model(predictor):
+    data = _image(seed=3)
+    with_meta, without = predictor.predict([(data, 80, "male", "head/neck"), (data, None, None, None)])
+    assert not np.allclose(with_meta, without)
+
+
+def test_unknown_artifact_kind_names_the_loaders(tmp_path, tiny_checkpoint):
+    card = json.loads((__import__("pathlib").Path(tiny_checkpoint) / "card.json").read_text())
+    card["kind"] = "tensorrt"
+    save_checkpoint(str(tmp_path / "ckpt"), card, artifact_bytes=b"x")
+    with pytest.raises(CheckpointError, match="tensorrt.*float"):
+        Predictor(str(tmp_path / "ckpt"))
+    assert "float" in LOADERS
+
+
+def test_extreme_aspect_ratio_is_rejected_before_resizing(predictor):
+    with pytest.raises(ImageShapeError, match="aspect ratio"):
+        predictor.preprocess(_image(2000, 40, fmt="PNG"))
+
+
+def test_build_result_sorts_scores_and_triages():
+    probs = [0.30, 0.40, 0.15, 0.05, 0.04, 0.03, 0.02, 0.01]
+    result = build_result(probs)
+    assert [c["code"] for c in result["probabilities"]][:3] == ["NV", "MEL", "BCC"]
+    assert result["top"]["code"] == "NV" and result["top"]["name"] == "Melanocytic nevus"
+    assert result["malignancy_score"] == pytest.approx(0.30 + 0.15 + 0.01)
+    assert result["triage"]["level"] == "moderate" and result["disclaimer"] == DISCLAIMER
+    assert build_result(probs, triage={"high": 0.4})["triage"]["level"] == "high"
+    assert build_result(probs, malignant_codes=["SCC"])["triage"]["level"] == "low"
+    with pytest.raises(DermaidError, match="XYZ"):
+        build_result(probs, malignant_codes=["XYZ"])
+
+
+def test_crop_box_is_where_the_model_looks(predictor):
+    # x coordinate encoded in the red channel: the crop's left column tells where the crop starts.
+    width, height = 200, 100
+    ramp = np.tile(np.linspace(0, 255, width, dtype=np.float32), (height, 1))
+    img = Image.fromarray(np.stack([ramp, ramp * 0, ramp * 0], -1).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    prepared = predictor.prepare(buf.getvalue())
+    left, top, right, bottom = prepared.crop_box
+    resized = int(64 / predictor.input_spec["crop_pct"])  # shorter side after Resize (100 -> resized)
+    offset = round((resized - 64) / 2)
+    assert (top, bottom) == pytest.approx((offset * 100 / resized, (offset + 64) * 100 / resized))
+    assert right - left == pytest.approx(64 * 100 / resized, abs=0.5)
+    seen = np.asarray(prepared.model_input)[:, :, 0].astype(float)
+    assert seen[:, 0].mean() == pytest.approx(left / width * 255, abs=8)
+    assert seen[:, -1].mean() == pytest.approx(right / width * 255, abs=8)
+
+
+@pytest.mark.parametrize("name, layer", [("test_efficientnet", "backbone.bn2"), ("test_resnet", "backbone.layer4"),
+                                         ("test_vit", "backbone.blocks.5.norm1")])
+def test_cam_target_follows_the_architecture(name, layer):
+    model = create_classifier({"name": name}).eval()
+    target = find_cam_target(model, resolve_input_spec(model)["input_size"])
+    assert target.name == layer
+    assert (target.reshape is not None) == (name == "test_vit")
+
+
+def test_transformer_saliency_uses_a_reshape(tmp_path):
+    model_cfg = {"name": "test_vit", "use_metadata": False}
+    model = create_classifier(model_cfg)
+    save_checkpoint(str(tmp_path / "vit"), build_card(model_cfg, resolve_input_spec(model)), model.state_dict())
+    explainer = Explainer(Predictor(str(tmp_path / "vit")))
+    saliency = explainer.explain(_image(150, 110, seed=4), method="gradcam")
+    assert saliency.overlay.size == (150, 110) and saliency.layer.endswith("norm1")
+
+
+@pytest.mark.parametrize("method", CAM_METHODS)
+def test_every_method_gives_an_overlay_at_input_size(predictor, method):
+    explainer = Explainer(predictor)
+    saliency = explainer.explain(_image(130, 70, seed=5), 40, "male", None, method=method)
+    assert saliency.overlay.size == (130, 70) and saliency.method == method
+    assert saliency.target in CLASS_CODES and 0 < saliency.probability < 1
+
+
+def test_saliency_probabilities_match_classify_and_target_is_honoured(predictor):
+    explainer = Explainer(predictor)
+    data = _image(seed=6)
+    probs = predictor.predict([(data, 30, "female", "upper extremity")])[0]
+    top = explainer.explain(data, 30, "female", "upper extremity")
+    assert top.target == CLASS_CODES[int(np.argmax(probs))]
+    np.testing.assert_allclose(top.probabilities, probs, atol=1e-6)
+    mel = explainer.explain(data, 30, "female", "upper extremity", target="MEL")
+    assert mel.target == "MEL" and mel.probability == pytest.approx(probs[0], abs=1e-6)
+    with pytest.raises(DermaidError, match="method"):
+        explainer.explain(data, method="scorecam")
+    with pytest.raises(DermaidError, match="target"):
+        explainer.explain(data, target="XYZ")
+
+
+def test_concurrent_saliency_calls_do_not_share_state(tiny_checkpoint):
+    explainer = Explainer(Predictor(tiny_checkpoint), concurrency=3)
+    images = [_image(100 + 10 * i, 80, seed=10 + i) for i in range(6)]
+    sequential = [np.asarray(explainer.explain(d).overlay, dtype=int) for d in images]
+    with ThreadPoolExecutor(6) as pool:
+        concurrent = [np.asarray(s.overlay, dtype=int) for s in pool.map(explainer.explain, images)]
+    for a, b in zip(sequential, concurrent):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1

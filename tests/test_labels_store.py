@@ -1,0 +1,305 @@
+"""The labels store (dermaid.store.labels) against SQLite and PostgreSQL: queue order and filters, label history
+and agreement, bad input, concurrent labels, Label Studio export/import, the ISIC 2019 export (no Ray)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+
+from dermaid.classes import CLASS_CODES, NOT_A_LESION
+from dermaid.errors import DermaidError
+from dermaid.store.labels import (
+    EXPORT_MARKER, LABELSTUDIO_CONFIG, InvalidUploadId, LabelStore, UnknownUpload, compute_agreement,
+    parse_upload_id, run_export,
+)
+from dermaid.store.uploads import UploadStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path) -> LabelStore:
+    """A LabelStore on an empty database: a SQLite file, or a fresh schema in the session's PostgreSQL database."""
+    db_url = None
+    if request.param == "postgresql":
+        base = request.getfixturevalue("postgres_url")
+        schema = f"t_{uuid.uuid4().hex[:10]}"
+        admin = sa.create_engine(base)
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        admin.dispose()
+        db_url = sa.make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+            hide_password=False)
+    labels = LabelStore(UploadStore(str(tmp_path / "uploads"), db_url))
+    yield labels
+    labels.engine.dispose()
+
+
+def _image(fmt: str = "JPEG", seed: int = 0, size: tuple[int, int] = (48, 36)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _probs(top: str, p_top: float) -> list[float]:
+    """p_top on `top`, the rest spread evenly: a higher p_top gives a lower entropy."""
+    rest = (1.0 - p_top) / (len(CLASS_CODES) - 1)
+    return [p_top if code == top else rest for code in CLASS_CODES]
+
+
+def _upload(labels: LabelStore, top: str = "MEL", p_top: float = 0.6, seed: int = 0, fmt: str = "JPEG",
+            **meta) -> str:
+    meta = {"age": 55.0, "sex": "male", "site": "posterior torso", **meta}
+    return labels.uploads.save(image=_image(fmt, seed), model_input_png=_image("PNG", seed, (16, 16)),
+                               probabilities=_probs(top, p_top), model_version="toy-float-abc", **meta)
+
+
+def test_queue_is_most_uncertain_first_and_filters(store):
+    certain = _upload(store, "NV", 0.95, seed=1)
+    unsure = _upload(store, "MEL", 0.30, seed=2)
+    middle = _upload(store, "MEL", 0.60, seed=3)
+    flat = _upload(store, "BCC", 0.15, seed=4)
+
+    page = store.queue()
+    assert [item["id"] for item in page["items"]] == [flat, unsure, middle, certain] and page["total"] == 4
+    entropies = [item["prediction"]["entropy"] for item in page["items"]]
+    assert entropies == sorted(entropies, reverse=True)
+    assert "blobs" not in page["items"][0] and page["items"][0]["metadata"]["site"] == "posterior torso"
+
+    assert [item["id"] for item in store.queue(top_class="MEL")["items"]] == [unsure, middle]
+    assert [item["id"] for item in store.queue(limit=2, offset=1)["items"]] == [unsure, middle]
+
+    store.add(unsure, "dr_a", "MEL")  # labeled: leaves the queue of unlabeled uploads
+    assert [item["id"] for item in store.queue()["items"]] == [flat, middle, certain]
+    # second opinions: uploads with < 2 reviewers, but not the ones dr_a labeled already
+    assert unsure in [item["id"] for item in store.queue(labels_below=2, reviewer="dr_b")["items"]]
+    assert unsure not in [item["id"] for item in store.queue(labels_below=2, reviewer="dr_a")["items"]]
+    with pytest.raises(DermaidError, match="top_class"):
+        store.queue(top_class="XYZ")
+
+
+def test_history_is_kept_and_agreement_uses_each_reviewers_newest_label(store):
+    upload = _upload(store)
+    first = store.add(upload, "dr_a", "MEL", "irregular border")
+    store.add(upload, "dr_b", "NV")
+    tie = store.agreement(upload)
+    assert tie == {"labels": 2, "reviewers": 2, "votes": {"MEL": 1, "NV": 1}, "consensus": None, "agreement": 0.5}
+
+    store.add(upload, "dr_a", "NV", "on second look: a nevus")  # dr_a changes their mind: a new row
+    store.add(upload, "dr_c", "NV")
+    history = store.history(upload)
+    assert [(h["reviewer"], h["code"]) for h in history] == [("dr_a", "MEL"), ("dr_b", "NV"), ("dr_a", "NV"),
+                                                            ("dr_c", "NV")]
+    assert history[0] == first and history[0]["comment"] == "irregular border"  # never overwritten
+    assert all(h["model_version"] == "toy-float-abc" and h["created"].endswith("+00:00") for h in history)
+    assert store.agreement(upload) == {"labels": 4, "reviewers": 3, "votes": {"NV": 3}, "consensus": "NV",
+                                       "agreement": 1.0}
+    item = store.item(upload)
+    assert item["upload"]["id"] == upload and len(item["labels"]) == 4 and item["agreement"]["consensus"] == "NV"
+
+
+def test_bad_input_is_refused_and_nothing_is_stored(store):
+    upload = _upload(store)
+    for bad in ["../../etc/passwd", "..%2Fuploads.db", "", "x" * 36, str(uuid.uuid1()), upload.upper(),
+                upload + "/../x", None, 42]:
+        with pytest.raises(InvalidUploadId, match="not an upload id"):
+            store.add(bad, "dr_a", "MEL")
+    assert parse_upload_id(upload.replace("-", "")) == upload
+    with pytest.raises(UnknownUpload, match="no such upload"):
+        store.add(str(uuid.uuid4()), "dr_a", "MEL")
+    with pytest.raises(UnknownUpload):
+        store.history(str(uuid.uuid4()))
+    with pytest.raises(DermaidError, match="not a review code; allowed: MEL, NV"):
+        store.add(upload, "dr_a", "melanoma")
+    with pytest.raises(DermaidError, match="at most 2000"):
+        store.add(upload, "dr_a", "MEL", "x" * 2001)
+    assert store.history(upload) == []
+    assert store.add(upload, "dr_a", NOT_A_LESION, "  blurry  ")["comment"] == "blurry"
+
+
+def test_concurrent_labels_on_one_upload_are_all_kept(store):
+    upload = _upload(store)
+    reviewers, per_reviewer = 6, 5
+    barrier = threading.Barrier(reviewers)
+    errors: list[BaseException] = []
+
+    def label(i: int) -> None:
+        try:
+            barrier.wait()
+            for k in range(per_reviewer):
+                store.add(upload, f"dr_{i}", CLASS_CODES[(i + k) % 8], f"{i}-{k}")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=label, args=(i,)) for i in range(reviewers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    history = store.history(upload)
+    assert len(history) == reviewers * per_reviewer
+    assert {h["comment"] for h in history} == {f"{i}-{k}" for i in range(reviewers) for k in range(per_reviewer)}
+    assert store.agreement(upload)["reviewers"] == reviewers
+
+
+def _labelstudio_export(tasks: list[dict]) -> list[dict]:
+    """What Label Studio's Export -> JSON gives for our tasks after annotation (ids, users, results)."""
+    exported = []
+    for i, task in enumerate(tasks):
+        code = task["predictions"][0]["result"][0]["value"]["choices"][0]
+        exported.append({
+            "id": 100 + i, "data": task["data"], "predictions": task["predictions"],
+            "annotations": [
+                {"id": 1000 + i, "completed_by": 7, "was_cancelled": False, "created_at": "2026-01-02T10:00:00.5Z",
+                 "result": [
+                     {"id": "a", "from_name": "diagnosis", "to_name": "image", "type": "choices",
+                      "value": {"choices": [code]}},
+                     {"id": "b", "from_name": "comment", "to_name": "image", "type": "textarea",
+                      "value": {"text": [f"agree with {code}"]}}]},
+                {"id": 2000 + i, "completed_by": {"id": 8, "email": "derm@clinic.example"}, "was_cancelled": False,
+                 "created_at": "2026-01-02T12:00:00+02:00",
+                 "result": [{"id": "c", "from_name": "diagnosis", "to_name": "image", "type": "choices",
+                             "value": {"choices": ["NONE"]}}]},
+                {"id": 3000 + i, "completed_by": 9, "was_cancelled": True, "result": []},
+            ],
+        })
+    return exported
+
+
+def test_labelstudio_tasks_and_import_round_trip(store):
+    pending = _upload(store, "BCC", 0.4, seed=1)
+    done = _upload(store, "NV", 0.9, seed=2)
+    store.add(done, "dr_a", "NV")
+
+    tasks = store.labelstudio_tasks(lambda upload: f"https://dermaid.example/img/{upload['id']}")
+    assert len(tasks) == 1  # pending uploads only
+    task = tasks[0]
+    assert task["data"]["image"] == f"https://dermaid.example/img/{pending}" and task["data"]["upload_id"] == pending
+    prediction = task["predictions"][0]
+    assert prediction["model_version"] == "toy-float-abc" and prediction["score"] == pytest.approx(0.4)
+    assert prediction["result"][0] | {"id": None} == {"id": None, "from_name": "diagnosis", "to_name": "image",
+                                                      "type": "choices", "value": {"choices": ["BCC"]}}
+    assert 'name="diagnosis"' in LABELSTUDIO_CONFIG and all(f'"{c}"' in LABELSTUDIO_CONFIG for c in CLASS_CODES)
+    json.dumps(tasks)  # plain JSON
+
+    export = _labelstudio_export(tasks)
+    summary = store.import_labelstudio(json.dumps(export).encode())
+    assert summary == {"tasks": 1, "imported": 2, "already_imported": 0, "skipped_cancelled": 1,
+                       "skipped_without_diagnosis": 0}
+    history = store.history(pending)
+    assert [(h["reviewer"], h["code"], h["source"]) for h in history] == [
+        ("derm@clinic.example", "NONE", "labelstudio"), ("labelstudio-user-7", "BCC", "labelstudio")]  # 10:00Z, 10:00:00.5Z
+    assert history[1]["comment"] == "agree with BCC" and history[0]["created"].startswith("2026-01-02T10:00:00+00:00")
+    assert store.import_labelstudio(export)["imported"] == 0  # a re-import adds nothing
+
+    bad_code = json.loads(json.dumps(export))
+    bad_code[0]["annotations"][0]["id"] = 5555
+    bad_code[0]["annotations"][0]["result"][0]["value"]["choices"] = ["Melanoma"]
+    with pytest.raises(DermaidError, match=r"task 0 \(id 100\), annotation 0: code: 'Melanoma' is not a review code"):
+        store.import_labelstudio(bad_code)
+    unknown = json.loads(json.dumps(export))
+    unknown[0]["data"]["upload_id"] = str(uuid.uuid4())
+    unknown[0]["annotations"][0]["id"] = 6666
+    with pytest.raises(UnknownUpload, match="nothing was imported"):
+        store.import_labelstudio(unknown)
+    tricky = [{"id": 1, "data": {"upload_id": "../../uploads.db"}, "annotations": []}]
+    with pytest.raises(DermaidError, match="task 0 .*not an upload id"):
+        store.import_labelstudio(tricky)
+    with pytest.raises(DermaidError, match="not JSON"):
+        store.import_labelstudio(b"{not json")
+    assert len(store.history(pending)) == 2  # the refused imports wrote nothing
+
+
+def test_export_writes_the_isic_layout_the_reader_takes(store, tmp_path):
+    from dermaid.data.isic import read_records
+
+    agreed = _upload(store, "MEL", 0.5, seed=1, age=62.0, sex="female", site="head/neck")
+    majority = _upload(store, "NV", 0.7, seed=2, fmt="WEBP", age=None, sex=None, site=None)
+    tie = _upload(store, "BCC", 0.5, seed=3)
+    unusable = _upload(store, "NV", 0.5, seed=4)
+    _upload(store, "NV", 0.5, seed=5)  # never labeled
+    store.add(agreed, "dr_a", "MEL")
+    store.add(agreed, "dr_b", "MEL")
+    for reviewer, code in [("dr_a", "NV"), ("dr_b", "NV"), ("dr_c", "BKL")]:
+        store.add(majority, reviewer, code)
+    store.add(tie, "dr_a", "BCC")
+    store.add(tie, "dr_b", "SCC")
+    store.add(unusable, "dr_a", NOT_A_LESION)
+
+    out = str(tmp_path / "export")
+    summary = store.export_dataset(out, min_agreement=0.6)
+    assert summary["count"] == 2 and summary["counts"] == {"MEL": 1, "NV": 1}
+    assert summary["excluded_not_a_lesion"] == 1
+    records = read_records(out).set_index("image_id")
+    by_upload = {f"DERMAID_{u.replace('-', '')}": u for u in (agreed, majority)}
+    assert set(records.index) == set(by_upload)
+    mel = records.loc[f"DERMAID_{agreed.replace('-', '')}"]
+    nv = records.loc[f"DERMAID_{majority.replace('-', '')}"]
+    assert (mel["label"], mel["age"], mel["sex"], mel["site"]) == ("MEL", 60.0, "female", "head/neck")
+    assert nv["label"] == "NV" and np.isnan(nv["age"]) and nv["sex"] is None and nv["site"] is None
+    assert nv["image_url"].endswith(".jpg")  # WebP re-encoded: the ISIC reader takes JPEG and PNG
+    assert Image.open(nv["image_url"]).size == (48, 36)
+    assert Path(mel["image_url"]).read_bytes() == _image("JPEG", 1)  # JPEG kept byte for byte
+    provenance = json.loads((Path(out) / EXPORT_MARKER).read_text())
+    assert {i["upload_id"]: i["agreement"] for i in provenance["images"]} == {agreed: 1.0, majority: pytest.approx(2 / 3)}
+
+    assert store.export_dataset(out, min_agreement=1.0)["count"] == 1  # a stricter export replaces the earlier one
+    assert len(read_records(out)) == 1
+    with pytest.raises(DermaidError, match="nothing written"):
+        store.export_dataset(str(tmp_path / "none"), min_agreement=0.6, min_reviewers=4)
+    assert not (tmp_path / "none").exists()
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    with pytest.raises(DermaidError, match="not a labels export"):
+        store.export_dataset(str(keep), min_agreement=0.6)
+    assert (keep / "notes.txt").read_text() == "mine" and len(list(keep.iterdir())) == 1
+
+
+def test_compute_agreement_edge_cases():
+    assert compute_agreement([])["consensus"] is None
+    rows = [{"reviewer": "a", "code": "MEL", "created": "2026-01-01T00:00:00+00:00", "id": 2},
+            {"reviewer": "a", "code": "NV", "created": "2026-01-01T00:00:00+00:00", "id": 1},
+            {"reviewer": "b", "code": "MEL", "created": "2025-12-31T23:00:00-02:00", "id": 3}]
+    # a's newest is id 2 (same time, larger id); b's label (01:00Z) is a later time than a's
+    assert compute_agreement(rows) == {"labels": 3, "reviewers": 2, "votes": {"MEL": 2}, "consensus": "MEL",
+                                       "agreement": 1.0}
+
+
+def test_run_export_from_the_composed_config(tmp_path, capsys):
+    from dermaid.config import compose
+
+    labels = LabelStore(UploadStore(str(tmp_path / "uploads")))
+    upload = _upload(labels, "SCC", 0.5)
+    labels.add(upload, "dr_a", "SCC")
+    out = tmp_path / "labels"
+    cfg = compose("labels-export", [f"out={out}", f"storage.url={tmp_path / 'uploads'}", "min_agreement=1.0"])
+    summary = run_export(cfg)
+    assert summary["count"] == 1 and (out / "ISIC_2019_Training_GroundTruth.csv").exists()
+    assert "dermaid prepare data.root=" in capsys.readouterr().out
+
+    missing = compose("labels-export", [f"out={tmp_path / 'x'}", f"storage.url={tmp_path / 'nowhere'}"])
+    with pytest.raises(DermaidError, match="no uploads database"):
+        run_export(missing)
+    assert not (tmp_path / "nowhere").exists()  # a wrong path does not create an empty store
+
+
+def test_labels_export_cli_reports_bad_input_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dermaid.cli", "labels-export", f"out={tmp_path / 'x'}",
+         f"storage.url={tmp_path / 'nowhere'}", "min_agreement=2"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: storage: no uploads database at") and "Traceback" not in result.stderr

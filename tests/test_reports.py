@@ -1,0 +1,209 @@
+"""Notebook reports: every notebook runs under papermill on toy data; the CLI fails clearly on bad input.
+
+    .venv/bin/python -m pytest tests/test_reports.py -x -q
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import papermill as pm
+import pytest
+
+from dermaid.errors import DermaidError
+from dermaid.reports import (
+    FIGURES_PARAM, KERNEL_NAME, build_report, hydra_args, notebooks_dir, record_figures, resolve_kernel_name,
+)
+
+NOTEBOOKS = sorted(p.name for p in notebooks_dir().glob("*.ipynb"))
+FIGURE_TAG = re.compile(r'<img[^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{200,}')
+
+
+def _dermaid(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dermaid.cli", *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+def _report_files(folder: str | Path) -> tuple[str, dict]:
+    folder = Path(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["key_figures.json", "report.html", "report.ipynb"]
+    return (folder / "report.html").read_text(), json.loads((folder / "key_figures.json").read_text())
+
+
+def _assert_sections(html: str, headings: list[str], min_figures: int) -> None:
+    found = [re.sub(r"<[^>]+>", "", h).replace("¶", "").strip() for h in re.findall(r"<h2[^>]*>(.*?)</h2>", html)]
+    for heading in headings:
+        assert heading in found, f"missing section {heading!r}; found {found}"
+    figures = len(FIGURE_TAG.findall(html))
+    assert figures >= min_figures, f"{figures} embedded PNG figures, expected at least {min_figures}"
+    assert "Traceback" not in html and "decision support" in html
+
+
+def _no_partial_reports(reports_dir: Path) -> None:
+    leftovers = [p.name for p in reports_dir.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    assert not leftovers, leftovers
+
+
+# --------------------------------------------------------------------------- unit
+
+def test_hydra_args_rewrites_the_shorthand():
+    argv = ["eda", "data_root=data/x", "seed=3", "paths.reports_dir=/r", "out=/o", "--cfg", "job", "+hydra.x=1"]
+    assert hydra_args(argv) == ["name=eda", "++params.data_root=data/x", "++params.seed=3", "paths.reports_dir=/r",
+                                "out=/o", "--cfg", "job", "+hydra.x=1"]
+    assert hydra_args(["--help"]) == ["--help"]
+
+
+def test_record_figures_merges_and_writes_strict_json(tmp_path):
+    path = str(tmp_path / "figures.json")
+    record_figures({"a": np.float64(0.5), "n": np.int64(3)}, path)
+    record_figures({"ece": float("nan"), "per": {"MEL": np.float32(1.0)}}, path)
+    text = Path(path).read_text()
+    assert json.loads(text) == {"a": 0.5, "n": 3, "ece": None, "per": {"MEL": 1.0}}
+    assert "NaN" not in text
+    assert record_figures({"x": 1}, "") == {"x": 1}  # JupyterLab: nothing written
+
+
+def test_kernel_runs_this_interpreter():
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    name = resolve_kernel_name()
+    spec = KernelSpecManager().get_kernel_spec(name)
+    assert name in (KERNEL_NAME, "python3")
+    assert spec.argv[0] in ("python", "python3") or Path(spec.argv[0]).parent == Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_notebooks_are_stripped_and_parameterized(notebook):
+    nb = nbformat.read(notebooks_dir() / notebook, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == KERNEL_NAME
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "outputs must be stripped"
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    assert "import" in nb.cells[tagged[0] - 1].source  # the imports cell comes right before
+    declared = pm.inspect_notebook(str(notebooks_dir() / notebook))
+    lines = [l for l in nb.cells[tagged[0]].source.splitlines() if l.strip()]
+    assert len(declared) == len(lines), "every parameter line must parse (one '=' per line)"
+    assert FIGURES_PARAM in declared
+    for name, param in declared.items():
+        assert param["inferred_type_name"] != "None", f"{notebook}: {name} has no type annotation"
+        assert param["help"], f"{notebook}: {name} has no comment"
+
+
+# --------------------------------------------------------------------------- command line
+
+def test_cli_rejects_bad_input_before_running(tmp_path, toy_raw):
+    reports = tmp_path / "reports"
+    unknown = _dermaid("report", "eda", f"data_root={toy_raw}", "colour=red", f"paths.reports_dir={reports}",
+                       cwd=tmp_path)
+    assert unknown.returncode == 2, unknown.stderr
+    assert "error: report eda: unknown parameter(s) colour" in unknown.stderr and "data_root" in unknown.stderr
+    missing = _dermaid("report", "train-report", "run_dir=runs/nowhere", f"paths.reports_dir={reports}",
+                       cwd=tmp_path)
+    assert missing.returncode == 2 and "run_dir=" in missing.stderr and "nowhere' does not exist" in missing.stderr
+    typed = _dermaid("report", "eda", f"data_root={toy_raw}", "folds=many", f"paths.reports_dir={reports}",
+                     cwd=tmp_path)
+    assert typed.returncode == 2 and "folds='many' should be int" in typed.stderr
+    name = _dermaid("report", "summary", cwd=tmp_path)
+    assert name.returncode == 2 and "unknown report 'summary'" in name.stderr and "train-report" in name.stderr
+    assert "Traceback" not in unknown.stderr + missing.stderr + typed.stderr + name.stderr
+    assert not reports.exists()
+
+
+@pytest.mark.slow
+def test_eda_report_from_the_command_line(tmp_path, toy_raw):
+    reports = tmp_path / "reports"
+    result = _dermaid("report", "eda", f"data_root={toy_raw}", "samples_per_class=2", "max_size_images=40",
+                      f"paths.reports_dir={reports}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = result.stdout.strip().splitlines()[-1]
+    assert Path(folder).parent == reports and Path(folder).name.startswith("eda-")
+    html, figures = _report_files(folder)
+    _assert_sections(html, ["Class counts and imbalance", "Age, sex and anatomical site", "Missing metadata",
+                            "Images per lesion", "Image sizes", "Sample images per class",
+                            "Fold and test balance"], min_figures=8)
+    records = pd.read_csv(Path(toy_raw) / "ISIC_2019_Training_GroundTruth.csv")
+    assert figures["num_images"] == len(records) == 240
+    assert figures["class_counts"]["NV"] == int(records["NV"].sum())
+    assert figures["imbalance_ratio"] >= 1.0 and 0 <= figures["missing/age"] < 1
+    _no_partial_reports(reports)
+
+
+@pytest.mark.slow
+def test_failing_cell_fails_the_report_and_names_the_cell(tmp_path, toy_raw):
+    reports = tmp_path / "reports"
+    with pytest.raises(DermaidError) as info:  # an ISIC layout read as HAM10000: the reader fails in cell 3
+        build_report("eda", notebooks_dir() / "01-eda.ipynb", {"data_root": toy_raw, "layout": "ham10000"},
+                     str(reports), path_params=["data_root"])
+    message = str(info.value)
+    assert "report eda failed in cell 3 of 01-eda.ipynb" in message
+    assert "data_root = project_path(data_root)" in message and "DatasetError" in message
+    assert "HAM10000_metadata.csv" in message
+    kept = [p.name for p in reports.iterdir()]
+    assert len(kept) == 1 and kept[0].endswith("-FAILED.ipynb")  # never a folder that looks complete
+
+
+# --------------------------------------------------------------------------- the other notebooks
+
+@pytest.mark.slow
+def test_train_report(tmp_path, toy_run):
+    folder = build_report("train-report", notebooks_dir() / "02-train-report.ipynb",
+                          {"run_dir": toy_run, "num_errors": 3}, str(tmp_path), path_params=["run_dir"])
+    html, figures = _report_files(folder)
+    _assert_sections(html, ["Learning curves", "Confusion matrix", "Per-class ISIC metrics", "ROC curves per class",
+                            "Calibration: reliability before and after temperature scaling", "Subgroup metrics",
+                            "Most confident errors"], min_figures=6)
+    summary = json.loads((Path(toy_run) / "summary.json").read_text())
+    # the report re-predicts the best checkpoint on the run's validation fold: training's number comes back
+    assert figures["val/balanced_accuracy"] == pytest.approx(summary["best_metrics"]["val/balanced_accuracy"], abs=1e-6)
+    assert figures["best_epoch"] == summary["best_epoch"]
+    assert figures["temperature"] == pytest.approx(summary["temperature"])
+    assert 0 <= figures["val/ece"] <= 1 and 0 <= figures["val/ece_calibrated"] <= 1
+    assert figures["val/nll_calibrated"] <= figures["val/nll"] + 1e-6  # T minimises the val NLL
+    assert {"val/worst_balanced_accuracy/sex", "val/worst_balanced_accuracy/site"} <= set(figures)
+
+
+@pytest.mark.slow
+def test_saliency_gallery(tmp_path, toy_run, toy_raw):
+    folder = build_report("saliency-gallery", notebooks_dir() / "04-saliency-gallery.ipynb",
+                          {"checkpoint": f"{toy_run}/best", "data_root": toy_raw, "per_class": 1,
+                           "methods": ["gradcam", "eigencam"], "target_images": 1},
+                          str(tmp_path), path_params=["checkpoint", "images|data_root"])
+    html, figures = _report_files(folder)
+    _assert_sections(html, ["Overlays per class and per method", "One image, every target class"], min_figures=2)
+    assert figures["num_images"] == 8 and figures["methods"] == ["gradcam", "eigencam"]
+    assert figures["cam_layer"].startswith("backbone.")
+
+
+@pytest.mark.slow
+def test_tune_report(tmp_path):
+    tune_dir = tmp_path / "tune"
+    tune_dir.mkdir()
+    rng = np.random.default_rng(0)
+    lr = 10 ** rng.uniform(-4, -2, 5)
+    pd.DataFrame({  # Ray Tune's ResultGrid.get_dataframe() layout
+        "trial_id": [f"t{i}" for i in range(5)],
+        "val/balanced_accuracy": [0.31, 0.52, 0.44, 0.18, 0.39],
+        "training_iteration": 2,
+        "config/train_loop_config/optim/lr": lr,
+        "config/train_loop_config/model/name": ["resnet10t", "resnet18", "resnet10t", "resnet18", "resnet10t"],
+        "config/train_loop_config/seed": 0,
+    }).to_csv(tune_dir / "results.csv", index=False)
+    folder = build_report("tune-report", notebooks_dir() / "03-tune-report.ipynb", {"tune_dir": str(tune_dir)},
+                          str(tmp_path / "reports"), path_params=["tune_dir"])
+    html, figures = _report_files(folder)
+    _assert_sections(html, ["Trials", "Metric against each hyperparameter", "Best configuration"], min_figures=1)
+    assert figures["num_trials"] == 5 and figures["best/trial_id"] == "t1"
+    assert figures["best/val/balanced_accuracy"] == 0.52
+    assert math.isclose(figures["best/optim.lr"], lr[1]) and figures["best/model.name"] == "resnet18"
+    assert "best/seed" not in figures  # not searched: constant over the trials

@@ -1,0 +1,400 @@
+"""The Serve application over real HTTP: routes, every bad-input class, uploads store, classify == evaluate.
+
+One Serve instance (on the session's Ray, a free port) runs serve/app.py's build_app with a tiny real
+timm model for this whole module; it is shut down at the end so later tests get the CPUs back.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from dermaid.classes import CLASS_CODES, DISCLAIMER, SITES
+
+pytestmark = pytest.mark.slow
+
+MAX_UPLOAD_MB = 1  # small here, so the streamed over-limit body stays small
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_checkpoint, tmp_path_factory):
+    """(base URL, storage URL) of a running DermAID Serve app."""
+    from ray import serve
+
+    from dermaid.serving import _serve_app_module
+
+    serve_app = _serve_app_module()
+    port = _free_port()
+    storage = str(tmp_path_factory.mktemp("serve_uploads"))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {
+        "checkpoint": tiny_checkpoint,
+        "max_upload_mb": MAX_UPLOAD_MB,
+        "storage": {"url": storage},
+        "classifier": {"num_cpus": 0.5, "torch_threads": 1, "decode_threads": 2, "max_batch_size": 8},
+        "explainer": {"num_cpus": 0.25, "torch_threads": 1, "concurrency": 2},
+        "ingress": {"num_cpus": 0.1},
+    }
+    serve.run(serve_app.build_app(args), name="dermaid-test", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while requests.get(f"{base}/readyz", timeout=10).status_code != 200:
+        assert time.time() < deadline, "serve app never became ready"
+        time.sleep(0.5)
+    yield base, storage
+    serve.shutdown()
+
+
+# --- images ------------------------------------------------------------------------------------------------
+
+def _pixels(width: int = 96, height: int = 72, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (5, 6, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR))
+
+
+def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _valid_images() -> dict[str, tuple[bytes, tuple[int, int]]]:
+    rgb = Image.fromarray(_pixels())
+    gray16 = Image.fromarray(_pixels()[:, :, 0].astype(np.uint16) * 257)  # mode I;16
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    return {
+        "jpeg": (_encode(rgb, "JPEG"), (96, 72)),
+        "png": (_encode(rgb, "PNG"), (96, 72)),
+        "webp": (_encode(rgb, "WEBP"), (96, 72)),
+        "gif": (_encode(rgb.convert("P"), "GIF"), (96, 72)),
+        "bmp": (_encode(rgb, "BMP"), (96, 72)),
+        "tiff": (_encode(rgb, "TIFF"), (96, 72)),
+        "grayscale": (_encode(rgb.convert("L"), "PNG"), (96, 72)),
+        "palette": (_encode(rgb.convert("P", palette=Image.ADAPTIVE), "PNG"), (96, 72)),
+        "rgba": (_encode(rgba, "PNG"), (96, 72)),
+        "cmyk": (_encode(rgb.convert("CMYK"), "JPEG"), (96, 72)),
+        "16bit": (_encode(gray16, "PNG"), (96, 72)),
+        "exif_rotated": (_encode(rgb, "JPEG", exif=exif.tobytes()), (72, 96)),
+    }
+
+
+def _png_bomb(width: int = 10_000, height: int = 10_000) -> bytes:
+    """A valid 1-bit PNG header declaring 100 MP, with a tiny compressed body."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    raw = zlib.compress(b"\x00" * (1 + width // 8) * 64)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+
+
+def _classify(base: str, data: bytes, filename: str = "lesion.jpg", content_type: str = "image/jpeg",
+              **fields) -> requests.Response:
+    return requests.post(f"{base}/v1/classify", files={"image": (filename, data, content_type)},
+                         data={k: str(v) for k, v in fields.items()}, timeout=60)
+
+
+def _error(response: requests.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and {"code", "message"} <= set(body["error"]), body
+    return body["error"]
+
+
+# --- routes ------------------------------------------------------------------------------------------------
+
+def test_health_ready_model_and_docs(server):
+    base, _ = server
+    assert requests.get(f"{base}/healthz", timeout=10).json() == {"status": "ok"}
+    ready = requests.get(f"{base}/readyz", timeout=10).json()
+    model = requests.get(f"{base}/v1/model", timeout=10).json()
+    assert ready["status"] == "ready" and ready["model_version"] == model["model_version"]
+    assert [c["code"] for c in model["card"]["classes"]] == list(CLASS_CODES)
+    assert model["card"]["input"]["input_size"] == [3, 64, 64] and model["disclaimer"] == DISCLAIMER
+    paths = requests.get(f"{base}/openapi.json", timeout=10).json()["paths"]
+    assert {"/v1/classify", "/v1/saliency", "/v1/model", "/healthz", "/readyz"} <= set(paths)
+    assert requests.get(f"{base}/docs", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("kind", list(_valid_images()))
+def test_classify_accepts_every_image_kind(server, kind):
+    base, _ = server
+    data, _size = _valid_images()[kind]
+    response = _classify(base, data, age=55, sex="female", site="anterior torso")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    probs = [c["probability"] for c in body["probabilities"]]
+    assert sorted(c["code"] for c in body["probabilities"]) == sorted(CLASS_CODES)
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-6)
+    assert body["top"] == body["probabilities"][0] and body["disclaimer"] == DISCLAIMER
+    assert body["upload_id"] is None and body["stored"] is False
+    assert body["triage"]["level"] in ("low", "moderate", "high") and body["triage"]["message"]
+    malignant = sum(c["probability"] for c in body["probabilities"] if c["code"] in ("MEL", "BCC", "SCC"))
+    assert body["malignancy_score"] == pytest.approx(malignant)
+
+
+def test_content_decides_not_name_or_content_type(server):
+    base, _ = server
+    png, _ = _valid_images()["png"]
+    assert _classify(base, png, filename="notes.txt", content_type="text/plain").status_code == 200
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'
+    response = _classify(base, svg, filename="lesion.png", content_type="image/png")
+    assert response.status_code == 415 and _error(response)["code"] == "unsupported_media_type"
+
+
+def test_exif_orientation_is_honoured(server):
+    base, _ = server
+    exif_jpeg, _ = _valid_images()["exif_rotated"]
+    upright = Image.open(io.BytesIO(exif_jpeg)).transpose(Image.Transpose.ROTATE_270)  # what a viewer shows
+    a = _classify(base, exif_jpeg).json()["probabilities"]
+    b = _classify(base, _encode(upright, "PNG")).json()["probabilities"]
+    assert {c["code"]: c["probability"] for c in a} == pytest.approx({c["code"]: c["probability"] for c in b},
+                                                                      abs=1e-6)
+    saliency = requests.post(f"{base}/v1/saliency", files={"image": ("x.jpg", exif_jpeg)}, timeout=60)
+    assert Image.open(io.BytesIO(saliency.content)).size == (72, 96)
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+def _bad_images() -> dict[str, tuple[bytes, int, str]]:
+    jpeg, _ = _valid_images()["jpeg"]
+    ppm = _encode(Image.fromarray(_pixels()), "PPM")
+    return {
+        "empty": (b"", 400, "empty_image"),
+        "truncated": (jpeg[: len(jpeg) // 2], 400, "undecodable_image"),
+        "text": (b"hello, this is not an image at all", 415, "unsupported_media_type"),
+        "svg": (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"><rect/></svg>', 415,
+                "unsupported_media_type"),
+        "html": (b"<!DOCTYPE html><html><body><img src=x onerror=alert(1)></body></html>", 415,
+                 "unsupported_media_type"),
+        "unsupported_format": (ppm, 415, "unsupported_media_type"),
+        "pixel_bomb": (_png_bomb(), 413, "image_too_large"),
+        "thin_strip": (_encode(Image.new("RGB", (4000, 20)), "PNG"), 400, "invalid_image"),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_bad_images()))
+@pytest.mark.parametrize("route", ["/v1/classify", "/v1/saliency"])
+def test_bad_images_get_a_clear_4xx(server, kind, route):
+    base, _ = server
+    data, status, code = _bad_images()[kind]
+    response = requests.post(f"{base}{route}", files={"image": ("lesion.jpg", data, "image/jpeg")}, timeout=60)
+    assert response.status_code == status, response.text
+    error = _error(response)
+    assert error["code"] == code and len(error["message"]) > 5
+
+
+@pytest.mark.parametrize("fields, field, allowed", [
+    ({"age": "130"}, "age", "0 to 120"),
+    ({"age": "-1"}, "age", "0 to 120"),
+    ({"age": "old"}, "age", "0 to 120"),
+    ({"sex": "x"}, "sex", "male, female"),
+    ({"site": "toe"}, "site", SITES[0]),
+    ({"consent": "maybe"}, "consent", "true or false"),
+])
+def test_bad_metadata_is_422_naming_field_and_allowed_values(server, fields, field, allowed):
+    base, _ = server
+    jpeg, _ = _valid_images()["jpeg"]
+    response = _classify(base, jpeg, **fields)
+    assert response.status_code == 422
+    error = _error(response)
+    assert error["code"] == "invalid_field" and error["message"].startswith(f"{field}:")
+    assert allowed in error["message"]
+
+
+@pytest.mark.parametrize("fields, field", [({"target": "XYZ"}, "target"), ({"method": "scorecam"}, "method"),
+                                           ({"format": "gif"}, "format")])
+def test_bad_saliency_options_are_422(server, fields, field):
+    base, _ = server
+    jpeg, _ = _valid_images()["jpeg"]
+    response = requests.post(f"{base}/v1/saliency", files={"image": ("x.jpg", jpeg)}, data=fields, timeout=60)
+    assert response.status_code == 422 and _error(response)["message"].startswith(f"{field}:")
+
+
+def test_missing_image_wrong_method_unknown_route(server):
+    base, _ = server
+    response = requests.post(f"{base}/v1/classify", data={"age": "40"}, timeout=30)
+    assert response.status_code == 422 and _error(response)["message"].startswith("image: required")
+    response = requests.post(f"{base}/v1/classify", json={"image": "aGVsbG8="}, timeout=30)
+    assert response.status_code == 422 and _error(response)["code"] == "invalid_field"
+    assert requests.get(f"{base}/v1/classify", timeout=30).status_code == 405
+    assert _error(requests.get(f"{base}/v1/nothing", timeout=30))["code"] == "not_found"
+
+
+def _raw_http(port: int, head: bytes, body_chunks: list[bytes]) -> tuple[int, bytes]:
+    """Send a request over a raw socket (body possibly unfinished); return (status, response body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head)
+        try:
+            for chunk in body_chunks:
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before the whole body was sent
+        response = b""
+        while True:
+            try:
+                part = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not part:
+                break
+            response += part
+            if b"\r\n\r\n" in response and b'"error"' in response and response.rstrip().endswith(b"}"):
+                break
+    status = int(response.split(b" ", 2)[1])
+    return status, response.split(b"\r\n\r\n", 1)[1]
+
+
+def test_declared_oversize_body_is_413_before_it_is_sent(server):
+    base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    declared = 200 * 1024 * 1024  # 200 MB declared; only the headers are ever sent
+    head = (f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            f"Content-Length: {declared}\r\n\r\n").encode()
+    status, body = _raw_http(port, head, [])
+    assert status == 413 and b"body_too_large" in body
+
+
+def test_streamed_oversize_body_is_413(server):
+    base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    head = (b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=xyz\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    part = b"--xyz\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n"
+    chunks = [b"%x\r\n%s\r\n" % (len(part), part)]
+    block = b"\xff" * 65536
+    chunks += [b"%x\r\n%s\r\n" % (len(block), block)] * (MAX_UPLOAD_MB * 16 + 4)
+    status, body = _raw_http(port, head, chunks)
+    assert status == 413 and b"body_too_large" in body
+
+
+def test_replica_stays_healthy_after_bad_input(server):
+    base, _ = server
+    for data, _status, _code in _bad_images().values():
+        requests.post(f"{base}/v1/classify", files={"image": ("x", data)}, timeout=60)
+    assert requests.get(f"{base}/readyz", timeout=10).status_code == 200
+    jpeg, _ = _valid_images()["jpeg"]
+    assert _classify(base, jpeg).status_code == 200
+
+
+# --- saliency ----------------------------------------------------------------------------------------------
+
+def test_saliency_png_has_the_input_size(server):
+    base, _ = server
+    data = _encode(Image.fromarray(_pixels(150, 100, seed=3)), "JPEG")
+    response = requests.post(f"{base}/v1/saliency", files={"image": ("x.jpg", data)}, timeout=60)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(response.content)).size == (150, 100)
+    top = _classify(base, data).json()["top"]
+    assert response.headers["x-dermaid-target"] == top["code"]
+
+
+def test_saliency_json_with_target_and_method(server):
+    base, _ = server
+    data = _encode(Image.fromarray(_pixels(120, 90, seed=4)), "PNG")
+    response = requests.post(f"{base}/v1/saliency", files={"image": ("x.png", data)},
+                             data={"format": "json", "target": "MEL", "method": "layercam", "age": "70"}, timeout=60)
+    body = response.json()
+    assert response.status_code == 200 and body["target"] == "MEL" and body["method"] == "layercam"
+    assert body["name"] == "Melanoma" and 0 < body["probability"] < 1 and body["disclaimer"] == DISCLAIMER
+    assert Image.open(io.BytesIO(base64.b64decode(body["overlay_png_base64"]))).size == (120, 90)
+    classified = {c["code"]: c["probability"] for c in _classify(base, data, age=70).json()["probabilities"]}
+    assert body["probability"] == pytest.approx(classified["MEL"], abs=1e-6)
+
+
+def test_concurrent_saliency_requests_are_independent(server):
+    base, _ = server
+    images = [_encode(Image.fromarray(_pixels(80 + 8 * i, 70, seed=20 + i)), "PNG") for i in range(4)]
+
+    def call(data: bytes) -> np.ndarray:
+        response = requests.post(f"{base}/v1/saliency", files={"image": ("x.png", data)}, timeout=60)
+        return np.asarray(Image.open(io.BytesIO(response.content)), dtype=int)
+
+    sequential = [call(d) for d in images]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(call, images))
+    for a, b in zip(sequential, concurrent):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1
+
+
+# --- uploads store -----------------------------------------------------------------------------------------
+
+def test_consent_stores_image_input_metadata_and_prediction(server):
+    from dermaid.store.uploads import UploadStore
+
+    base, storage = server
+    store = UploadStore(storage)
+    before = store.count()
+    data, _ = _valid_images()["webp"]
+    not_stored = _classify(base, data, age=33, consent="false").json()
+    assert not_stored["upload_id"] is None and store.count() == before
+    body = _classify(base, data, age=33, sex="male", site="palms/soles", consent="true").json()
+    assert body["stored"] is True and store.count() == before + 1
+    row = store.get(body["upload_id"])
+    assert (row["age"], row["sex"], row["site"], row["image_format"]) == (33.0, "male", "palms/soles", "WEBP")
+    assert row["model_version"] == body["model_version"] and row["top_class"] == body["top"]["code"]
+    assert row["probabilities"] == pytest.approx({c["code"]: c["probability"] for c in body["probabilities"]})
+    assert store.read_blob(row["blobs"]["image"]) == data
+    assert Image.open(io.BytesIO(store.read_blob(row["blobs"]["input"]))).size == (64, 64)
+    assert (Path(storage) / row["blobs"]["record"]).exists()
+
+
+def test_fifty_concurrent_consented_uploads_are_all_stored(server):
+    from dermaid.store.uploads import UploadStore
+
+    base, storage = server
+    store = UploadStore(storage)
+    before = store.count()
+    images = [_encode(Image.fromarray(_pixels(seed=100 + i)), "JPEG") for i in range(50)]
+    with ThreadPoolExecutor(50) as pool:
+        responses = list(pool.map(lambda d: _classify(base, d, consent="true"), images))
+    assert [r.status_code for r in responses] == [200] * 50
+    ids = [r.json()["upload_id"] for r in responses]
+    assert None not in ids and len(set(ids)) == 50
+    assert store.count() == before + 50 and store.find_orphans() == []
+    for upload_id, data in zip(ids, images):
+        assert store.read_blob(store.get(upload_id)["blobs"]["image"]) == data
+
+
+# --- one preprocessing path ----------------------------------------------------------------------------------
+
+def test_classify_equals_dermaid_evaluate(server, tiny_checkpoint, toy_prepared, tmp_path):
+    import pandas as pd
+
+    from dermaid.config import compose
+    from dermaid.data.loading import load_records
+    from dermaid.evaluation.evaluate import evaluate
+
+    base, _ = server
+    prepared_dir, version = toy_prepared.rstrip("/").rsplit("/", 1)
+    cfg = compose("evaluate", [f"checkpoint={tiny_checkpoint}", f"data.prepared_dir={prepared_dir}",
+                               f"data.version={version}", "split=val", f"out={tmp_path}", "device=cpu"])
+    result = evaluate(cfg)
+    predictions = pd.read_csv(Path(result["out"]) / "predictions.csv").set_index("image")
+    records = load_records(toy_prepared, split="val", fold=int(cfg.data.fold)).head(6)
+    for record in records.itertuples():
+        fields = {k: v for k, v in (("age", record.age), ("sex", record.sex), ("site", record.site))
+                  if v is not None and not (isinstance(v, float) and np.isnan(v))}
+        body = _classify(base, record.image, **fields).json()
+        served = {c["code"]: c["probability"] for c in body["probabilities"]}
+        expected = predictions.loc[record.image_id, list(CLASS_CODES)].to_dict()
+        assert served == pytest.approx(expected, abs=1e-5)
