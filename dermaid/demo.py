@@ -6,7 +6,10 @@
 
 Steps so far: synth (~600 toy images in the ISIC 2019 layout under data/toy, skipped when the
 same n/seed is already there) -> prepare (shorter side 128 px, the toy experiment's size, tagged
-`toy`). Later steps (train, evaluate, report, serve) append themselves to STEPS and read what
+`toy`) -> train (`experiment=toy`, 2 Ray workers, runs/toy; an existing run there is resumed, so
+a finished one is re-used) -> evaluate (best checkpoint on the held-out test part, metrics table)
+-> report (EDA and training reports under reports/, their HTML paths printed).
+Later steps (train, evaluate, report, serve) append themselves to STEPS and read what
 earlier steps left in the state (`toy_root`, `prepared_dir`, `version_url`, `manifest`, ...).
 
 The toy images are synthetic drawings, not real lesions; DermAID gives decision support only.
@@ -60,8 +63,59 @@ def step_prepare(state: State) -> None:
     print("[prepare] images per class: " + ", ".join(f"{c}={n}" for c, n in manifest["counts"]["class"].items()))
 
 
-# Later steps append here: STEPS.append(step_train), ...
-STEPS: list[Callable[[State], None]] = [step_synth, step_prepare]
+def step_train(state: State) -> None:
+    """`dermaid train experiment=toy` on the prepared toy version: 2 Ray workers, runs/toy (resumed when there)."""
+    from dermaid.training.train import train
+
+    version = state["version_url"].rstrip("/").rsplit("/", 1)[-1]
+    cfg = compose("train", [*state["overrides"], "experiment=toy", f"data.prepared_dir={state['prepared_dir']}",
+                            f"data.version={version}", f"out={DEMO_RUN_DIR}"])
+    summary = train(cfg)
+    state["run_dir"] = summary["out"]
+    state["train_summary"] = summary
+    best = summary["best_metrics"]
+    print(f"[train] {summary['out']}: best epoch {summary['best_epoch']} of {summary['last_epoch']}, "
+          f"val/balanced_accuracy {best.get('val/balanced_accuracy', float('nan')):.3f}, "
+          f"val/auc_macro {best.get('val/auc_macro', float('nan')):.3f}, temperature {summary['temperature']:.2f}")
+
+
+def step_evaluate(state: State) -> None:
+    """`dermaid evaluate` of the best checkpoint on the held-out test part: predictions.csv, metrics.json, table."""
+    from dermaid.evaluation.evaluate import evaluate
+    from dermaid.evaluation.metrics import format_metrics_table
+    from dermaid.storage import join
+
+    version = state["version_url"].rstrip("/").rsplit("/", 1)[-1]
+    out = join(state["run_dir"], "eval-test")
+    cfg = compose("evaluate", [*state["overrides"], f"checkpoint={join(state['run_dir'], 'best')}",
+                               f"data.prepared_dir={state['prepared_dir']}", f"data.version={version}",
+                               "split=test", f"out={out}"])
+    result = evaluate(cfg)
+    state["eval_dir"] = out
+    state["eval_metrics"] = result["metrics"]
+    print(f"[evaluate] {result['num_images']} held-out test images -> {out}/predictions.csv, metrics.json")
+    print(format_metrics_table(result["metrics"]))
+
+
+DEMO_RUN_DIR = "${paths.runs_dir}/toy"  # the demo's training run (notebooks and reports read it there)
+
+def step_report(state: State) -> None:
+    """`dermaid report eda` of the toy set and `dermaid report train-report` of the run: executed notebook,
+    HTML and key_figures.json under reports/ (the same path as the CLI)."""
+    from dermaid.reports import HTML_FILE, build_report_from_config
+    from dermaid.storage import join
+
+    state["reports"] = {}
+    for name, params in (("eda", {"data_root": state["toy_root"]}), ("train-report", {"run_dir": state["run_dir"]})):
+        cfg = compose("report", [*state["overrides"], f"name={name}",
+                                 *[f"++params.{key}='{value}'" for key, value in params.items()]])  # quoted path
+        folder = build_report_from_config(cfg)
+        state["reports"][name] = folder
+        print(f"[report] {name}: {join(folder, HTML_FILE)}")
+
+
+# Later steps append here: STEPS.append(step_serve), ...
+STEPS: list[Callable[[State], None]] = [step_synth, step_prepare, step_train, step_evaluate, step_report]
 
 
 def run_demo(overrides: list[str] | None = None, steps: list[Callable[[State], None]] | None = None) -> State:

@@ -10,9 +10,9 @@ The one preprocessing path shared with `dermaid evaluate`:
     explainer = Explainer(predictor)            # Grad-CAM family; one model copy per concurrent call
     saliency = explainer.explain(jpeg_bytes, method="gradcam")   # overlay PIL image at the input size
 
-Artifacts: `Predictor` loads card["kind"] through `LOADERS` (one loader per kind). Only "float"
-is implemented here; quantized / ONNX / TorchScript loaders register themselves with
-`@register_loader("onnx")` and return a callable (images (B,3,H,W), metadata (B,14)|None) -> logits.
+Artifacts: `Predictor` loads card["kind"] through `LOADERS` (one loader per kind): "float" (torch
+weights), "quantized_static" / "quantized_dynamic" / "onnx" (ONNX Runtime) and "torchscript"
+(dermaid.compress.runtime); each returns a callable (images (B,3,H,W), metadata (B,14)|None) -> logits.
 Saliency needs float weights (an nn.Module with gradients).
 
 Outputs are decision support for research, never a diagnosis (see dermaid.classes.DISCLAIMER).
@@ -85,6 +85,24 @@ def _load_float(url: str, card: dict, device: torch.device) -> ModelFn:
     for param in model.parameters():
         param.requires_grad_(False)
     return model
+
+
+# Compressed artifacts (dermaid.compress): int8 and float ONNX graphs run on ONNX Runtime (CPU),
+# TorchScript on torch. Each returns the same model callable as the float loader.
+@register_loader("quantized_static")
+@register_loader("quantized_dynamic")
+@register_loader("onnx")
+def _load_onnx(url: str, card: dict, device: torch.device) -> ModelFn:
+    from dermaid.compress.runtime import load_onnx_model
+
+    return load_onnx_model(url, card)
+
+
+@register_loader("torchscript")
+def _load_torchscript(url: str, card: dict, device: torch.device) -> ModelFn:
+    from dermaid.compress.runtime import load_torchscript_model
+
+    return load_torchscript_model(url, card, device)
 
 
 def model_version(card: dict[str, Any]) -> str:

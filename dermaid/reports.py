@@ -89,6 +89,13 @@ def _config_keys() -> set[str]:
 
 def run(cfg: DictConfig) -> str:
     """`dermaid report`: execute the named notebook and print the report folder."""
+    out = build_report_from_config(cfg)
+    print(out)
+    return out
+
+
+def build_report_from_config(cfg: DictConfig | dict[str, Any]) -> str:
+    """A composed `report` config (name, params, paths ...) -> the report folder URL."""
     plain = to_plain(cfg)
     name = plain.get("name")
     reports = plain["reports"]
@@ -97,7 +104,7 @@ def run(cfg: DictConfig) -> str:
         raise DermaidError(f"report: {what}; run `dermaid report NAME key=value ...` with NAME one of {sorted(reports)}")
     spec = reports[name]
     params = {**(spec.get("params") or {}), **(plain.get("params") or {})}
-    out = build_report(
+    return build_report(
         name,
         notebooks_dir() / spec["notebook"],
         params,
@@ -107,8 +114,6 @@ def run(cfg: DictConfig) -> str:
         kernel_name=plain.get("kernel_name"),
         execution_timeout=plain.get("execution_timeout"),
     )
-    print(out)
-    return out
 
 
 # --------------------------------------------------------------------------- the runner
@@ -331,7 +336,9 @@ def export_html(notebook: str | Path) -> str:
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(str(notebook), as_version=4)
-    body, _ = HTMLExporter(embed_images=True).from_notebook_node(nb)
+    quiet = logging.getLogger(f"{__name__}.html")
+    quiet.setLevel(logging.ERROR)  # nbconvert warns about every figure without alt text
+    body, _ = HTMLExporter(embed_images=True, log=quiet).from_notebook_node(nb)
     return body
 
 

@@ -308,8 +308,10 @@ def build_tune_config(tune_cfg: dict[str, Any], space: dict[str, Any], max_t: in
     search_cfg = tune_cfg.get("search_alg") or {"name": "random"}
     algorithm = search_cfg.get("name", "random")
     seed = int(tune_cfg.get("seed", 0))
+    concurrency = int(tune_cfg.get("max_concurrent_trials") or 0)
     if algorithm == "random":
-        search_alg = BasicVariantGenerator(random_state=seed)
+        # the variant generator limits concurrency itself (TuneConfig's limit only wraps Searchers)
+        search_alg, concurrency = BasicVariantGenerator(random_state=seed, max_concurrent=concurrency), 0
     elif algorithm == "optuna":
         if any(isinstance(v, dict) and "grid_search" in v for v in space.values()):
             raise DermaidError("tune.search_alg=optuna cannot take grid_search dimensions; use choice")
@@ -328,7 +330,7 @@ def build_tune_config(tune_cfg: dict[str, Any], space: dict[str, Any], max_t: in
         scheduler=scheduler,
         search_alg=search_alg,
         num_samples=int(tune_cfg["num_samples"]),
-        max_concurrent_trials=int(tune_cfg.get("max_concurrent_trials") or 1),
+        max_concurrent_trials=concurrency or None,
         time_budget_s=float(budget) if budget else None,
     )
 

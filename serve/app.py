@@ -45,6 +45,7 @@ from dermaid.inference import CAM_METHODS, DEFAULT_TRIAGE, ImageShapeError, buil
 logger = logging.getLogger("ray.serve")
 
 MIB = 1024 * 1024
+DATABASE_URL_ENV = "DERMAID_DATABASE_URL"  # the uploads database when storage.db_url is not given
 
 
 # --- typed application arguments (serve/config.yaml `args`, conf/serve.yaml) ---------------------------
@@ -68,6 +69,7 @@ class ClassifierArgs(DeploymentArgs):
 
 
 class ExplainerArgs(DeploymentArgs):
+    num_cpus: float = 0.5
     torch_threads: int = 2
     concurrency: int = 1          # model copies, i.e. concurrent Grad-CAM calls per replica
     max_ongoing_requests: int = 8
@@ -79,9 +81,12 @@ class IngressArgs(DeploymentArgs):
 
 
 class StorageArgs(BaseModel):
+    """Where consented uploads go. db_url None: $DERMAID_DATABASE_URL (read in the replica, so a password
+    never sits in the app's arguments), else a SQLite file under a local `url`."""
+
     model_config = ConfigDict(extra="forbid")
     url: str = "uploads"          # fsspec URL of the blobs (local dir, gs://bucket/prefix)
-    db_url: str | None = None     # SQLAlchemy URL; None = SQLite file under a local `url`
+    db_url: str | None = None     # SQLAlchemy URL (PostgreSQL in deployment)
 
 
 class AppArgs(BaseModel):
@@ -483,7 +488,8 @@ class Ingress:
         self.max_upload_bytes = int(float(settings["max_upload_mb"]) * MIB)
         self.malignant_codes = list(settings["malignant_codes"])
         self.triage = dict(settings["triage"])
-        self.store = UploadStore(settings["storage"]["url"], settings["storage"]["db_url"])
+        db_url = settings["storage"]["db_url"] or os.environ.get(DATABASE_URL_ENV) or None
+        self.store = UploadStore(settings["storage"]["url"], db_url)
         self._model: dict[str, Any] | None = None
 
     @api.get("/", include_in_schema=False)

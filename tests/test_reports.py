@@ -185,25 +185,34 @@ def test_saliency_gallery(tmp_path, toy_run, toy_raw):
     assert figures["cam_layer"].startswith("backbone.")
 
 
+@pytest.fixture(scope="module")
+def toy_tune(toy_prepared, ray_session, tmp_path_factory) -> str:
+    """A real `dermaid tune hparams_search=toy` run cut down to 2 one-epoch trials (1 worker each)."""
+    from dermaid.config import compose
+    from dermaid.tuning import tune
+
+    out = tmp_path_factory.mktemp("toy_tune") / "tune"
+    prepared_dir, version = toy_prepared.rstrip("/").rsplit("/", 1)
+    tune(compose("tune", [
+        "hparams_search=toy", f"data.prepared_dir={prepared_dir}", f"data.version={version}", f"out={out}",
+        "tune.num_samples=2", "train.epochs=1", "scaling.num_workers=1", "tune.scheduler.name=fifo", "logger=none",
+    ]))
+    return str(out)
+
+
 @pytest.mark.slow
-def test_tune_report(tmp_path):
-    tune_dir = tmp_path / "tune"
-    tune_dir.mkdir()
-    rng = np.random.default_rng(0)
-    lr = 10 ** rng.uniform(-4, -2, 5)
-    pd.DataFrame({  # Ray Tune's ResultGrid.get_dataframe() layout
-        "trial_id": [f"t{i}" for i in range(5)],
-        "val/balanced_accuracy": [0.31, 0.52, 0.44, 0.18, 0.39],
-        "training_iteration": 2,
-        "config/train_loop_config/optim/lr": lr,
-        "config/train_loop_config/model/name": ["resnet10t", "resnet18", "resnet10t", "resnet18", "resnet10t"],
-        "config/train_loop_config/seed": 0,
-    }).to_csv(tune_dir / "results.csv", index=False)
-    folder = build_report("tune-report", notebooks_dir() / "03-tune-report.ipynb", {"tune_dir": str(tune_dir)},
-                          str(tmp_path / "reports"), path_params=["tune_dir"])
+def test_tune_report(tmp_path, toy_tune):
+    folder = build_report("tune-report", notebooks_dir() / "03-tune-report.ipynb", {"tune_dir": toy_tune},
+                          str(tmp_path), path_params=["tune_dir"])
     html, figures = _report_files(folder)
-    _assert_sections(html, ["Trials", "Metric against each hyperparameter", "Best configuration"], min_figures=1)
-    assert figures["num_trials"] == 5 and figures["best/trial_id"] == "t1"
-    assert figures["best/val/balanced_accuracy"] == 0.52
-    assert math.isclose(figures["best/optim.lr"], lr[1]) and figures["best/model.name"] == "resnet18"
-    assert "best/seed" not in figures  # not searched: constant over the trials
+    _assert_sections(html, ["Trials", "Metric against each hyperparameter", "Learning curves per trial",
+                            "Best configuration"], min_figures=2)
+    results = pd.read_csv(Path(toy_tune) / "results.csv")
+    summary = json.loads((Path(toy_tune) / "summary.json").read_text())
+    assert figures["num_trials"] == len(results) == 2
+    assert figures["best/val/balanced_accuracy"] == pytest.approx(results["val/balanced_accuracy"].max())
+    assert figures["best/trial_id"] == summary["best"]["trial_id"]
+    searched = [c[len("config/"):] for c in results.columns
+                if c.startswith("config/") and results[c].astype(str).nunique() > 1]
+    assert searched and all(f"best/{key}" in figures for key in searched)
+    assert "Retrain with: <code>dermaid train " in html and str(Path(toy_tune) / "best" / "card.json") in html

@@ -384,7 +384,8 @@ def _version_hash(records: pd.DataFrame, raw_sha: dict[str, str], settings: dict
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for row in records.itertuples(index=False):
         age = None if _missing(row.age) else float(row.age)
-        fields = [row.image_id, row.label, age, row.sex, row.site, row.lesion_id, row.source, raw_sha[row.image_id]]
+        fields = [row.image_id, row.label, age, row.sex, row.site, row.lesion_id, row.source, int(row.fold),
+                  raw_sha[row.image_id]]
         h.update(json.dumps([None if _missing(v) else v for v in fields]).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]

@@ -1,12 +1,13 @@
 """The tuning report: a `dermaid tune` directory -> trials table, metric against each hyperparameter, best config.
 
-    trials = load_trials("runs/tune-toy")                 # the results table (one row per trial)
+    trials = load_trials("runs/tune/toy")                 # the results table (one row per trial)
     params = hyperparameter_columns(trials)               # config/... columns that vary
     plot_metric_vs_hparams(trials, params, "val/balanced_accuracy")
-    best_trial(trials, "val/balanced_accuracy", "max"); best_config("runs/tune-toy")
+    best_trial(trials, "val/balanced_accuracy", "max"); plot_trial_curves(trials, "val/balanced_accuracy")
 
-The results table is a CSV with one row per trial: the reported metrics plus the sampled
-hyperparameters as `config/<dotted.key>` columns (Ray Tune's ResultGrid.get_dataframe() layout).
+The results table is `dermaid tune`'s DIR/results.csv: one row per trial with trial_id, status,
+epochs, the best epoch's metrics, `config/<dotted.key>` columns for the sampled values and the
+trial's run_dir (a `dermaid train` run directory with its history.csv).
 """
 
 from __future__ import annotations
@@ -21,33 +22,24 @@ from matplotlib.figure import Figure
 
 from dermaid.errors import DermaidError
 from dermaid.reporting.figures import create_figure
-from dermaid.storage import exists, get_fs, join, read_text
+from dermaid.storage import exists, join, read_text
+from dermaid.tuning import CONFIG_PREFIX, RESULTS_FILE
 
-CONFIG_PREFIX = "config/"
-RESULTS_CANDIDATES = ("results.csv", "trials.csv")  # looked for in this order when no file is named
-_RAY_BOOKKEEPING = ("config/train_loop_config/", "config/")
 
 
 def find_results(tune_dir: str, results_file: str = "") -> str:
-    """The results table of a tuning directory: `results_file`, else results.csv/trials.csv, else the only CSV."""
+    """The results table of a tuning directory: `results_file` (a name in tune_dir or a URL), else DIR/results.csv."""
+    url = join(tune_dir, RESULTS_FILE)
     if results_file:
         url = results_file if "/" in results_file else join(tune_dir, results_file)
-        if not exists(url):
-            raise DermaidError(f"results_file={url}: no such file")
-        return url
-    for name in RESULTS_CANDIDATES:
-        if exists(join(tune_dir, name)):
-            return join(tune_dir, name)
-    fs, path = get_fs(tune_dir)
-    csvs = sorted(p for p in fs.ls(path, detail=False) if str(p).endswith(".csv"))
-    if len(csvs) == 1:
-        return join(tune_dir, str(csvs[0]).rstrip("/").rsplit("/", 1)[-1])
-    raise DermaidError(f"tune_dir={tune_dir}: no results table ({' or '.join(RESULTS_CANDIDATES)}); "
-                       "pass results_file=...")
+    if not exists(url):
+        raise DermaidError(f"{url}: no results table; is tune_dir a `dermaid tune` output directory? "
+                           "(or pass results_file=...)")
+    return url
 
 
 def load_trials(tune_dir: str, results_file: str = "") -> pd.DataFrame:
-    """The results table, hyperparameter columns renamed to their short dotted keys (`config/optim.lr` -> `optim.lr`)."""
+    """The results table (one row per trial; hyperparameters in `config/<dotted.key>` columns)."""
     url = find_results(tune_dir, results_file)
     try:
         table = pd.read_csv(io.StringIO(read_text(url)))
@@ -55,13 +47,6 @@ def load_trials(tune_dir: str, results_file: str = "") -> pd.DataFrame:
         raise DermaidError(f"{url}: not a readable CSV ({exc})") from None
     if table.empty:
         raise DermaidError(f"{url}: the results table has no trials")
-    renames = {}
-    for column in table.columns:
-        for prefix in _RAY_BOOKKEEPING:
-            if column.startswith(prefix):
-                renames[column] = CONFIG_PREFIX + column[len(prefix):].replace("/", ".")
-                break
-    table = table.rename(columns=renames)
     table.attrs["url"] = url
     return table
 
@@ -136,6 +121,31 @@ def plot_metric_vs_hparams(trials: pd.DataFrame, params: list[str], metric: str,
     if not params:
         axes[0][0].text(0.5, 0.5, "no hyperparameter varies between trials", ha="center", va="center")
     fig.suptitle(f"{metric} against each hyperparameter ({len(trials)} trials; star: best)")
+    return fig
+
+
+def plot_trial_curves(trials: pd.DataFrame, metric: str) -> Figure:
+    """The metric per epoch of every trial (from each trial's history.csv): where ASHA stopped weak trials."""
+    from dermaid.training.history import read_history
+
+    fig, ax = create_figure(width=7, height=4)
+    drawn = 0
+    for _, trial in trials.iterrows():
+        run_dir = trial.get("run_dir")
+        if not isinstance(run_dir, str) or not exists(run_dir):
+            continue
+        history = read_history(run_dir)
+        if metric in history and len(history):
+            label = f"{trial.get('trial_id', drawn)} ({trial.get('status', '?')})"
+            ax.plot(history["epoch"], history[metric], marker="o", label=label)
+            drawn += 1
+    if not drawn:
+        ax.text(0.5, 0.5, "no trial histories found (run_dir column)", ha="center", va="center")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per epoch and trial")
+    if drawn:
+        ax.legend(fontsize=7)
     return fig
 
 

@@ -128,8 +128,12 @@ def train_one_epoch(
     metadata_dropout: float = 0.0,
     grad_clip: float | None = None,
     max_steps: int | None = None,
+    teacher: nn.Module | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns {"loss", "samples", "steps", "seconds", "images_per_s"}."""
+    """One pass over `loader`; returns {"loss", "samples", "steps", "seconds", "images_per_s"}.
+
+    teacher: a frozen model for knowledge distillation; then loss_fn(logits, labels, teacher_logits).
+    """
     model.train()
     start = time.perf_counter()
     total_loss = torch.zeros((), device=device)
@@ -143,7 +147,11 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images, metadata)  # (B, K)
-            loss = loss_fn(logits.float(), labels)
+            if teacher is None:
+                loss = loss_fn(logits.float(), labels)
+            else:
+                teacher_logits = teacher(images, metadata)  # (B, K), no gradients
+                loss = loss_fn(logits.float(), labels, teacher_logits.float())
         if scaler is not None:
             scaler.scale(loss).backward()
             if grad_clip:
@@ -247,7 +255,7 @@ def predict_probabilities(
     """
     device = torch.device(device)
     loader = records_or_loader
-    if not _is_loader(records_or_loader):
+    if _is_records(records_or_loader):
         if input_spec is None:
             raise ValueError("predict_probabilities: records need the card's input spec (input_spec=card['input'])")
         from dermaid.data.torch_dataset import create_eval_loader
@@ -257,7 +265,8 @@ def predict_probabilities(
     return probabilities_from_logits(logits, temperature)
 
 
-def _is_loader(obj: Any) -> bool:
-    return isinstance(obj, torch.utils.data.DataLoader) or (
-        hasattr(obj, "__iter__") and not hasattr(obj, "columns") and not isinstance(obj, (list, tuple))
-    )
+def _is_records(obj: Any) -> bool:
+    """A DataFrame or a list of dicts (records); anything else is an iterable of batches."""
+    if hasattr(obj, "columns"):
+        return True
+    return isinstance(obj, (list, tuple)) and len(obj) > 0 and isinstance(obj[0], dict)

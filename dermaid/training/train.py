@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -132,8 +133,9 @@ def _ensure_ray(run_cfg: dict[str, Any]) -> None:
 
 def _absolute(url: str) -> str:
     """Local paths become absolute (Ray workers do not share the driver's working directory)."""
-    url = str(url)
-    return os.path.abspath(url) if is_local(url) and "://" not in url else url
+    from dermaid.data.isic import absolute_url
+
+    return absolute_url(url)
 
 
 def _prepare_run(plain: dict[str, Any]) -> dict[str, Any]:
@@ -164,8 +166,14 @@ def _prepare_run(plain: dict[str, Any]) -> dict[str, Any]:
         train_cfg["image_size"] = train_cfg.get("image_size") or input_size
     train_cfg["init_from"] = init_from
 
+    from dermaid.compress.distill import check_distill
+
+    distill = check_distill(plain.get("distill"), _absolute)  # None unless `dermaid distill`
+
     _check_existing_run(out, model_cfg, manifest["version"])
     resolved = {**plain, "out": out, "model": model_cfg, "train": train_cfg, "dataset_version": manifest["version"]}
+    if distill:
+        resolved["distill"] = distill
     write_text(join(out, "config.yaml"), OmegaConf.to_yaml(OmegaConf.create(resolved)))
     return {
         "out": out,
@@ -178,6 +186,7 @@ def _prepare_run(plain: dict[str, Any]) -> dict[str, Any]:
         "use_gpu": bool(plain["scaling"].get("use_gpu", False)),
         "data": {"version_url": version_url, "version": manifest["version"], "fold": fold},
         "dataset_versions": dataset_versions,
+        "distill": distill,
         "config": resolved,
     }
 
@@ -307,6 +316,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if train_cfg.get("torch_threads"):
         torch.set_num_threads(int(train_cfg["torch_threads"]))
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     amp_dtype = loop.resolve_amp_dtype(train_cfg.get("amp", "auto"), device)
     channels_last = loop.resolve_channels_last(train_cfg.get("channels_last", "auto"), device)
 
@@ -352,6 +363,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                                              float(train_cfg.get("class_weight_power", 1.0))).to(device)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=float(train_cfg.get("label_smoothing", 0.0)))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    teacher = None
+    if config.get("distill"):  # `dermaid distill`: KD loss against a frozen teacher (dermaid.compress.distill)
+        from dermaid.compress.distill import DistillationLoss, create_teacher
+
+        teacher = create_teacher(config["distill"]["teacher"], input_spec, device)
+        loss_fn = DistillationLoss(loss_fn, config["distill"]["alpha"], config["distill"]["temperature"])
 
     # -- resume ----------------------------------------------------------------------------------
     state: dict[str, Any] = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad_epochs": 0,
@@ -366,21 +383,23 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             scaler.load_state_dict(saved["scaler"])
         state = {**saved["state"], "attempt": saved["state"]["attempt"] + 1}
         if rank == 0:
-            print(f"resumed from the checkpoint of epoch {state['epoch']} (attempt {state['attempt']})", flush=True)
+            _console(f"resumed from the checkpoint of epoch {state['epoch']} (attempt {state['attempt']})")
 
     run = _start_wandb(logger_cfg, config, out) if rank == 0 else None
 
-    # -- epochs ----------------------------------------------------------------------------------
-    for epoch in range(state["epoch"] + 1, epochs + 1):
+    # -- epochs (none left when a resumed run had already finished or stopped early) -------------
+    first_epoch = epochs + 1 if patience and state["bad_epochs"] >= patience else state["epoch"] + 1
+    for epoch in range(first_epoch, epochs + 1):
         _maybe_inject_failure(train_cfg, epoch, rank, world, out)
         started = time.perf_counter()
         train_loader.sampler.set_epoch(epoch)
         stats = loop.train_one_epoch(
             ddp_model, train_loader, optimizer, scheduler, loss_fn, device, amp_dtype, channels_last, scaler,
             metadata_dropout=float(model_cfg.get("metadata_dropout", 0.0)) if model_cfg.get("use_metadata") else 0.0,
-            grad_clip=train_cfg.get("grad_clip"), max_steps=train_cfg.get("max_steps_per_epoch"),
+            grad_clip=train_cfg.get("grad_clip"), max_steps=train_cfg.get("max_steps_per_epoch"), teacher=teacher,
         )
         train_loss = _mean_over_workers(stats["loss"] * stats["samples"], stats["samples"], device, dist)
+        _broadcast_buffers(plain_model, dist)  # BatchNorm statistics of rank 0: the model that is saved
         logits, labels = loop.predict_logits(plain_model, val_loader, device, amp_dtype, channels_last)
         logits, labels = _gather(logits[:, 0], labels, dist)  # (N_val, K), (N_val,) in shard order
         row, details, temperature = _epoch_metrics(logits, labels)
@@ -403,7 +422,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 ckpt_dir = _write_ray_checkpoint(tmp, card, plain_model, optimizer, scheduler, scaler, state)
                 _save_run_checkpoints(out, card, plain_model, improved)
                 write_history(out, state["history"])
-                print(format_epoch_line(row, epochs, improved), flush=True)
+                _console(format_epoch_line(row, epochs, improved))
                 if run is not None:
                     run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
                 ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
@@ -411,11 +430,18 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(row, checkpoint=None)
         if stop:
             if rank == 0:
-                print(f"early stopping: no {SCORE_METRIC} gain for {patience} epochs "
-                      f"(best {state['best_score']:.4f} at epoch {state['best_epoch']})", flush=True)
+                _console(f"early stopping: no {SCORE_METRIC} gain for {patience} epochs "
+                         f"(best {state['best_score']:.4f} at epoch {state['best_epoch']})")
             break
     if run is not None:
         run.finish()
+
+
+def _console(line: str) -> None:
+    """One progress line on the driver's console: the worker's raw stdout (Ray Train's print patch
+    would log it twice: to its logger and, through Ray's wrapped stdout, to the console)."""
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
 
 
 def _epoch_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, float], dict, float]:
@@ -445,6 +471,7 @@ def _epoch_card(config: dict[str, Any], input_spec: dict[str, Any], row: dict[st
         metrics=json_safe({**row, "val": details}),
         temperature=temperature,
         epoch=epoch,
+        teacher=(config.get("distill") or {}).get("teacher"),
     )
 
 
@@ -480,6 +507,14 @@ def _mean_over_workers(total: float, count: int, device, dist) -> float:
     buf = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
     dist.all_reduce(buf)
     return float(buf[0] / buf[1].clamp(min=1))
+
+
+def _broadcast_buffers(model, dist) -> None:
+    """Give every worker rank 0's buffers (DDP syncs them before each forward, so the last local
+    step leaves them slightly apart): all workers then validate exactly the checkpointed model."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
 
 
 def _gather(logits: torch.Tensor, labels: torch.Tensor, dist) -> tuple[torch.Tensor, torch.Tensor]:

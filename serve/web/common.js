@@ -6,13 +6,24 @@ const DermAID = (() => {
   const names = Object.fromEntries(config.classes.map((c) => [c.code, c.name]));
   names[config.not_a_lesion] = "Not a lesion / unusable";
 
+  // Plain words for the API's error codes that a consumer may meet (anything else: the API's own message).
+  const FRIENDLY = {
+    unsupported_media_type: "This file is not a photo DermAID can read. Please choose a JPEG, PNG or WebP photo.",
+    undecodable_image: "This photo could not be read (the file may be damaged). Please try another photo.",
+    empty_image: "The chosen file is empty. Please choose a photo.",
+    image_too_large: "The photo has too many pixels. Please choose a smaller photo.",
+    body_too_large: "The photo file is too large. Please choose a smaller photo.",
+  };
+
   // An API error response -> one sentence a person can act on.
-  async function errorMessage(response) {
-    let message = "";
+  async function errorMessage(response, friendly = false) {
+    let message = "", code = "";
     try {
       const body = await response.json();
+      code = (body && body.error && body.error.code) || "";
       message = (body && body.error && body.error.message) || (body && body.detail && JSON.stringify(body.detail)) || "";
     } catch (_) { /* not JSON */ }
+    if (friendly && FRIENDLY[code]) return FRIENDLY[code];
     const byStatus = {
       401: "Please sign in with your dermatologist token.",
       403: "This token is not a dermatologist token.",

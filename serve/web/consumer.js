@@ -25,6 +25,7 @@
     $("chosen").textContent = `Chosen: ${file.name || "photo"} (${Math.max(1, Math.round(file.size / 1024))} KB)`;
     showError(errorBox, "");
   }
+  $("preview").addEventListener("error", () => { $("preview").hidden = true; });  // not an image the browser shows
   $("take").addEventListener("change", choose);
   $("choose").addEventListener("change", choose);
 
@@ -78,7 +79,7 @@
     overlay.removeAttribute("src");
     try {
       const response = await fetch("v1/saliency", { method: "POST", body: formData({ format: "json" }) });
-      if (!response.ok) { caption.textContent = `Overlay unavailable: ${await errorMessage(response)}`; return; }
+      if (!response.ok) { caption.textContent = `Overlay unavailable: ${await errorMessage(response, true)}`; return; }
       const body = await response.json();
       const bytes = Uint8Array.from(atob(body.overlay_png_base64), (c) => c.charCodeAt(0));
       if (overlayUrl) URL.revokeObjectURL(overlayUrl);
@@ -101,8 +102,9 @@
     $("result").hidden = true;
     try {
       const response = await fetch("v1/classify", { method: "POST", body: formData({ consent: consent ? "true" : "false" }) });
-      if (!response.ok) { showError(errorBox, `Could not check the photo: ${await errorMessage(response)}`); return; }
+      if (!response.ok) { showError(errorBox, `Could not check the photo. ${await errorMessage(response, true)}`); return; }
       showResult(await response.json(), consent);
+      $("result").scrollIntoView({ block: "start", behavior: "smooth" });
       await loadOverlay();
     } catch (_) {
       showError(errorBox, networkMessage());

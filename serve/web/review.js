@@ -66,7 +66,7 @@
       const meta = [item.metadata.age != null ? `age ${item.metadata.age}` : null, item.metadata.sex, item.metadata.site]
         .filter(Boolean).join(", ") || "no metadata";
       const button = el("button", { type: "button", "data-id": item.id }, [
-        el("div", { class: "top", text: `${top.name} ${(100 * top.probability).toFixed(0)}%` }),
+        el("div", { class: "top", text: `Model: ${top.name} ${(100 * top.probability).toFixed(0)}%` }),
         el("div", { class: "hint", text: `uncertainty ${item.prediction.entropy.toFixed(2)} · ${meta} · ${new Date(item.created).toLocaleString()}` }),
       ]);
       button.addEventListener("click", () => openItem(item.id).catch(fail));

@@ -1,0 +1,127 @@
+"""Knowledge distillation: the `dermaid train` trainer with a KD loss against a frozen teacher.
+
+    dermaid distill teacher=runs/tune/toy/best experiment=toy model.name=mobilenetv3_small_100
+    dermaid distill teacher=runs/isic/best model.name=efficientnet_b0 distill.alpha=0.5 distill.temperature=2
+
+The `distill` config block {teacher, alpha, temperature} turns it on: `train_fn_per_worker` loads the
+teacher (frozen, eval mode) with `create_teacher` and wraps its loss in `DistillationLoss`; loop.py
+feeds each batch to both. The result is an ordinary checkpoint whose model card names its teacher.
+
+loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, labels)
+(Hinton et al., 2015: T^2 keeps the soft term's gradients on the scale of the hard term's.)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from dermaid.classes import CLASS_CODES
+from dermaid.errors import DermaidError
+from dermaid.storage import exists, join, read_text
+
+
+class DistillationLoss(nn.Module):
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard loss (the trainer's weighted CE)."""
+
+    def __init__(self, hard_loss: nn.Module, alpha: float, temperature: float) -> None:
+        super().__init__()
+        self.hard_loss = hard_loss
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        soft = F.kl_div(F.log_softmax(logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+                        reduction="batchmean", log_target=True) * (t * t)  # () over (B, K)
+        return self.alpha * soft + (1.0 - self.alpha) * self.hard_loss(logits, labels)
+
+
+class TeacherModel(nn.Module):
+    """A frozen teacher that takes the student's batches: re-normalised and resized to its own input spec."""
+
+    def __init__(self, model: nn.Module, student_spec: dict[str, Any], teacher_spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model.eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.size = int(teacher_spec["input_size"][-1])
+        self.register_buffer("scale", _channel(student_spec["std"]) / _channel(teacher_spec["std"]))
+        self.register_buffer("shift", (_channel(student_spec["mean"]) - _channel(teacher_spec["mean"]))
+                             / _channel(teacher_spec["std"]))
+        self.identity = (student_spec["mean"] == teacher_spec["mean"] and student_spec["std"] == teacher_spec["std"])
+
+    def train(self, mode: bool = True) -> "TeacherModel":
+        return super().train(False)  # always eval: BatchNorm statistics and dropout stay fixed
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.identity:
+            images = images * self.scale + self.shift  # (B, 3, H, W) in the teacher's normalisation
+        if images.shape[-1] != self.size or images.shape[-2] != self.size:
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.model(images, metadata)  # (B, K)
+
+
+def _channel(values: list[float]) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.float32).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+
+
+def create_teacher(teacher_url: str, student_spec: dict[str, Any], device: torch.device) -> TeacherModel:
+    """Load the teacher checkpoint (float weights) as a frozen TeacherModel on `device`."""
+    from dermaid.models.card import load_float_model
+
+    model, card = load_float_model(teacher_url, device)
+    return TeacherModel(model, student_spec, card["input"]).to(device)
+
+
+def check_distill(distill: dict[str, Any] | None, absolute=lambda url: url) -> dict[str, Any] | None:
+    """Validate the `distill` block before any worker starts; returns it with an absolute teacher URL.
+
+    Clear errors for a missing or unreadable teacher, a teacher whose classes differ from the
+    student's, a compressed (non-float) teacher and alpha/temperature out of range.
+    """
+    if not distill or not distill.get("teacher"):
+        return None
+    teacher = absolute(str(distill["teacher"]))
+    card_url = join(teacher, "card.json")
+    if not exists(card_url):
+        raise DermaidError(f"distill.teacher={teacher}: not a DermAID checkpoint (no card.json)")
+    try:
+        card = json.loads(read_text(card_url))
+    except (OSError, ValueError) as exc:
+        raise DermaidError(f"distill.teacher={teacher}: unreadable model card ({exc})") from None
+    codes = [c.get("code") for c in card.get("classes", [])]
+    if tuple(codes) != CLASS_CODES:
+        raise DermaidError(f"distill.teacher={teacher}: the teacher predicts classes {codes}, the student "
+                           f"{list(CLASS_CODES)}; a teacher must predict the student's classes in the same order")
+    if card.get("kind", "float") != "float":
+        raise DermaidError(f"distill.teacher={teacher}: a {card['kind']} artifact; distillation needs the "
+                           "teacher's float checkpoint (its logits and BatchNorm in eval mode)")
+    alpha, temperature = float(distill.get("alpha", 0.5)), float(distill.get("temperature", 4.0))
+    if not 0.0 <= alpha <= 1.0:
+        raise DermaidError(f"distill.alpha={alpha}: must be in [0, 1] (the weight of the KD term)")
+    if temperature <= 0:
+        raise DermaidError(f"distill.temperature={temperature}: must be positive")
+    return {"teacher": teacher, "alpha": alpha, "temperature": temperature,
+            "teacher_model": card.get("model", {}).get("name")}
+
+
+def run_distill(cfg: DictConfig) -> dict[str, Any]:
+    """`dermaid distill teacher=CKPT model.name=STUDENT ...`: `dermaid train` with the KD loss."""
+    from dermaid.config import to_plain
+    from dermaid.training.train import run as run_train
+
+    if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, "teacher"):
+        raise DermaidError("teacher= is required: the checkpoint to distil from (e.g. runs/tune/toy/best)")
+    plain = to_plain(cfg)
+    if not (plain.get("distill") or {}).get("teacher"):
+        raise DermaidError("teacher= is required: the checkpoint to distil from (e.g. runs/tune/toy/best)")
+    summary = run_train(cfg)
+    print(f"student {summary['model'].get('name')} distilled from {plain['distill']['teacher']}")
+    return summary

@@ -1,0 +1,104 @@
+"""Serve configuration without starting Serve: serve/config.yaml, conf/serve.yaml, build_app, `dermaid serve` errors."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dermaid.errors import DermaidError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def serve_app(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    import serve.app
+
+    return serve.app
+
+
+def _schemas(app, name: str = "dermaid") -> dict:
+    from ray.serve._private.build_app import build_app
+    from ray.serve.deployment import deployment_to_schema
+
+    return {d.name: deployment_to_schema(d) for d in build_app(app, name=name).deployments}
+
+
+def test_serve_config_file_is_valid_and_builds(serve_app, tmp_path):
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    (app_cfg,) = ServeDeploySchema.model_validate(raw).applications
+    assert app_cfg.import_path == "serve.app:build_app"
+    args = copy.deepcopy(raw["applications"][0]["args"])
+    app = call_user_app_builder_with_args_if_necessary(serve_app.build_app, args)  # Serve's own typed-args path
+    deployments = _schemas(app)
+    assert set(deployments) == {"Classifier", "Explainer", "Ingress"}
+    classifier = deployments["Classifier"]
+    assert classifier.user_config == {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
+    assert classifier.ray_actor_options.num_cpus == 1.0 and classifier.max_ongoing_requests == 32
+    assert deployments["Ingress"].ray_actor_options.num_cpus == 0.25
+
+
+def test_relative_paths_are_pinned_and_autoscaling_replaces_replicas(serve_app, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = serve_app.AppArgs.model_validate({
+        "checkpoint": "runs/x/best", "storage": {"url": "up"},
+        "classifier": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}, "num_cpus": 0.5},
+    })
+    assert args.checkpoint == str(tmp_path / "runs/x/best") and args.storage.url == str(tmp_path / "up")
+    assert serve_app.AppArgs.model_validate({"checkpoint": "gs://b/ckpt"}).checkpoint == "gs://b/ckpt"
+    deployments = _schemas(serve_app.build_app(args))
+    assert deployments["Classifier"].autoscaling_config.max_replicas == 3
+    assert deployments["Classifier"].ray_actor_options.num_cpus == 0.5
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"malignant_codes": ["MEL", "XYZ"]}, "XYZ"),
+    ({"triage": {"high": 0.1, "moderate": 0.5}}, "moderate <= high"),
+    ({"classifier": {"max_batch": 4}}, "max_batch"),
+])
+def test_bad_app_args_are_rejected(serve_app, bad, match):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=match):
+        serve_app.AppArgs.model_validate({"checkpoint": "/c", **bad})
+
+
+def test_conf_serve_yaml_is_app_args_plus_server_keys(serve_app, tmp_path):
+    from dermaid.config import compose
+    from dermaid.serving import build_app_args
+
+    cfg = compose("serve", [f"checkpoint={tmp_path}/ckpt", "classifier.max_batch_size=4", "port=9000"])
+    server_keys = {"checkpoint", "host", "port", "app_name", "blocking", "ray", "paths"}
+    assert set(cfg) - server_keys <= set(serve_app.AppArgs.model_fields)
+    args = build_app_args(cfg)
+    assert args.classifier.max_batch_size == 4 and args.max_upload_mb == 20
+    # conf/serve.yaml's values are AppArgs' defaults (the `serve run` path without a config file)
+    plain = build_app_args(compose("serve", [f"checkpoint={tmp_path}/ckpt"]))
+    defaults = serve_app.AppArgs(checkpoint="/c")
+    assert plain.model_dump(exclude={"checkpoint", "storage"}) == defaults.model_dump(exclude={"checkpoint", "storage"})
+    with pytest.raises(DermaidError, match="classifier.num_cpus"):
+        build_app_args(compose("serve", [f"checkpoint={tmp_path}", "classifier.num_cpus=lots"]))
+
+
+def test_importing_the_app_runs_nothing():
+    code = ("import sys; sys.path.insert(0, '.'); import serve.app, ray; "
+            "assert not ray.is_initialized(); assert serve.app.Classifier.name == 'Classifier'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=300)
+
+
+def test_dermaid_serve_with_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    env = {**os.environ, "DERMAID_HOME": str(tmp_path)}
+    proc = subprocess.run([str(REPO / ".venv/bin/dermaid"), "serve", f"checkpoint={tmp_path}/nothing"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and "error:" in proc.stderr and "nothing" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,486 @@
+"""The consumer page, dermatologist review and the fine-tune loop, over real HTTP and in a real browser.
+
+One Serve application (serve/app.py build_app, on the session's Ray, a free port) serves the session's toy run
+(conftest `toy_run`, trained on the prepared toy version) with two dermatologist tokens. It runs for this module and
+is shut down at the end. The browser is Debian's Chromium driven headless by Playwright; screenshots land in the
+browser tests' tmp_path.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from dermaid.auth import ReviewerTokens, create_token, hash_token, hashes_from_env, parse_bearer
+from dermaid.classes import CLASS_CODES, DISCLAIMER, NOT_A_LESION
+from dermaid.errors import DermaidError
+
+TOKENS = {"dr_ana": create_token(), "dr_ben": create_token()}
+CHROMIUM = os.environ.get("DERMAID_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+PHONE = {"width": 390, "height": 844}  # an iPhone 12-14 sized viewport
+
+
+# --- tokens (no server) --------------------------------------------------------------------------------------
+
+def test_tokens_are_stored_hashed_and_verified():
+    token = create_token()
+    stored = hash_token(token)
+    assert stored.startswith("sha256$") and token not in stored
+    slow = hash_token(token, "pbkdf2_sha256", iterations=2000)
+    assert slow.startswith("pbkdf2_sha256$2000$") and token not in slow
+    tokens = ReviewerTokens({"dr_a": stored, "dr_b": slow})
+    assert tokens.verify(token) == "dr_a"  # both hashes match the same token: the first reviewer wins
+    assert ReviewerTokens({"dr_b": slow}).verify(token) == "dr_b"
+    assert tokens.verify(token[:-1] + ("A" if token[-1] != "A" else "B")) is None
+    assert tokens.verify("") is None and tokens.verify("x" * 10_000) is None and tokens.verify(None) is None
+    assert parse_bearer(f"Bearer {token}") == token and parse_bearer(f"bearer  {token} ") == token
+    assert parse_bearer("Basic dXNlcjpwdw==") is None and parse_bearer("Bearer ") is None and parse_bearer(None) is None
+
+
+def test_tokens_from_the_environment_are_hashed_and_bad_config_is_refused():
+    token = create_token()
+    tokens = ReviewerTokens.from_settings({"tokens": {"dr_a": hash_token(create_token())}},
+                                          environ={"DERMAID_REVIEW_TOKENS": f"dr_env:{token}"})
+    assert tokens.verify(token) == "dr_env" and token not in json.dumps(tokens.hashes())
+    assert set(hashes_from_env(f" dr_x:{token} , dr_y:{create_token()} ")) == {"dr_x", "dr_y"}
+    with pytest.raises(DermaidError, match="review.tokens.dr_a: not a token hash"):
+        ReviewerTokens({"dr_a": token})  # a plain token in config is refused: config holds hashes only
+    with pytest.raises(DermaidError, match="at least 16 characters"):
+        hashes_from_env("dr_a:short")
+    with pytest.raises(DermaidError, match="not 'reviewer:token'"):
+        hashes_from_env(token)
+    with pytest.raises(DermaidError, match="reviewer name"):
+        ReviewerTokens({"dr a/../": hash_token(token)})
+    with pytest.raises(DermaidError, match="also has a token"):
+        ReviewerTokens.from_settings({"tokens": {"dr_a": hash_token(token)}},
+                                     environ={"DERMAID_REVIEW_TOKENS": f"dr_a:{token}"})
+
+
+# --- the running application ---------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toy_rows(toy_raw: str) -> list[dict]:
+    """The toy set's ground truth + metadata rows (for realistic uploads and for checking the loop)."""
+    root = Path(toy_raw)
+    with open(root / "ISIC_2019_Training_GroundTruth.csv") as f:
+        truth = {row["image"]: next(c for c in CLASS_CODES if float(row[c]) == 1.0) for row in csv.DictReader(f)}
+    with open(root / "ISIC_2019_Training_Metadata.csv") as f:
+        meta = {row["image"]: row for row in csv.DictReader(f)}
+    rows = []
+    for image_id, label in sorted(truth.items()):
+        path = next((root / "ISIC_2019_Training_Input").glob(f"{image_id}.*"))
+        m = meta.get(image_id, {})
+        rows.append({"image_id": image_id, "path": path, "label": label, "age": m.get("age_approx") or None,
+                     "sex": m.get("sex") or None, "site": m.get("anatom_site_general") or None})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def app(ray_session, toy_prepared, toy_raw, toy_run, tmp_path_factory):
+    """A running DermAID app serving the session's toy run (trained on toy_prepared; its card names that version):
+    {"base", "storage", "checkpoint", "version", "prepared_dir", "toy_raw", "toy_rows", "tmp"}."""
+    from ray import serve
+
+    from dermaid.serving import _serve_app_module
+
+    tmp = tmp_path_factory.mktemp("web")
+    prepared_dir, version = toy_prepared.rstrip("/").rsplit("/", 1)
+    checkpoint = f"{toy_run}/best"  # read-only: served, and the fine-tune's starting point
+
+    serve_app = _serve_app_module()
+    port = _free_port()
+    storage = str(tmp / "uploads")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {
+        "checkpoint": checkpoint,
+        "storage": {"url": storage},
+        "review": {"tokens": {name: hash_token(token) for name, token in TOKENS.items()}},
+        "classifier": {"num_cpus": 0.25, "torch_threads": 1, "decode_threads": 1},
+        "explainer": {"num_cpus": 0.25, "torch_threads": 1},
+        "ingress": {"num_cpus": 0.1},
+    }
+    serve.run(serve_app.build_app(args), name="dermaid-web-test", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while requests.get(f"{base}/readyz", timeout=10).status_code != 200:
+        assert time.time() < deadline, "the web test app never became ready"
+        time.sleep(0.5)
+    yield {"base": base, "storage": storage, "checkpoint": checkpoint, "version": version,
+           "prepared_dir": prepared_dir, "toy_raw": toy_raw, "toy_rows": _toy_rows(toy_raw), "tmp": tmp}
+    serve.shutdown()
+
+
+def _auth(reviewer: str = "dr_ana") -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[reviewer]}"}
+
+
+def _jpeg(seed: int, size: tuple[int, int] = (120, 90)) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (4, 5, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(small).resize(size, Image.BILINEAR).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _classify(base: str, data: bytes, consent: bool = True, **fields) -> dict:
+    response = requests.post(f"{base}/v1/classify", files={"image": ("photo.jpg", data, "image/jpeg")},
+                             data={"consent": str(consent).lower(), **{k: str(v) for k, v in fields.items() if v}},
+                             timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _error(response: requests.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["message"], body
+    return body["error"]["message"]
+
+
+def _label(base: str, upload_id: str, code: str, reviewer: str = "dr_ana", **extra) -> requests.Response:
+    return requests.post(f"{base}/v1/review/uploads/{upload_id}/labels", headers=_auth(reviewer),
+                         json={"code": code, **extra}, timeout=30)
+
+
+slow = pytest.mark.slow  # the tests below start the Serve app (and train) on the session's Ray
+
+
+@slow
+def test_pages_are_served_with_the_class_table_and_disclaimer(app):
+    base = app["base"]
+    page = requests.get(f"{base}/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'accept="image/*" capture' in page.text and 'id="consent"' in page.text and DISCLAIMER in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    config = json.loads(re.search(r'id="dermaid-config" type="application/json">(.*?)</script>', page.text).group(1))
+    assert [c["code"] for c in config["classes"]] == list(CLASS_CODES) and "posterior torso" in config["sites"]
+    review = requests.get(f"{base}/review", timeout=10)
+    assert review.status_code == 200 and 'id="token"' in review.text
+    assert requests.get(f"{base}/web/consumer.js", timeout=10).headers["content-type"].startswith("text/javascript")
+    assert requests.get(f"{base}/web/..%2Fserve.py", timeout=10).status_code == 404
+    assert requests.get(f"{base}/web/review.py", timeout=10).status_code == 404
+    paths = requests.get(f"{base}/openapi.json", timeout=10).json()["paths"]
+    assert {"/v1/review/queue", "/v1/review/uploads/{upload_id}/labels", "/v1/review/labelstudio/tasks"} <= set(paths)
+
+
+@slow
+def test_review_needs_a_dermatologist_token(app):
+    base = app["base"]
+    upload = _classify(base, _jpeg(1))["upload_id"]
+    for path in ["/v1/review/queue", f"/v1/review/uploads/{upload}", f"/v1/review/uploads/{upload}/image",
+                 "/v1/review/labelstudio/tasks", "/v1/review/me"]:
+        response = requests.get(f"{base}{path}", timeout=10)
+        assert "dermatologist token is required" in _error(response, 401)
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert response.json()["error"]["code"] == "unauthorized"
+        wrong = requests.get(f"{base}{path}", headers={"Authorization": f"Bearer {create_token()}"}, timeout=10)
+        assert _error(wrong, 403) == "this token is not a dermatologist token"
+        assert requests.get(f"{base}{path}", headers={"Authorization": f"Basic {TOKENS['dr_ana']}"},
+                            timeout=10).status_code == 401
+    assert _label(base, upload, "MEL", reviewer="dr_ana").status_code == 201
+    wrong = requests.post(f"{base}/v1/review/uploads/{upload}/labels", json={"code": "MEL"}, timeout=10,
+                          headers={"Authorization": "Bearer " + TOKENS["dr_ana"][:-2]})
+    assert wrong.status_code == 403
+    assert requests.get(f"{base}/v1/review/me", headers=_auth("dr_ben"), timeout=10).json()["reviewer"] == "dr_ben"
+
+
+@slow
+def test_queue_is_consented_unlabeled_most_uncertain_first(app):
+    base = app["base"]
+    mine = [_classify(base, _jpeg(100 + i))["upload_id"] for i in range(4)]
+    not_consented = _classify(base, _jpeg(200), consent=False)
+    assert not_consented["upload_id"] is None
+    page = requests.get(f"{base}/v1/review/queue", params={"limit": 200}, headers=_auth(), timeout=30).json()
+    entropies = [item["prediction"]["entropy"] for item in page["items"]]
+    assert entropies == sorted(entropies, reverse=True) and page["total"] == len(page["items"])
+    ids = [item["id"] for item in page["items"]]
+    assert set(mine) <= set(ids) and all("blobs" not in item for item in page["items"])
+
+    top = page["items"][0]["prediction"]["top_class"]
+    filtered = requests.get(f"{base}/v1/review/queue", params={"top_class": top, "limit": 200}, headers=_auth(),
+                            timeout=30).json()["items"]
+    assert filtered and all(item["prediction"]["top_class"] == top for item in filtered)
+    assert [i["id"] for i in filtered] == [i for i in ids if i in {f["id"] for f in filtered}]
+    bad = requests.get(f"{base}/v1/review/queue", params={"top_class": "XYZ"}, headers=_auth(), timeout=10)
+    assert "top_class" in _error(bad, 422)
+
+    assert _label(base, mine[0], "NV").status_code == 201
+    after = requests.get(f"{base}/v1/review/queue", params={"limit": 200}, headers=_auth(), timeout=30).json()
+    assert mine[0] not in [item["id"] for item in after["items"]] and after["total"] == page["total"] - 1
+    second = requests.get(f"{base}/v1/review/queue", params={"limit": 200, "labels_below": 2},
+                          headers=_auth("dr_ben"), timeout=30).json()
+    assert mine[0] in [item["id"] for item in second["items"]]  # dr_ben may give a second opinion
+
+
+@slow
+def test_label_history_agreement_and_bad_input(app):
+    base = app["base"]
+    upload = _classify(base, _jpeg(300), age=61, sex="female", site="head/neck")["upload_id"]
+    item = requests.get(f"{base}/v1/review/uploads/{upload}", headers=_auth(), timeout=10).json()
+    assert item["upload"]["metadata"] == {"age": 61.0, "sex": "female", "site": "head/neck"}
+    assert len(item["upload"]["prediction"]["probabilities"]) == 8 and item["labels"] == []
+    image = requests.get(f"{base}/v1/review/uploads/{upload}/image", headers=_auth(), timeout=10)
+    assert image.content == _jpeg(300) and image.headers["content-type"] == "image/jpeg"
+    model_input = requests.get(f"{base}/v1/review/uploads/{upload}/image", params={"kind": "input"},
+                               headers=_auth(), timeout=10)
+    assert Image.open(io.BytesIO(model_input.content)).size == (64, 64)
+
+    first = _label(base, upload, "MEL", comment="irregular network", source="web")
+    assert first.status_code == 201 and first.json()["label"]["reviewer"] == "dr_ana"
+    assert _label(base, upload, "BKL", reviewer="dr_ben").json()["agreement"]["consensus"] is None  # a tie
+    assert _label(base, upload, "BKL", comment="on reflection: seborrhoeic").status_code == 201
+    history = requests.get(f"{base}/v1/review/uploads/{upload}/labels", headers=_auth("dr_ben"), timeout=10).json()
+    assert [(h["reviewer"], h["code"]) for h in history["labels"]] == [("dr_ana", "MEL"), ("dr_ben", "BKL"),
+                                                                      ("dr_ana", "BKL")]
+    assert history["labels"][0]["comment"] == "irregular network" and history["labels"][0]["source"] == "web"
+    assert history["agreement"] == {"labels": 3, "reviewers": 2, "votes": {"BKL": 2}, "consensus": "BKL",
+                                    "agreement": 1.0}
+
+    assert "no such upload" in _error(_label(base, str(uuid.uuid4()), "MEL"), 404)
+    assert "not an upload id" in _error(_label(base, "not-a-uuid", "MEL"), 400)
+    assert "not an upload id" in _error(requests.get(f"{base}/v1/review/uploads/{upload}..",
+                                                     headers=_auth(), timeout=10), 400)
+    assert requests.get(f"{base}/v1/review/uploads/..%2F..%2Fuploads.db/image", headers=_auth(),
+                        timeout=10).status_code in (400, 404)
+    assert "allowed: MEL, NV, BCC, AK, BKL, DF, VASC, SCC, NONE" in _error(_label(base, upload, "melanoma"), 422)
+    assert "at most 2000" in _error(_label(base, upload, "MEL", comment="x" * 5000), 422)
+    assert _error(requests.post(f"{base}/v1/review/uploads/{upload}/labels", headers=_auth(), json={},
+                                timeout=10), 422).startswith("code: required")
+    assert len(requests.get(f"{base}/v1/review/uploads/{upload}/labels", headers=_auth(),
+                            timeout=10).json()["labels"]) == 3  # the refused requests stored nothing
+
+
+@slow
+def test_two_reviewers_labeling_at_the_same_moment_both_count(app):
+    base = app["base"]
+    upload = _classify(base, _jpeg(400))["upload_id"]
+    barrier = threading.Barrier(2)
+    statuses: dict[str, int] = {}
+
+    def label(reviewer: str, code: str) -> None:
+        barrier.wait()
+        statuses[reviewer] = _label(base, upload, code, reviewer=reviewer).status_code
+
+    threads = [threading.Thread(target=label, args=args) for args in [("dr_ana", "SCC"), ("dr_ben", "AK")]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == {"dr_ana": 201, "dr_ben": 201}
+    labels = requests.get(f"{base}/v1/review/uploads/{upload}/labels", headers=_auth(), timeout=10).json()
+    assert sorted((h["reviewer"], h["code"]) for h in labels["labels"]) == [("dr_ana", "SCC"), ("dr_ben", "AK")]
+
+
+@slow
+def test_labelstudio_export_and_import_over_http(app):
+    base = app["base"]
+    upload = _classify(base, _jpeg(500))["upload_id"]
+    config = requests.get(f"{base}/v1/review/labelstudio/config", headers=_auth(), timeout=10)
+    assert config.headers["content-type"].startswith("application/xml") and 'name="diagnosis"' in config.text
+    tasks = requests.get(f"{base}/v1/review/labelstudio/tasks", headers=_auth(), timeout=30).json()
+    task = next(t for t in tasks if t["data"]["upload_id"] == upload)
+    assert task["data"]["image"] == f"{base}/v1/review/uploads/{upload}/image"
+    prediction = task["predictions"][0]
+    assert prediction["result"][0]["value"]["choices"] == [task["data"]["top_class"]]
+    assert prediction["result"][0]["from_name"] == "diagnosis" and 0 < prediction["score"] <= 1
+
+    annotated = [{**task, "id": 41, "annotations": [
+        {"id": 77, "completed_by": {"id": 3, "email": "derm@clinic.example"}, "created_at": "2026-02-03T04:05:06Z",
+         "result": [{"from_name": "diagnosis", "to_name": "image", "type": "choices", "value": {"choices": ["DF"]}},
+                    {"from_name": "comment", "to_name": "image", "type": "textarea", "value": {"text": ["firm"]}}]}]}]
+    imported = requests.post(f"{base}/v1/review/labelstudio/import", headers=_auth(), json=annotated, timeout=30)
+    assert imported.status_code == 200 and imported.json()["imported"] == 1
+    again = requests.post(f"{base}/v1/review/labelstudio/import", headers=_auth(), json=annotated, timeout=30)
+    assert again.json() | {"tasks": None} == {"tasks": None, "imported": 0, "already_imported": 1,
+                                              "skipped_cancelled": 0, "skipped_without_diagnosis": 0}
+    labels = requests.get(f"{base}/v1/review/uploads/{upload}/labels", headers=_auth(), timeout=10).json()["labels"]
+    assert [(h["reviewer"], h["code"], h["comment"], h["source"]) for h in labels] == [
+        ("derm@clinic.example", "DF", "firm", "labelstudio")]
+    annotated[0]["annotations"][0]["result"][0]["value"]["choices"] = ["Dermatofibroma"]
+    annotated[0]["annotations"][0]["id"] = 78
+    assert "is not a review code" in _error(requests.post(f"{base}/v1/review/labelstudio/import", headers=_auth(),
+                                                          json=annotated, timeout=30), 422)
+    unauthorised = requests.post(f"{base}/v1/review/labelstudio/import", json=annotated, timeout=30)
+    assert unauthorised.status_code == 401
+
+
+# --- the browser ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (set DERMAID_CHROMIUM)")
+    with playwright.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@slow
+def test_browser_consumer_page_then_review_page(app, browser, tmp_path):
+    from playwright.sync_api import expect
+
+    from dermaid.store.labels import LabelStore
+
+    base = app["base"]
+    toy = next(row for row in app["toy_rows"] if row["age"] and row["sex"] and row["site"])
+    errors: list[str] = []
+    page = browser.new_page(viewport=PHONE)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{base}/")
+    expect(page.locator("#disclaimer-top")).to_have_text(DISCLAIMER)
+
+    # an API error shown as words a person can act on
+    (tmp_path / "notes.jpg").write_text("<html>not a photo</html>")
+    page.set_input_files("#choose", str(tmp_path / "notes.jpg"))
+    page.click("#submit")
+    expect(page.locator("#error")).to_contain_text("not a photo DermAID can read", timeout=60_000)
+    page.screenshot(path=str(tmp_path / "consumer-error.png"), full_page=True)
+
+    page.set_input_files("#choose", str(toy["path"]))
+    page.fill("#age", str(int(float(toy["age"]))))
+    page.select_option("#sex", toy["sex"])
+    page.select_option("#site", toy["site"])
+    page.check("#consent")
+    page.click("#submit")
+    expect(page.locator("#bars li")).to_have_count(8, timeout=60_000)
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator("#triage")).to_contain_text("Most likely:")
+    expect(page.locator("#overlay")).to_have_attribute("src", re.compile(r"^blob:"), timeout=60_000)
+    overlay_width = page.locator("#overlay").evaluate("img => img.decode().then(() => img.naturalWidth)")
+    photo_width = Image.open(toy["path"]).width
+    assert overlay_width == photo_width  # the overlay is at the photo's size, beside it
+    widths = page.locator("#bars .fill").evaluate_all("fills => fills.map(f => f.getBoundingClientRect().width)")
+    assert widths == sorted(widths, reverse=True) and widths[0] > 0
+    upload_id = page.locator("#reference-id").text_content()
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", upload_id)
+    expect(page.locator("#reference")).to_contain_text("A dermatologist may review")
+    expect(page.locator("#disclaimer")).to_have_text(DISCLAIMER)
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"]  # no sideways scrolling
+    page.screenshot(path=str(tmp_path / "consumer.png"), full_page=True)
+
+    store = LabelStore.open(app["storage"])
+    row = store.uploads.get(upload_id)
+    assert (row["age"], row["sex"], row["site"]) == (float(int(float(toy["age"]))), toy["sex"], toy["site"])
+
+    review = browser.new_page(viewport=PHONE)
+    review.on("pageerror", lambda exc: errors.append(str(exc)))
+    review.goto(f"{base}/review")
+    review.fill("#token", create_token())
+    review.click("#signin-form button")
+    expect(review.locator("#error")).to_have_text("this token is not a dermatologist token", timeout=30_000)
+    review.fill("#token", TOKENS["dr_ben"])
+    review.click("#signin-form button")
+    expect(review.locator("#who")).to_have_text("Signed in as dr_ben", timeout=30_000)
+    top_class = row["top_class"]
+    review.select_option("#filter", top_class)
+    entry = review.locator(f'#queue-list button[data-id="{upload_id}"]')
+    expect(entry).to_be_visible(timeout=30_000)
+    review.screenshot(path=str(tmp_path / "review-queue.png"), full_page=True)
+    entry.click()
+    expect(review.locator("#item-id")).to_have_text(upload_id)
+    expect(review.locator("#item-meta")).to_contain_text(toy["site"])
+    expect(review.locator("#item-bars li")).to_have_count(8)
+    expect(review.locator("#item-photo")).to_have_attribute("src", re.compile(r"^blob:"), timeout=30_000)
+    expect(review.locator("#item-overlay")).to_have_attribute("src", re.compile(r"^blob:"), timeout=60_000)
+    review.check(f'#codes input[value="{toy["label"]}"]')
+    review.fill("#comment", "reviewed in the browser test")
+    review.click("#label-form button[type=submit]")
+    expect(review.locator("#history li")).to_have_count(1, timeout=30_000)
+    expect(review.locator("#agreement")).to_contain_text(f"consensus {toy['label']}")
+    review.screenshot(path=str(tmp_path / "review-item.png"), full_page=True)
+
+    labels = store.history(upload_id)
+    assert [(h["reviewer"], h["code"], h["source"], h["comment"]) for h in labels] == [
+        ("dr_ben", toy["label"], "web", "reviewed in the browser test")]
+    assert not errors, errors
+    for name in ("consumer.png", "consumer-error.png", "review-queue.png", "review-item.png"):
+        assert (tmp_path / name).stat().st_size > 5_000
+
+
+# --- closing the loop ----------------------------------------------------------------------------------------
+
+@slow
+def test_loop_classify_label_export_prepare_finetune(app, tmp_path):
+    """classify with consent -> labels through the API -> labels-export -> prepare -> 1-epoch fine-tune."""
+    from dermaid.config import compose
+    from dermaid.data.loading import load_records, read_manifest
+    from dermaid.data.prepare import prepare_dataset
+    from dermaid.models.card import load_card
+    from dermaid.store.labels import run_export
+    from dermaid.training.train import train
+
+    base = app["base"]
+    by_class: dict[str, dict] = {}
+    for row in app["toy_rows"]:
+        by_class.setdefault(row["label"], row)
+    chosen = [by_class[code] for code in ("MEL", "NV", "BCC", "BKL")]
+    uploads = []
+    for row in chosen:
+        body = _classify(base, row["path"].read_bytes(), age=row["age"], sex=row["sex"], site=row["site"])
+        uploads.append(body["upload_id"])
+    for upload, row in zip(uploads, chosen):  # two dermatologists agree on each
+        for reviewer in TOKENS:
+            assert _label(base, upload, row["label"], reviewer=reviewer).status_code == 201
+    unusable = _classify(base, _jpeg(600))["upload_id"]
+    for reviewer in TOKENS:
+        _label(base, unusable, NOT_A_LESION, reviewer=reviewer)
+
+    # what the export will take: consensus of both reviewers (earlier tests' uploads may qualify too), no NONE
+    labeled = requests.get(f"{base}/v1/review/labeled", params={"min_agreement": 1.0, "min_reviewers": 2},
+                           headers=_auth(), timeout=30).json()["items"]
+    expected = {item["upload"]["id"]: item["agreement"]["consensus"] for item in labeled
+                if item["agreement"]["consensus"] != NOT_A_LESION}
+    assert set(uploads) <= set(expected) and unusable not in expected
+    assert [expected[u] for u in uploads] == [row["label"] for row in chosen]
+
+    out = tmp_path / "labels"
+    summary = run_export(compose("labels-export", [f"out={out}", f"storage.url={app['storage']}",
+                                                   "min_agreement=1.0", "min_reviewers=2"]))
+    exported = json.loads((out / "labels.json").read_text())
+    assert {image["upload_id"]: image["label"] for image in exported["images"]} == expected
+    assert summary["count"] == len(expected) and summary["excluded_not_a_lesion"] >= 1
+
+    prepared = str(tmp_path / "prepared")
+    labels_version = prepare_dataset(compose("prepare", [f"data.root={out}", "data.image_size=96"]).data,
+                                     out=prepared, tag="labels")
+    assert labels_version["num_records"] == len(expected) and labels_version["counts"]["class"] == summary["counts"]
+
+    result = train(compose("train", [
+        "experiment=[toy,finetune]", f"train.init_from={app['checkpoint']}", f"out={tmp_path / 'finetune'}",
+        f"data.root={app['toy_raw']}", f"data.extra={out}", f"data.prepared_dir={prepared}", "data.image_size=96",
+        "data.tag=null", "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=16",
+        "train.image_size=64",
+    ]))
+    card = load_card(result["last_checkpoint"])
+    merged = result["dataset_version"]
+    assert card["dataset_versions"] == [app["version"], merged] and card["dataset_version"] == merged
+    assert merged != app["version"] and merged != labels_version["version"]
+    manifest = read_manifest(f"{prepared}/{merged}")
+    original = read_manifest(f"{app['prepared_dir']}/{app['version']}")["num_records"]
+    assert manifest["num_records"] == original + len(expected)
+    records = load_records(f"{prepared}/{merged}", "all", with_images=False)
+    new = records[records["source"] == "labels"]
+    assert sorted(new["label"]) == sorted(expected.values())
+    assert Path(result["last_checkpoint"], "model.pt").exists()
