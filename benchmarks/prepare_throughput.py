@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/prepare_throughput.py --n 400 --image-size 384 --num-cpus 2
 
 The bare limit is a plain loop in one process over the same files: read the bytes, decode with
-JPEG draft mode, resize the shorter side, encode (dermaid.data.prepare.process_image, the
+JPEG draft mode, resize the shorter side, encode (dermaid.data.shards.process_image, the
 function the workers call), i.e. images/s per core, times the cores prepare uses. prepare's
 rate is `prepare_dataset` end to end on an already running Ray (records, splits, tasks, Parquet
 shards, version hash, manifest), with the raw-listing cache off. The bare loop runs before and
@@ -25,7 +25,8 @@ import ray
 
 from dermaid.config import compose, to_plain
 from dermaid.data.isic import read_records
-from dermaid.data.prepare import prepare_dataset, process_image
+from dermaid.data.prepare import prepare_dataset
+from dermaid.data.shards import process_image
 from dermaid.data.synth import generate
 
 

@@ -170,12 +170,12 @@ def cold_start_s(checkpoint: str, workdir: str, image: bytes, timeout_s: float =
     cmd = [str(REPO / ".venv/bin/dermaid"), "serve", f"checkpoint={checkpoint}", f"port={port}",
            f"storage.url={workdir}/cold_uploads", f"hydra.run.dir={workdir}/cold_hydra"]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = open(f"{workdir}/cold_start.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         while time.perf_counter() - start < timeout_s:
             if proc.poll() is not None:
-                raise RuntimeError(f"dermaid serve exited with {proc.returncode}")
+                raise RuntimeError(f"dermaid serve exited with {proc.returncode}; see {workdir}/cold_start.log")
             try:
                 status, _ = Client(port).post("/v1/classify", *body)
                 if status == 200:
@@ -185,12 +185,14 @@ def cold_start_s(checkpoint: str, workdir: str, image: bytes, timeout_s: float =
             time.sleep(0.2)
         raise RuntimeError("dermaid serve did not answer in time")
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
 
 
 # --- main -----------------------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ Steps so far: synth (~600 toy images in the ISIC 2019 layout under data/toy, ski
 same n/seed is already there) -> prepare (shorter side 128 px, the toy experiment's size, tagged
 `toy`) -> train (`experiment=toy`, 2 Ray workers, runs/toy; an existing run there is resumed, so
 a finished one is re-used) -> evaluate (best checkpoint on the held-out test part, metrics table)
--> report (EDA and training reports under reports/, their HTML paths printed).
-Later steps (train, evaluate, report, serve) append themselves to STEPS and read what
+-> report (EDA and training reports under reports/, their HTML paths printed)
+-> serve (the toy model at http://127.0.0.1:8000 until Ctrl-C, with example curl commands; with
+`DEMO_SERVE=0`, one held-out toy image classified in-process and its saliency PNG written instead).
+Later steps append themselves to STEPS and read what
 earlier steps left in the state (`toy_root`, `prepared_dir`, `version_url`, `manifest`, ...).
 
 The toy images are synthetic drawings, not real lesions; DermAID gives decision support only.
@@ -114,8 +116,61 @@ def step_report(state: State) -> None:
         print(f"[report] {name}: {join(folder, HTML_FILE)}")
 
 
-# Later steps append here: STEPS.append(step_serve), ...
-STEPS: list[Callable[[State], None]] = [step_synth, step_prepare, step_train, step_evaluate, step_report]
+def _demo_image(state: State) -> tuple[str, dict[str, Any]]:
+    """A held-out toy image (its raw file URL) and its metadata, for the serve step's examples."""
+    import math
+
+    from dermaid.data.loading import load_records
+    from dermaid.storage import get_fs, join
+
+    record = load_records(state["version_url"], split="test", with_images=False).iloc[0]
+    fs, path = get_fs(join(state["toy_root"], "ISIC_2019_Training_Input"))
+    (name,) = [p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].split(".")[0] == record["image_id"]]
+    meta = {"age": None if record["age"] is None or math.isnan(record["age"]) else float(record["age"]),
+            "sex": record["sex"], "site": record["site"]}
+    return name, meta
+
+
+def step_serve(state: State) -> None:
+    """Serve the toy model at http://127.0.0.1:8000 until Ctrl-C (example curl commands printed). With
+    DEMO_SERVE=0: classify one held-out toy image in-process, write its saliency PNG, print both, return."""
+    import io
+    import os
+
+    from dermaid.storage import join, read_bytes, write_bytes
+
+    checkpoint = join(state["run_dir"], "best")
+    cfg = compose("serve", [*state["overrides"], f"checkpoint={checkpoint}"])
+    image, meta = _demo_image(state)
+    if os.environ.get("DEMO_SERVE", "1") != "0":
+        from dermaid.serving import run as serve
+
+        print(f"[serve] {checkpoint} at http://{cfg.host}:{cfg.port} (Ctrl-C stops; DEMO_SERVE=0 skips serving)")
+        serve(cfg, example_image=image)
+        return
+    from dermaid.inference import Explainer, Predictor, build_result
+
+    predictor = Predictor(checkpoint)
+    data = read_bytes(image)
+    result = build_result(predictor.predict([(data, meta["age"], meta["sex"], meta["site"])])[0])
+    print(f"[serve] DEMO_SERVE=0: {image} (age {meta['age']}, sex {meta['sex']}, site {meta['site']})")
+    for row in result["probabilities"][:3]:
+        print(f"[serve]   {row['code']:<5} {row['name']:<26} {row['probability']:.3f}")
+    print(f"[serve] malignancy score {result['malignancy_score']:.3f} ({result['triage']['level']}): "
+          f"{result['triage']['message']}")
+    saliency = Explainer(predictor).explain(data, meta["age"], meta["sex"], meta["site"])
+    out = join(str(cfg.paths.reports_dir), "demo-saliency.png")
+    buf = io.BytesIO()
+    saliency.overlay.save(buf, "PNG")
+    write_bytes(out, buf.getvalue())
+    state["saliency_png"] = out
+    state["serve_result"] = result
+    print(f"[serve] Grad-CAM ({saliency.layer}) for {saliency.target} ({saliency.probability:.3f}) -> {out}")
+    print(f"[serve] {DISCLAIMER}")
+
+
+STEPS: list[Callable[[State], None]] = [step_synth, step_prepare, step_train, step_evaluate, step_report,
+                                        step_serve]
 
 
 def run_demo(overrides: list[str] | None = None, steps: list[Callable[[State], None]] | None = None) -> State:

@@ -44,6 +44,7 @@ from dermaid.models.card import CheckpointError, load_card, load_float_model
 from dermaid.models.metadata import encode_metadata
 from dermaid.training.loop import probabilities_from_logits
 
+
 class ImageShapeError(ImageDecodeError):
     """A decodable image whose shape cannot be a lesion photo (extreme aspect ratio)."""
 

@@ -79,20 +79,21 @@ def start(cfg: DictConfig | dict[str, Any]) -> str:
     return f"http://{host}:{port}"
 
 
-def print_usage(url: str) -> None:
+def print_usage(url: str, image: str = "lesion.jpg") -> None:
+    """The URL and example curl commands (with `image` as the example upload)."""
     print(f"DermAID is serving at {url} (OpenAPI docs: {url}/docs)")
     print("Try:")
     print(f"  curl -s {url}/readyz")
-    print(f"  curl -s -F image=@lesion.jpg -F age=55 -F sex=male -F site='posterior torso' {url}/v1/classify")
-    print(f"  curl -s -F image=@lesion.jpg -F method=gradcam -o saliency.png {url}/v1/saliency")
-    print(f"  curl -s -F image=@lesion.jpg -F consent=true {url}/v1/classify   # store for dermatologist review")
+    print(f"  curl -s -F image=@{image} -F age=55 -F sex=male -F site='posterior torso' {url}/v1/classify")
+    print(f"  curl -s -F image=@{image} -F method=gradcam -o saliency.png {url}/v1/saliency")
+    print(f"  curl -s -F image=@{image} -F consent=true {url}/v1/classify   # store for dermatologist review")
     print(DISCLAIMER)
 
 
-def run(cfg: DictConfig) -> str:
-    """`dermaid serve checkpoint=PATH [host=] [port=] [key=value ...]`."""
+def run(cfg: DictConfig, example_image: str = "lesion.jpg") -> str:
+    """`dermaid serve checkpoint=PATH [host=] [port=] [key=value ...]`; blocks until Ctrl-C unless blocking=false."""
     url = start(cfg)
-    print_usage(url)
+    print_usage(url, example_image)
     if not cfg.get("blocking", True):
         return url
     from ray import serve

@@ -49,6 +49,7 @@ RESULTS_FILE = "results.csv"
 TRIALS_LOG = "trials.log"
 BASE_CONFIG_FILE = "tune_config.yaml"
 CONFIG_PREFIX = "config/"  # results.csv hyperparameter columns (Ray's ResultGrid.get_dataframe() layout)
+ORPHAN_SWEEP_S = 120.0  # after a trial stops, look this long for its worker placement group to free
 
 # sampler -> (number of arguments, Tune function name). Arguments follow Tune's signatures.
 SAMPLERS: dict[str, tuple[int | None, str]] = {
@@ -90,7 +91,6 @@ def tune(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     out = _absolute(plain["out"])
     resume = bool(plain.get("resume", False))
     tune_path = join(out, TUNE_DIR_NAME)
-    _ensure_ray(plain.get("run", {}))
     if resume:
         if not exists(join(out, BASE_CONFIG_FILE)):
             raise DermaidError(f"resume=true: out={out} holds no tuning run to continue "
@@ -101,9 +101,15 @@ def tune(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         if exists(join(out, BASE_CONFIG_FILE)):
             raise DermaidError(f"out={out} holds a tuning run already: pass resume=true to continue it, "
                                "or choose another out=")
-        base = _prepare_base(plain, out)
-
+        if not plain.get("hparams_search"):
+            options = sorted(p.stem for p in (conf_dir() / "hparams_search").glob("*.yaml"))
+            raise DermaidError(f"hparams_search= is required: the search space to explore (one of {options})")
+        base = plain
+    # the search space is checked before Ray starts or any data is touched
     space, groups = build_search_space(base["hparams_search"], base)
+    _ensure_ray(base.get("run", {}))
+    if not resume:
+        base = _prepare_base(plain, out)
     tune_cfg = base["tune"]
     _check_resources(base)
     if not resume:
@@ -126,7 +132,7 @@ def tune(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             run_config=ray.tune.RunConfig(
                 name=TUNE_DIR_NAME,
                 storage_path=out,
-                callbacks=[ResultsTableCallback(out, tune_cfg["metric"], tune_cfg["mode"], list(space))],
+                callbacks=[TuningCallback(out, tune_cfg["metric"], tune_cfg["mode"], list(space))],
                 failure_config=ray.tune.FailureConfig(max_failures=0),
                 verbose=1,
             ),
@@ -141,10 +147,7 @@ def _prepare_base(plain: dict[str, Any], out: str) -> dict[str, Any]:
     from dermaid.data.prepare import ensure_prepared
     from dermaid.training.train import _absolute
 
-    search = plain.get("hparams_search")
-    if not search:
-        options = sorted(p.stem for p in (conf_dir() / "hparams_search").glob("*.yaml"))
-        raise DermaidError(f"hparams_search= is required: the search space to explore (one of {options})")
+    search = plain["hparams_search"]
     base = json.loads(json.dumps(plain))  # a deep copy of plain values
     base["out"] = out
     data = base["data"]
@@ -298,7 +301,9 @@ def build_tune_config(tune_cfg: dict[str, Any], space: dict[str, Any], max_t: in
         grace = int(scheduler_cfg.get("grace_period", 1))
         if not 0 < grace <= max_t:
             raise DermaidError(f"tune.scheduler.grace_period={grace}: must be between 1 and train.epochs={max_t}")
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace,
+        # max_t one past the last epoch: a trial that reaches its last epoch ends on its own (its trainer
+        # writes summary.json) rather than being stopped by the scheduler at the finish line
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t + 1, grace_period=grace,
                                   reduction_factor=float(scheduler_cfg.get("reduction_factor", 2)))
     elif name == "fifo":
         scheduler = FIFOScheduler()
@@ -366,6 +371,9 @@ def train_driver_fn(config: dict[str, Any], base: dict[str, Any], groups: dict[s
     from dermaid.training.train import train
 
     trial_id = ray.tune.get_context().get_trial_id()
+    # Train propagates this to its controller: on a busy machine starting the worker processes can
+    # outlast Train's 60 s default, and each timeout restarts the whole group from scratch.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(base["tune"].get("worker_start_timeout_s", 600)))
     plain = apply_trial_config(base, config, groups)
     plain["out"] = join(base["out"], TRIALS_DIR, trial_id)
     train(plain, callbacks=[TuneReportCallback()])
@@ -381,11 +389,14 @@ def _tune_callback_base():
     return Callback
 
 
-class ResultsTableCallback(_tune_callback_base()):
-    """Tune callback in the tuning driver: rewrites DIR/results.csv when a trial ends; logs starts/ends."""
+class TuningCallback(_tune_callback_base()):
+    """Tune callback in the tuning driver: keeps DIR/results.csv current, logs trial starts/ends to
+    DIR/trials.log, and frees the worker placement groups of trials that Tune stopped."""
 
     def __init__(self, out: str, metric: str, mode: str, keys: list[str]) -> None:
         self.out, self.metric, self.mode, self.keys = out, metric, mode, keys
+        self._sweep_until = 0.0
+        self._last_sweep = 0.0
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         self._log(f"start {trial.trial_id}")
@@ -393,13 +404,23 @@ class ResultsTableCallback(_tune_callback_base()):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._log(f"end {trial.trial_id}")
         self._write(trials)
+        self._sweep_until = time.monotonic() + ORPHAN_SWEEP_S
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self._log(f"error {trial.trial_id}")
         self._write(trials)
+        self._sweep_until = time.monotonic() + ORPHAN_SWEEP_S
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        # a stopped trial's actor takes a moment to die; sweep every 2 s for a while after each stop
+        now = time.monotonic()
+        if now < self._sweep_until and now - self._last_sweep >= 2.0:
+            self._last_sweep = now
+            release_orphaned_placement_groups()
 
     def on_experiment_end(self, trials: list, **info) -> None:
         self._write(trials)
+        release_orphaned_placement_groups()
 
     def _write(self, trials: list) -> None:
         rows = [trial_row(self.out, t.trial_id, str(t.status), t.config, self.metric, self.keys, t.error_file)
@@ -411,6 +432,40 @@ class ResultsTableCallback(_tune_callback_base()):
         previous = read_text(url) if exists(url) else ""
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         write_text(url, previous + f"{stamp} {event}\n")
+
+
+def release_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creating actor has died; returns how many.
+
+    When Tune stops a trial (ASHA, time budget, Ctrl-C) it ends the trial's actor, and with it the
+    Train controller; the worker placement group it created would stay reserved until this job ends
+    (Ray frees a non-detached group only once both its creator and its job are dead). Train's own
+    PlacementGroupCleaner asks the State API, which needs the dashboard and a single Ray instance per
+    machine; this reads the GCS placement-group table directly (creator_actor_dead).
+    """
+    import ray
+    from ray._private.state import state as global_state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job_id = ray.get_runtime_context().get_job_id()
+    removed = 0
+    try:
+        table = global_state._connect_and_get_accessor().get_placement_group_table()
+    except Exception:  # a private API: never let bookkeeping break a search
+        return 0
+    for blob in table:
+        data = gcs_pb2.PlacementGroupTableData.FromString(blob)
+        creator_is_actor = bool(data.creator_actor_id.strip(b"\x00")) and bool(data.creator_actor_id.strip(b"\xff"))
+        if (data.state == gcs_pb2.PlacementGroupTableData.REMOVED or data.is_detached or not creator_is_actor
+                or not data.creator_actor_dead or data.creator_job_id.hex() != job_id):
+            continue
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(data.placement_group_id)))
+            removed += 1
+        except Exception:
+            pass
+    return removed
 
 
 def trial_row(out: str, trial_id: str, tune_status: str, config: dict[str, Any], metric: str, keys: list[str],

@@ -492,10 +492,6 @@ class Ingress:
         self.store = UploadStore(settings["storage"]["url"], db_url)
         self._model: dict[str, Any] | None = None
 
-    @api.get("/", include_in_schema=False)
-    async def index(self) -> dict[str, str]:
-        return {"name": "DermAID", "docs": "/docs", "disclaimer": DISCLAIMER}
-
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         """The ingress is up (not necessarily the model: see /readyz)."""

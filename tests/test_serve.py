@@ -35,25 +35,21 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(ray_session, tiny_checkpoint, tmp_path_factory):
-    """(base URL, storage URL) of a running DermAID Serve app."""
+    """(base URL, storage URL) of a running DermAID Serve app, started the way `dermaid serve` starts it."""
     from ray import serve
 
-    from dermaid.serving import _serve_app_module
+    from dermaid.config import compose
+    from dermaid.serving import start
 
-    serve_app = _serve_app_module()
-    port = _free_port()
     storage = str(tmp_path_factory.mktemp("serve_uploads"))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {
-        "checkpoint": tiny_checkpoint,
-        "max_upload_mb": MAX_UPLOAD_MB,
-        "storage": {"url": storage},
-        "classifier": {"num_cpus": 0.5, "torch_threads": 1, "decode_threads": 2, "max_batch_size": 8},
-        "explainer": {"num_cpus": 0.25, "torch_threads": 1, "concurrency": 2},
-        "ingress": {"num_cpus": 0.1},
-    }
-    serve.run(serve_app.build_app(args), name="dermaid-test", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
+    cfg = compose("serve", [
+        f"checkpoint={tiny_checkpoint}", f"port={_free_port()}", "app_name=dermaid-test", "blocking=false",
+        f"max_upload_mb={MAX_UPLOAD_MB}", f"storage.url={storage}",
+        "classifier.num_cpus=0.5", "classifier.torch_threads=1",       # a fraction of the session's 2 CPUs
+        "explainer.num_cpus=0.25", "explainer.torch_threads=1", "explainer.concurrency=2",
+        "ingress.num_cpus=0.1",
+    ])
+    base = start(cfg)
     deadline = time.time() + 120
     while requests.get(f"{base}/readyz", timeout=10).status_code != 200:
         assert time.time() < deadline, "serve app never became ready"
@@ -398,3 +394,21 @@ def test_classify_equals_dermaid_evaluate(server, tiny_checkpoint, toy_prepared,
         served = {c["code"]: c["probability"] for c in body["probabilities"]}
         expected = predictions.loc[record.image_id, list(CLASS_CODES)].to_dict()
         assert served == pytest.approx(expected, abs=1e-5)
+
+
+# --- the demo's last step -------------------------------------------------------------------------------------
+
+def test_demo_serve_step_with_demo_serve_0(tiny_checkpoint, toy_raw, toy_prepared, tmp_path, monkeypatch, capsys):
+    from dermaid.demo import step_serve
+
+    monkeypatch.setenv("DEMO_SERVE", "0")
+    state = {"overrides": [f"paths.root={tmp_path}"], "run_dir": str(Path(tiny_checkpoint).parent),
+             "toy_root": toy_raw, "version_url": toy_prepared}
+    step_serve(state)
+    out = capsys.readouterr().out
+    assert state["saliency_png"].startswith(str(tmp_path)) and Path(state["saliency_png"]).exists()
+    image_line = next(line for line in out.splitlines() if "DEMO_SERVE=0:" in line)
+    raw = image_line.split("DEMO_SERVE=0: ", 1)[1].split(" (age", 1)[0]
+    assert Image.open(state["saliency_png"]).size == Image.open(raw).size
+    assert "malignancy score" in out and DISCLAIMER in out
+    assert state["serve_result"]["top"]["code"] in CLASS_CODES

@@ -38,7 +38,7 @@ def test_toy_run_writes_checkpoints_cards_history_and_summary(toy_run, toy_prepa
     card = load_card(str(run / "best"))
     assert [c["code"] for c in card["classes"]] == list(CLASS_CODES)
     assert card["input"]["input_size"] == [3, 64, 64] and len(card["input"]["mean"]) == 3
-    assert card["metadata"]["used"] is True and card["model"]["name"] == "resnet10t"
+    assert card["metadata"]["used"] is True and card["model"]["name"] == to_plain(compose("train", ["experiment=toy"]))["model"]["name"]
     assert card["dataset_version"] == toy_prepared.rstrip("/").rsplit("/", 1)[-1]
     assert card["dataset_versions"] == [card["dataset_version"]]
     assert 0.05 <= card["calibration"]["temperature"] <= 20.0

@@ -79,6 +79,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve_http_port() -> int:
+    from ray.serve.context import _get_global_client
+
+    return int(_get_global_client().http_config.port)
+
+
 def _toy_rows(toy_raw: str) -> list[dict]:
     """The toy set's ground truth + metadata rows (for realistic uploads and for checking the loop)."""
     root = Path(toy_raw)
@@ -108,9 +114,9 @@ def app(ray_session, toy_prepared, toy_raw, toy_run, tmp_path_factory):
     checkpoint = f"{toy_run}/best"  # read-only: served, and the fine-tune's starting point
 
     serve_app = _serve_app_module()
-    port = _free_port()
     storage = str(tmp / "uploads")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    port = _serve_http_port()  # the port Serve really listens on (an already running Serve keeps its own)
     args = {
         "checkpoint": checkpoint,
         "storage": {"url": storage},
@@ -119,12 +125,16 @@ def app(ray_session, toy_prepared, toy_raw, toy_run, tmp_path_factory):
         "explainer": {"num_cpus": 0.25, "torch_threads": 1},
         "ingress": {"num_cpus": 0.1},
     }
-    serve.run(serve_app.build_app(args), name="dermaid-web-test", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while requests.get(f"{base}/readyz", timeout=10).status_code != 200:
-        assert time.time() < deadline, "the web test app never became ready"
-        time.sleep(0.5)
+    try:
+        serve.run(serve_app.build_app(args), name="dermaid-web-test", route_prefix="/")
+        deadline = time.time() + 180
+        while requests.get(f"{base}/readyz", timeout=10).status_code != 200:
+            assert time.time() < deadline, "the web test app never became ready"
+            time.sleep(0.5)
+    except BaseException:
+        serve.shutdown()
+        raise
     yield {"base": base, "storage": storage, "checkpoint": checkpoint, "version": version,
            "prepared_dir": prepared_dir, "toy_raw": toy_raw, "toy_rows": _toy_rows(toy_raw), "tmp": tmp}
     serve.shutdown()

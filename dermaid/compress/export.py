@@ -15,12 +15,15 @@ upstream; prefer ONNX for new deployments.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import io
+import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -84,7 +87,7 @@ def export_onnx(model: torch.nn.Module, card: dict[str, Any], opset: int = 18) -
     args: tuple = (images, metadata) if uses_metadata else (images,)
     names = [IMAGES_INPUT, METADATA_INPUT] if uses_metadata else [IMAGES_INPUT]
     shapes = {IMAGES_INPUT: {0: batch}, **({METADATA_INPUT: {0: batch}} if uses_metadata else {})}
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         path = os.path.join(tmp, "model.onnx")
         wrapped = _Positional(model, uses_metadata).eval()
@@ -93,6 +96,21 @@ def export_onnx(model: torch.nn.Module, card: dict[str, Any], opset: int = 18) -
                           verbose=False)
         with open(path, "rb") as f:
             return f.read()
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The torch.export-based exporter prints progress lines and logs every pass at INFO: keep the CLI readable."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def export_torchscript(model: torch.nn.Module, card: dict[str, Any]) -> bytes:
@@ -106,6 +124,12 @@ def export_torchscript(model: torch.nn.Module, card: dict[str, Any]) -> bytes:
         buf = io.BytesIO()
         torch.jit.save(traced, buf)
     return buf.getvalue()
+
+
+def _jit_load(data: bytes, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit deprecation notices
+        return torch.jit.load(io.BytesIO(data), map_location=device)
 
 
 class _Positional(torch.nn.Module):
@@ -149,7 +173,7 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
         runner = OnnxModel(data, uses_metadata)
     else:
         data = export_torchscript(model, card)
-        runner = TorchScriptModel(torch.jit.load(io.BytesIO(data)), uses_metadata)
+        runner = TorchScriptModel(_jit_load(data), uses_metadata)
     diff = max_abs_difference(model, runner, card, int(plain.get("check_batch", 4)))
     tolerance = float(plain.get("tolerance", 1e-3))
     print(f"{fmt} vs PyTorch on {int(plain.get('check_batch', 4))} sample inputs: max abs logit difference {diff:.3g}")

@@ -9,6 +9,7 @@ exactly as LesionClassifier.forward does.
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Any
 
 import numpy as np
@@ -26,11 +27,12 @@ LOGITS_OUTPUT = "logits"
 class OnnxModel:
     """An ONNX Runtime CPU session behind the model-callable interface."""
 
-    def __init__(self, model_bytes: bytes, uses_metadata: bool, threads: int = 0) -> None:
+    def __init__(self, model_bytes: bytes, uses_metadata: bool, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads)  # 0: ONNX Runtime's default (physical cores)
+        # as many threads as torch uses in this process: float and int8 models get the same cores
+        options.intra_op_num_threads = int(threads if threads is not None else torch.get_num_threads())
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
@@ -72,7 +74,7 @@ def artifact_bytes(url: str, card: dict[str, Any]) -> bytes:
     return read_bytes(artifact)
 
 
-def load_onnx_model(url: str, card: dict[str, Any], threads: int = 0) -> OnnxModel:
+def load_onnx_model(url: str, card: dict[str, Any], threads: int | None = None) -> OnnxModel:
     """An ONNX (float or int8) checkpoint -> OnnxModel. CheckpointError when the file is damaged."""
     data = artifact_bytes(url, card)
     try:
@@ -86,7 +88,9 @@ def load_onnx_model(url: str, card: dict[str, Any], threads: int = 0) -> OnnxMod
 def load_torchscript_model(url: str, card: dict[str, Any], device: torch.device) -> TorchScriptModel:
     data = artifact_bytes(url, card)
     try:
-        module = torch.jit.load(io.BytesIO(data), map_location=device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated upstream (still supported in 2.14)
+            module = torch.jit.load(io.BytesIO(data), map_location=device)
     except Exception as exc:  # torch raises RuntimeError and others for a damaged archive
         raise CheckpointError(f"{url}: unreadable TorchScript artifact ({type(exc).__name__}: {exc})") from None
     return TorchScriptModel(module, bool(card.get("metadata", {}).get("used", True)))

@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dermaid.data.shards import SHARD_SCHEMA
 from dermaid.errors import DermaidError
 from dermaid.storage import exists, get_fs, join, read_text, write_text
 
@@ -32,23 +33,6 @@ LATEST = "latest"
 SPLITS = ("train", "val", "test", "all")
 VERSION_PATTERN = re.compile(r"^[0-9a-f]{16}$")
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-# Parquet schema of the shards (docs/interfaces.md).
-SHARD_SCHEMA = pa.schema([
-    ("image_id", pa.string()),
-    ("image", pa.binary()),
-    ("label", pa.string()),
-    ("label_idx", pa.int32()),
-    ("age", pa.float64()),
-    ("sex", pa.string()),
-    ("site", pa.string()),
-    ("lesion_id", pa.string()),
-    ("source", pa.string()),
-    ("fold", pa.int32()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-])
-
 
 class VersionError(DermaidError, ValueError):
     """A prepared dataset version, tag or split that does not exist or cannot be read."""

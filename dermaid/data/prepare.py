@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import json
 import logging
 import math
@@ -38,17 +37,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
-from dermaid.classes import CLASS_INDEX
 from dermaid.config import to_plain
-from dermaid.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image, resize_shorter_side
 from dermaid.data.isic import DatasetError, absolute_url, raw_files, read_records
 from dermaid.data.loading import (
-    CACHE_DIR, MANIFEST_FILE, SHARD_SCHEMA, SHARDS_DIR, read_manifest, resolve_version, validate_tag, write_tag,
+    CACHE_DIR, MANIFEST_FILE, SHARDS_DIR, read_manifest, resolve_version, validate_tag, write_tag,
 )
+from dermaid.data.shards import is_missing, prepare_shard, process_image  # noqa: F401  (process_image: re-exported)
 from dermaid.data.splits import assign_folds, split_counts
 from dermaid.errors import DermaidError
 from dermaid.storage import exists, get_fs, is_local, join, read_text, write_text
@@ -59,7 +55,6 @@ SETTING_KEYS = ("image_size", "folds", "test_fraction", "seed", "quality")
 DEFAULT_SHARD_SIZE = 512  # images per shard and per Ray task (~30 MB of JPEG at 512 px)
 MIN_SHARD_SIZE = 16  # below this, task overhead outweighs spreading small sets over more cores
 MAX_ERRORS_NAMED = 5
-_COMPRESSION = {f.name: ("NONE" if f.name == "image" else "SNAPPY") for f in SHARD_SCHEMA}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,66 +215,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The worker: one shard
-
-
-def process_image(data: bytes, image_size: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, int, int]:
-    """Raw image bytes -> (JPEG bytes with shorter side image_size, width, height)."""
-    img = resize_shorter_side(open_image(data, max_pixels=max_pixels, draft_size=image_size), image_size)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue(), img.width, img.height
-
-
-def prepare_shard(rows: list[dict[str, Any]], shard_url: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Decode, resize and encode `rows`, write them as one Parquet shard (only if all succeed).
-
-    Returns {"images": [(image_id, raw sha256, width, height)], "errors": [(image_url, message)], "bytes": n}.
-    """
-    columns: dict[str, list] = {f.name: [] for f in SHARD_SCHEMA}
-    images, errors, total = [], [], 0
-    for row in rows:
-        url = row["image_url"]
-        try:
-            fs, path = get_fs(url)
-            data = fs.cat_file(path)
-        except (OSError, ValueError) as exc:
-            errors.append((url, f"could not be read ({type(exc).__name__}: {exc})"))
-            continue
-        try:
-            encoded, width, height = process_image(data, settings["image_size"], settings["quality"])
-        except ImageDecodeError as exc:
-            errors.append((url, str(exc)))
-            continue
-        images.append((row["image_id"], hashlib.sha256(data).hexdigest(), width, height))
-        total += len(encoded)
-        label = row["label"] if isinstance(row["label"], str) and row["label"] else None
-        columns["image_id"].append(row["image_id"])
-        columns["image"].append(encoded)
-        columns["label"].append(label)
-        columns["label_idx"].append(CLASS_INDEX[label] if label else -1)
-        columns["age"].append(None if _missing(row["age"]) else float(row["age"]))
-        for key in ("sex", "site", "lesion_id"):
-            columns[key].append(None if _missing(row[key]) else str(row[key]))
-        columns["source"].append(row["source"])
-        columns["fold"].append(int(row["fold"]))
-        columns["width"].append(width)
-        columns["height"].append(height)
-    if not errors:
-        table = pa.Table.from_pydict(columns, schema=SHARD_SCHEMA)
-        fs, path = get_fs(shard_url)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "wb") as f:
-            pq.write_table(table, f, compression=_COMPRESSION, use_dictionary=[c for c in columns if c != "image"])
-    return {"images": images, "errors": errors, "bytes": total}
-
-
-# ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value)
 
 
 def _ray_capable(url: str) -> bool:
@@ -383,10 +319,10 @@ class _Progress:
 def _version_hash(records: pd.DataFrame, raw_sha: dict[str, str], settings: dict[str, Any]) -> str:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for row in records.itertuples(index=False):
-        age = None if _missing(row.age) else float(row.age)
+        age = None if is_missing(row.age) else float(row.age)
         fields = [row.image_id, row.label, age, row.sex, row.site, row.lesion_id, row.source, int(row.fold),
                   raw_sha[row.image_id]]
-        h.update(json.dumps([None if _missing(v) else v for v in fields]).encode())
+        h.update(json.dumps([None if is_missing(v) else v for v in fields]).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
 

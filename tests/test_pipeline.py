@@ -1,0 +1,112 @@
+"""`dermaid pipeline` as a Ray Job on a real local cluster: `ray start --head` on loopback, the job
+submitted through the Jobs API, SUCCEEDED, the model registered and the reports written; a second
+submission skips every step whose output exists; `ray stop` at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+DERMAID = str(Path(sys.executable).parent / "dermaid")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A `ray start --head` cluster on loopback (2 CPUs, dashboard for the Jobs API); stopped at the end."""
+    temp = tmp_path_factory.mktemp("ray_head")
+    gcs_port, dash_port = _free_port(), _free_port()
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run(
+        [RAY, "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+         f"--temp-dir={temp}", "--disable-usage-stats"],
+        check=True, env=env, timeout=240, capture_output=True,
+    )
+    try:
+        yield f"http://127.0.0.1:{dash_port}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, timeout=120, capture_output=True)
+
+
+def _wait(client, job_id: str, timeout_s: float) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return str(status)
+        time.sleep(3)
+    client.stop_job(job_id)
+    return "TIMEOUT"
+
+
+@pytest.mark.slow
+def test_pipeline_runs_as_a_ray_job_and_skips_existing_steps(ray_head, toy_raw, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    client = None
+    for _ in range(20):  # the dashboard's HTTP server comes up a little after `ray start` returns
+        try:
+            client = JobSubmissionClient(ray_head)
+            break
+        except Exception:
+            time.sleep(3)
+    assert client is not None, f"the Jobs API at {ray_head} never answered"
+
+    home = tmp_path / "home"
+    entrypoint = (
+        f"{DERMAID} pipeline experiment=toy paths.root={home} data.root={toy_raw} data.image_size=96 "
+        "train.image_size=64 train.epochs=1 'pipeline.reports=[eda,train-report]' pipeline.evaluate_split=val"
+    )
+    runtime_env = {"working_dir": str(REPO), "env_vars": {"RAY_DEDUP_LOGS": "0", "WANDB_MODE": "offline"},
+                   "excludes": [".venv", ".git", "data", "runs", "reports", "outputs"]}
+    first = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    status = _wait(client, first, timeout_s=1200)
+    logs = client.get_job_logs(first)
+    assert status == "SUCCEEDED", logs[-4000:]
+
+    registered = list((home / "registry" / "dermaid-isic2019").glob("*/registry.json"))
+    assert len(registered) == 1, logs[-2000:]
+    entry = json.loads(registered[0].read_text())
+    card = json.loads((registered[0].parent / "model" / "card.json").read_text())
+    assert card["dataset_version"] == entry["dataset_version"]
+    assert (registered[0].parent / "model" / card["artifact"]).stat().st_size > 0
+    metrics = json.loads((registered[0].parent / "metrics.json").read_text())
+    assert 0.0 <= metrics["balanced_accuracy"] <= 1.0
+    for name in ("eda", "train-report"):
+        html = list((home / "runs" / "pipeline").glob(f"report-{name}-*/report/report.html"))
+        assert html and "data:image/png;base64" in html[0].read_text(), name
+
+    # The same pipeline again: every step's output exists, so nothing retrains.
+    second = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    assert _wait(client, second, timeout_s=600) == "SUCCEEDED", client.get_job_logs(second)[-4000:]
+    again = client.get_job_logs(second)
+    for step in ("train", "evaluate", "register"):
+        assert any(line.split()[:1] == [step] and "skipped (exists)" in line for line in again.splitlines()), again[-3000:]
+
+
+def test_pipeline_config_composes_with_cluster_overrides():
+    out = subprocess.run([DERMAID, "pipeline", "experiment=toy", "scaling=gpu4", "pipeline.search=true",
+                          "registry.url=gs://bucket/registry", "--cfg", "job", "--resolve"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env={**os.environ, "DERMAID_HOME": "gs://bucket"})
+    assert out.returncode == 0, out.stderr
+    assert "gs://bucket/registry" in out.stdout and "num_workers: 4" in out.stdout
