@@ -10,8 +10,9 @@ Where tokens come from (both are merged; a reviewer name may appear once):
 - configuration (`review.tokens` in conf/serve.yaml or serve/config.yaml): reviewer -> token HASH only, never
   the token itself: "sha256$<hex>" (tokens are 256-bit random strings, so one SHA-256 is enough) or
   "pbkdf2_sha256$<iterations>$<salt>$<hex>" (for tokens chosen by people).
-- the environment (`DERMAID_REVIEW_TOKENS`, e.g. from a Kubernetes secret): "name:token,name2:token2";
-  the tokens are hashed as soon as they are read and the plain values are not kept.
+- the environment (`DERMAID_REVIEWER_TOKENS`, e.g. the `dermaid-secrets` Kubernetes secret): comma-separated
+  "name:token" entries, or bare tokens (named "reviewer-<first 8 hex digits of the token's SHA-256>", stable as
+  long as the token is); the tokens are hashed as soon as they are read and the plain values are not kept.
 
 A bearer token is checked against every entry with `hmac.compare_digest` and no early exit, so the time
 taken does not tell how close a guess was or which reviewer it belongs to.
@@ -30,7 +31,7 @@ from typing import Any
 
 from dermaid.errors import DermaidError
 
-TOKENS_ENV = "DERMAID_REVIEW_TOKENS"
+TOKENS_ENV = "DERMAID_REVIEWER_TOKENS"
 REVIEWER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 MIN_TOKEN_CHARS = 16          # shorter tokens are guessable; `new` makes 43-character ones (256 bits)
 MAX_TOKEN_CHARS = 512         # a longer Authorization header is refused before any hashing
@@ -68,7 +69,7 @@ class ReviewerTokens:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None = None,
                       environ: Mapping[str, str] | None = None) -> "ReviewerTokens":
-        """Hashes from `settings["tokens"]` plus plain tokens from $DERMAID_REVIEW_TOKENS (hashed here)."""
+        """Hashes from `settings["tokens"]` plus plain tokens from $DERMAID_REVIEWER_TOKENS (hashed here)."""
         settings = dict(settings or {})
         hashes = dict(settings.get("tokens") or {})
         env_name = settings.get("tokens_env") or TOKENS_ENV
@@ -106,15 +107,17 @@ class ReviewerTokens:
 
 
 def hashes_from_env(value: str, env_name: str = TOKENS_ENV) -> dict[str, str]:
-    """"name:token,name2:token2" -> {name: sha256 hash}; the plain tokens are dropped."""
+    """"name:token,name2:token2" (or bare tokens) -> {name: sha256 hash}; the plain tokens are dropped."""
     hashes: dict[str, str] = {}
     for i, item in enumerate(part.strip() for part in value.split(",")):
         if not item:
             continue
         reviewer, sep, token = item.partition(":")
         reviewer, token = reviewer.strip(), token.strip()
-        if not sep or not token:
-            raise DermaidError(f"{env_name}: entry {i + 1} is not 'reviewer:token'")
+        if not sep:  # a bare token: named after its hash, so the name stays with the token
+            reviewer, token = f"reviewer-{hashlib.sha256(reviewer.encode()).hexdigest()[:8]}", reviewer
+        if not reviewer or not token:
+            raise DermaidError(f"{env_name}: entry {i + 1} is not 'reviewer:token' or a token")
         _check_reviewer(reviewer, env_name)
         if reviewer in hashes:
             raise DermaidError(f"{env_name}: reviewer {reviewer!r} appears twice")

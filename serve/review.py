@@ -17,7 +17,7 @@ Review API (header `Authorization: Bearer <dermatologist token>`: 401 without on
     POST /v1/review/uploads/{id}/labels              {"code": "MEL", "comment": "..."} -> 201
     GET  /v1/review/labeled?min_agreement=0.6        labeled uploads with a consensus
     GET  /v1/review/labelstudio/config               the Label Studio labeling config (XML)
-    GET  /v1/review/labelstudio/tasks                pending uploads as Label Studio tasks, model prediction pre-annotated
+    GET  /v1/review/labelstudio/tasks                pending uploads as Label Studio tasks (prediction pre-annotated)
     POST /v1/review/labelstudio/import               a Label Studio JSON export -> labels (idempotent)
 
 Errors are raised as HTTPException and rendered by the ingress in its one JSON shape
@@ -42,7 +42,8 @@ from dermaid.auth import TOKENS_ENV, ReviewerTokens, parse_bearer
 from dermaid.classes import AGE_RANGE, CLASS_CODES, DISCLAIMER, NOT_A_LESION, REVIEW_CODES, SEXES, SITES, class_table
 from dermaid.errors import DermaidError
 from dermaid.store.labels import (
-    LABELSTUDIO_CONFIG, MAX_COMMENT_CHARS, MAX_PAGE, InvalidUploadId, LabelStore, UnknownUpload,
+    LABELSTUDIO_CONFIG, MAX_COMMENT_CHARS, MAX_PAGE, InvalidUploadId, LabelStore, UnknownUpload, compute_agreement,
+    parse_upload_id, public_upload,
 )
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
@@ -63,7 +64,7 @@ class ReviewArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     tokens: dict[str, str] = Field(default_factory=dict,
-                                   description="reviewer -> token HASH (python -m dermaid.auth new NAME); never a token")
+                                   description="reviewer -> token HASH (`python -m dermaid.auth new NAME`)")
     tokens_env: str = Field(TOKENS_ENV, description="environment variable with plain 'name:token,...' (hashed on load)")
 
 
@@ -118,7 +119,8 @@ def require_reviewer(request: Request, context: Annotated[ReviewContext, Depends
 Context = Annotated[ReviewContext, Depends(get_review_context)]
 Reviewer = Annotated[str, Depends(require_reviewer)]
 UploadId = Annotated[str, PathParam(description="upload id (uuid4)", max_length=64)]
-TopClass = Annotated[Literal[CLASS_CODES] | None, Query(description="the model's predicted class")]  # type: ignore[valid-type]
+TopClass = Annotated[Literal[CLASS_CODES] | None,  # type: ignore[valid-type]
+                     Query(description="the model's predicted class")]
 
 router = APIRouter()
 review_api = APIRouter(prefix="/v1/review", tags=["review"], dependencies=[Depends(require_reviewer)],
@@ -163,7 +165,7 @@ def queue(context: Context, reviewer: Reviewer, top_class: TopClass = None,
           labels_below: Annotated[int, Query(ge=1, le=100, description="fewer reviewers than this")] = 1,
           limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
           offset: Annotated[int, Query(ge=0)] = 0) -> Response:
-    """Consented uploads not yet labeled (by this reviewer; fewer than labels_below reviewers), highest entropy first."""
+    """Consented uploads with fewer than labels_below reviewers, none of them this one; highest entropy first."""
     page = _call(context.labels.queue, top_class=top_class, reviewer=reviewer, labels_below=labels_below,
                  limit=limit, offset=offset)
     return _json({**page, "order": "entropy of the calibrated probabilities, highest first", "disclaimer": DISCLAIMER})
@@ -176,7 +178,8 @@ def upload_item(context: Context, upload_id: UploadId) -> Response:
 
 @review_api.get("/uploads/{upload_id}/image", responses={200: {"content": {"image/*": {}}}})
 def upload_image(context: Context, upload_id: UploadId,
-                 kind: Annotated[Literal["image", "input"], Query(description="image: the photo; input: what the model saw")] = "image",
+                 kind: Annotated[Literal["image", "input"],
+                                 Query(description="image: the photo; input: what the model saw")] = "image",
                  ) -> Response:
     data, media = _call(context.labels.read_image, upload_id, kind)
     return Response(data, media_type=media, headers={**REVIEW_HEADERS, "X-Content-Type-Options": "nosniff"})
@@ -185,9 +188,7 @@ def upload_image(context: Context, upload_id: UploadId,
 @review_api.get("/uploads/{upload_id}/labels")
 def upload_labels(context: Context, upload_id: UploadId) -> Response:
     labels = _call(context.labels.history, upload_id)
-    from dermaid.store.labels import compute_agreement
-
-    return _json({"upload_id": upload_id, "labels": labels, "agreement": compute_agreement(labels)})
+    return _json({"upload_id": parse_upload_id(upload_id), "labels": labels, "agreement": compute_agreement(labels)})
 
 
 @review_api.post("/uploads/{upload_id}/labels", status_code=201)
@@ -203,10 +204,8 @@ def labeled(context: Context,
             min_reviewers: Annotated[int, Query(ge=1, le=100)] = 1) -> Response:
     """Uploads with a consensus label that reach the thresholds (what `dermaid labels-export` would write)."""
     items = _call(context.labels.labeled, min_agreement, min_reviewers)
-    from dermaid.store.labels import public_upload
-
-    return _json({"items": [{"upload": public_upload(item["upload"]), "agreement": item["agreement"]} for item in items],
-                  "total": len(items)})
+    rows = [{"upload": public_upload(item["upload"]), "agreement": item["agreement"]} for item in items]
+    return _json({"items": rows, "total": len(rows)})
 
 
 @review_api.get("/labelstudio/config", response_class=PlainTextResponse)

@@ -200,7 +200,8 @@ def test_labelstudio_tasks_and_import_round_trip(store):
                        "skipped_without_diagnosis": 0}
     history = store.history(pending)
     assert [(h["reviewer"], h["code"], h["source"]) for h in history] == [
-        ("derm@clinic.example", "NONE", "labelstudio"), ("labelstudio-user-7", "BCC", "labelstudio")]  # 10:00Z, 10:00:00.5Z
+        ("derm@clinic.example", "NONE", "labelstudio"),  # 12:00+02:00 = 10:00Z
+        ("labelstudio-user-7", "BCC", "labelstudio")]    # 10:00:00.5Z
     assert history[1]["comment"] == "agree with BCC" and history[0]["created"].startswith("2026-01-02T10:00:00+00:00")
     assert store.import_labelstudio(export)["imported"] == 0  # a re-import adds nothing
 
@@ -253,7 +254,8 @@ def test_export_writes_the_isic_layout_the_reader_takes(store, tmp_path):
     assert Image.open(nv["image_url"]).size == (48, 36)
     assert Path(mel["image_url"]).read_bytes() == _image("JPEG", 1)  # JPEG kept byte for byte
     provenance = json.loads((Path(out) / EXPORT_MARKER).read_text())
-    assert {i["upload_id"]: i["agreement"] for i in provenance["images"]} == {agreed: 1.0, majority: pytest.approx(2 / 3)}
+    agreements = {i["upload_id"]: i["agreement"] for i in provenance["images"]}
+    assert agreements == {agreed: 1.0, majority: pytest.approx(2 / 3)}
 
     assert store.export_dataset(out, min_agreement=1.0)["count"] == 1  # a stricter export replaces the earlier one
     assert len(read_records(out)) == 1

@@ -187,16 +187,19 @@ def test_saliency_gallery(tmp_path, toy_run, toy_raw):
 
 @pytest.fixture(scope="module")
 def toy_tune(toy_prepared, ray_session, tmp_path_factory) -> str:
-    """A real `dermaid tune hparams_search=toy` run cut down to 2 one-epoch trials (1 worker each)."""
-    from dermaid.config import compose
+    """A real `dermaid tune hparams_search=toy` cut down to 2 concurrent one-epoch trials over lr and augment."""
+    from dermaid.config import compose, to_plain
     from dermaid.tuning import tune
 
     out = tmp_path_factory.mktemp("toy_tune") / "tune"
     prepared_dir, version = toy_prepared.rstrip("/").rsplit("/", 1)
-    tune(compose("tune", [
+    plain = to_plain(compose("tune", [
         "hparams_search=toy", f"data.prepared_dir={prepared_dir}", f"data.version={version}", f"out={out}",
-        "tune.num_samples=2", "train.epochs=1", "scaling.num_workers=1", "tune.scheduler.name=fifo", "logger=none",
-    ]))
+        "tune.num_samples=2", "train.epochs=1", "train.image_size=64", "train.batch_size=16",
+        "scaling.num_workers=1", "tune.scheduler.name=fifo", "tune.max_concurrent_trials=2", "logger=none",
+    ]))  # both trials at once: 2 x (0.1 driver + 0.5 worker) CPUs fit the session's 2-CPU Ray
+    plain["hparams_search"]["space"] = {"optim.lr": {"loguniform": [1e-3, 1e-2]}, "augment": {"choice": ["none", "light"]}}
+    tune(plain)
     return str(out)
 
 

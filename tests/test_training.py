@@ -96,7 +96,7 @@ def test_fine_tune_from_a_checkpoint_lists_both_dataset_versions(ray_session, to
     (source / "card.json").write_text(json.dumps(card))
     out = tmp_path / "finetune"
     summary = train(compose("train", _train_overrides(
-        toy_prepared, out, "experiment=finetune", f"train.init_from={source}", "train.epochs=1",
+        toy_prepared, out, f"train.init_from={source}", "train.epochs=1", "optim.lr=1e-4",
         "scaling.num_workers=1", "logger=none")))
     new_card = load_card(str(out / "last"))
     assert new_card["dataset_versions"] == ["00000000000000aa", card["dataset_version"]]
@@ -130,7 +130,7 @@ def test_missing_or_misfit_fine_tune_checkpoint_is_a_clear_error(toy_prepared, t
 def test_an_out_dir_holding_another_model_is_refused(toy_run, toy_prepared):
     from dermaid.training.train import build_trainer
 
-    with pytest.raises(DermaidError, match="holds a run of model 'resnet10t'"):
+    with pytest.raises(DermaidError, match="holds a run of model 'mobilenetv3_small_050'"):
         build_trainer(compose("train", _train_overrides(toy_prepared, toy_run, "model.name=test_resnet")))
 
 
@@ -247,7 +247,10 @@ def test_benchmark_runs_its_training_step_on_cpu():
 def test_train_config_defaults_resolve():
     cfg = to_plain(compose("train", ["experiment=toy"]))
     assert cfg["scaling"] == {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 0.5, "placement_strategy": "PACK"}
-    assert cfg["model"]["name"] == "resnet10t" and cfg["train"]["torch_threads"] == 1
+    assert cfg["model"]["name"] == "mobilenetv3_small_050" and cfg["train"]["torch_threads"] == 1
+    assert cfg["train"]["imbalance"] == "balanced_sampler"
+    finetune = to_plain(compose("train", ["experiment=finetune", "train.init_from=runs/x/best"]))
+    assert finetune["train"]["init_from"] == "runs/x/best" and finetune["optim"]["backbone_lr_scale"] < 1
     gpu = to_plain(compose("train", ["scaling=gpu4", "model.name=efficientnet_b3", "data.root=gs://bucket/isic2019"]))
     assert gpu["scaling"]["num_workers"] == 4 and gpu["scaling"]["use_gpu"] is True
     assert gpu["model"]["pretrained"] is True and gpu["data"]["root"] == "gs://bucket/isic2019"

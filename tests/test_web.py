@@ -9,6 +9,7 @@ browser tests' tmp_path.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -55,20 +56,23 @@ def test_tokens_are_stored_hashed_and_verified():
 def test_tokens_from_the_environment_are_hashed_and_bad_config_is_refused():
     token = create_token()
     tokens = ReviewerTokens.from_settings({"tokens": {"dr_a": hash_token(create_token())}},
-                                          environ={"DERMAID_REVIEW_TOKENS": f"dr_env:{token}"})
+                                          environ={"DERMAID_REVIEWER_TOKENS": f"dr_env:{token}"})
     assert tokens.verify(token) == "dr_env" and token not in json.dumps(tokens.hashes())
     assert set(hashes_from_env(f" dr_x:{token} , dr_y:{create_token()} ")) == {"dr_x", "dr_y"}
     with pytest.raises(DermaidError, match="review.tokens.dr_a: not a token hash"):
         ReviewerTokens({"dr_a": token})  # a plain token in config is refused: config holds hashes only
     with pytest.raises(DermaidError, match="at least 16 characters"):
         hashes_from_env("dr_a:short")
-    with pytest.raises(DermaidError, match="not 'reviewer:token'"):
-        hashes_from_env(token)
+    bare = hashes_from_env(f"{token},{create_token()}")  # the cluster secret's form: tokens without names
+    assert len(bare) == 2 and all(re.fullmatch(r"reviewer-[0-9a-f]{8}", name) for name in bare)
+    assert ReviewerTokens(bare).verify(token) == f"reviewer-{hashlib.sha256(token.encode()).hexdigest()[:8]}"
+    with pytest.raises(DermaidError, match="not 'reviewer:token' or a token"):
+        hashes_from_env(f":{token}")
     with pytest.raises(DermaidError, match="reviewer name"):
         ReviewerTokens({"dr a/../": hash_token(token)})
     with pytest.raises(DermaidError, match="also has a token"):
         ReviewerTokens.from_settings({"tokens": {"dr_a": hash_token(token)}},
-                                     environ={"DERMAID_REVIEW_TOKENS": f"dr_a:{token}"})
+                                     environ={"DERMAID_REVIEWER_TOKENS": f"dr_a:{token}"})
 
 
 # --- the running application ---------------------------------------------------------------------------------

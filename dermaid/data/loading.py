@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dermaid.data.isic import absolute_url
 from dermaid.data.shards import SHARD_SCHEMA
 from dermaid.errors import DermaidError
 from dermaid.storage import exists, get_fs, join, read_text, write_text
@@ -100,7 +101,7 @@ def resolve_version(prepared_dir: str, ref: str) -> str:
         if not TAG_PATTERN.match(ref) or not exists(tag_url):
             raise VersionError(f"{prepared_dir}: no dataset version or tag named {ref!r}")
         version = read_text(tag_url).strip()
-    url = join(prepared_dir, version)
+    url = join(absolute_url(prepared_dir), version)  # absolute: Ray workers may run in another directory
     if not exists(join(url, MANIFEST_FILE)):
         raise VersionError(f"{url}: dataset version {version} (from {ref!r}) has no {MANIFEST_FILE}")
     return url

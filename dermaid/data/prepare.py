@@ -222,7 +222,8 @@ def _ray_capable(url: str) -> bool:
     return not str(url).startswith("memory://")
 
 
-def _init_ray(address: str | None, num_cpus: int | None) -> None:
+def init_ray(address: str | None = "local", num_cpus: int | None = None) -> None:
+    """Connect to Ray unless already connected: "local" starts a private one (num_cpus cores)."""
     import ray
 
     if ray.is_initialized():
@@ -259,7 +260,7 @@ def _run_shards(records: pd.DataFrame, tmp_url: str, settings: dict[str, Any], i
     else:
         import ray
 
-        _init_ray(ray_address, num_cpus)
+        init_ray(ray_address, num_cpus)
         parallelism = int(ray.cluster_resources().get("CPU", 1))
     ranges = _chunks(len(rows), shard_size, parallelism)
     shards = [f"{SHARDS_DIR}/part-{i:05d}.parquet" for i in range(len(ranges))]

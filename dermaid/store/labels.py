@@ -212,7 +212,8 @@ def parse_labelstudio_export(export: Any) -> tuple[list[dict[str, Any]], dict[st
     rows: list[dict[str, Any]] = []
     skipped = {"tasks": len(export), "cancelled": 0, "without_diagnosis": 0}
     for t, task in enumerate(export):
-        where = f"task {t}" + (f" (id {task.get('id')})" if isinstance(task, dict) and task.get("id") is not None else "")
+        task_id = task.get("id") if isinstance(task, dict) else None
+        where = f"task {t}" + (f" (id {task_id})" if task_id is not None else "")
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise DermaidError(f"Label Studio export: {where} has no 'data' object")
         try:
@@ -237,7 +238,8 @@ def parse_labelstudio_export(export: Any) -> tuple[list[dict[str, Any]], dict[st
                 continue
             values = (choices[0].get("value") or {}).get("choices") or []
             if len(choices) > 1 or len(values) != 1:
-                raise DermaidError(f"Label Studio export: {at}: expected exactly one '{LS_CHOICES}' choice, got {values}")
+                raise DermaidError(f"Label Studio export: {at}: expected exactly one '{LS_CHOICES}' choice, "
+                                   f"got {values}")
             try:
                 code = check_code(values[0])
                 texts = [t for r in results if isinstance(r, dict) and r.get("type") == "textarea"
@@ -609,5 +611,6 @@ def _absolute(url: str) -> str:
 
 
 __all__ = [
-    "LABELSTUDIO_CONFIG", "InvalidUploadId", "LabelStore", "UnknownUpload", "compute_agreement", "labelstudio_task", "parse_labelstudio_export", "parse_upload_id", "public_upload", "run_export",
+    "LABELSTUDIO_CONFIG", "InvalidUploadId", "LabelStore", "UnknownUpload", "compute_agreement", "labelstudio_task",
+    "parse_labelstudio_export", "parse_upload_id", "public_upload", "run_export",
 ]
