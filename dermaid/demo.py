@@ -137,16 +137,21 @@ def step_serve(state: State) -> None:
     import io
     import os
 
+    from dermaid.auth import create_token, hash_token
     from dermaid.storage import join, read_bytes, write_bytes
 
     checkpoint = join(state["run_dir"], "best")
-    cfg = compose("serve", [*state["overrides"], f"checkpoint={checkpoint}"])
+    token = create_token()  # a fresh demo reviewer token each run; only its hash goes into the app's config
+    cfg = compose("serve", [*state["overrides"], f"checkpoint={checkpoint}",
+                            f"+review.tokens.demo_reviewer={hash_token(token)}"])
     image, meta = _demo_image(state)
     if os.environ.get("DEMO_SERVE", "1") != "0":
         from dermaid.serving import run as serve
 
-        print(f"[serve] {checkpoint} at http://{cfg.host}:{cfg.port} (Ctrl-C stops; DEMO_SERVE=0 skips serving)")
-        serve(cfg, example_image=image)
+        url = f"http://{cfg.host}:{cfg.port}"
+        print(f"[serve] {checkpoint} at {url} (Ctrl-C stops; DEMO_SERVE=0 skips serving)")
+        print(f"[serve] web page {url}/ ; dermatologist review {url}/review with the demo reviewer token {token}")
+        serve(cfg, example_image=image, reviewer_token=token)
         return
     from dermaid.inference import Explainer, Predictor, build_result
 

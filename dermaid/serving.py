@@ -82,6 +82,8 @@ def start(cfg: DictConfig | dict[str, Any]) -> str:
 def print_usage(url: str, image: str = "lesion.jpg") -> None:
     """The URL and example curl commands (with `image` as the example upload)."""
     print(f"DermAID is serving at {url} (OpenAPI docs: {url}/docs)")
+    print(f"  web page:             {url}/")
+    print(f"  dermatologist review: {url}/review   (a reviewer token: review.tokens or $DERMAID_REVIEWER_TOKENS)")
     print("Try:")
     print(f"  curl -s {url}/readyz")
     print(f"  curl -s -F image=@{image} -F age=55 -F sex=male -F site='posterior torso' {url}/v1/classify")
@@ -90,10 +92,14 @@ def print_usage(url: str, image: str = "lesion.jpg") -> None:
     print(DISCLAIMER)
 
 
-def run(cfg: DictConfig, example_image: str = "lesion.jpg") -> str:
-    """`dermaid serve checkpoint=PATH [host=] [port=] [key=value ...]`; blocks until Ctrl-C unless blocking=false."""
+def run(cfg: DictConfig, example_image: str = "lesion.jpg", reviewer_token: str | None = None) -> str:
+    """`dermaid serve checkpoint=PATH [host=] [port=] [key=value ...]`; blocks until Ctrl-C unless blocking=false.
+
+    reviewer_token: a plain token whose hash is in cfg.review.tokens (the demo's), printed with the URLs."""
     url = start(cfg)
     print_usage(url, example_image)
+    if reviewer_token:
+        print(f"Dermatologist review: open {url}/review and sign in with the reviewer token {reviewer_token}")
     if not cfg.get("blocking", True):
         return url
     from ray import serve

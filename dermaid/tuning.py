@@ -107,7 +107,7 @@ def tune(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         base = plain
     # the search space is checked before Ray starts or any data is touched
     space, groups = build_search_space(base["hparams_search"], base)
-    _ensure_ray(base.get("run", {}))
+    _ensure_ray(plain.get("run", {}))
     if not resume:
         base = _prepare_base(plain, out)
     tune_cfg = base["tune"]
@@ -122,7 +122,8 @@ def tune(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     started = time.time()
     if resume:
         if not ray.tune.Tuner.can_restore(tune_path):
-            raise DermaidError(f"resume=true: {tune_path} holds no Ray Tune experiment state to restore")
+            raise DermaidError(f"resume=true: {tune_path} holds no Ray Tune experiment state to restore "
+                               f"(interrupted before the first trial started?); remove {out} to start over")
         tuner = ray.tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, param_space=space)
     else:
         tuner = ray.tune.Tuner(
@@ -137,8 +138,8 @@ def tune(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
                 verbose=1,
             ),
         )
-    grid = tuner.fit()
-    return _finish(out, base, grid, list(space), time.time() - started)
+    tuner.fit()  # TuningCallback writes DIR/results.csv as trials end and when the experiment ends
+    return _finish(out, base, list(space), time.time() - started)
 
 
 def _prepare_base(plain: dict[str, Any], out: str) -> dict[str, Any]:
@@ -423,8 +424,9 @@ class TuningCallback(_tune_callback_base()):
         release_orphaned_placement_groups()
 
     def _write(self, trials: list) -> None:
-        rows = [trial_row(self.out, t.trial_id, str(t.status), t.config, self.metric, self.keys, t.error_file)
-                for t in trials]
+        events = read_trial_events(self.out)
+        rows = [trial_row(self.out, t.trial_id, events.get(t.trial_id), str(t.status), t.config, self.metric,
+                          self.keys) for t in trials]
         write_results(self.out, rows)
 
     def _log(self, event: str) -> None:
@@ -432,6 +434,17 @@ class TuningCallback(_tune_callback_base()):
         previous = read_text(url) if exists(url) else ""
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         write_text(url, previous + f"{stamp} {event}\n")
+
+
+def read_trial_events(out: str) -> dict[str, str]:
+    """trial_id -> its last event in DIR/trials.log ("start", "end" or "error"); survives a resume."""
+    url = join(out, TRIALS_LOG)
+    events: dict[str, str] = {}
+    for line in (read_text(url).splitlines() if exists(url) else []):
+        parts = line.split()
+        if len(parts) == 3:
+            events[parts[2]] = parts[1]
+    return events
 
 
 def release_orphaned_placement_groups() -> int:
@@ -468,14 +481,14 @@ def release_orphaned_placement_groups() -> int:
     return removed
 
 
-def trial_row(out: str, trial_id: str, tune_status: str, config: dict[str, Any], metric: str, keys: list[str],
-              error: str | None = None) -> dict[str, Any]:
+def trial_row(out: str, trial_id: str, event: str | None, tune_status: str, config: dict[str, Any], metric: str,
+              keys: list[str]) -> dict[str, Any]:
     """One results-table row: status, epochs run, the best epoch's metrics (history.csv) and the sampled values."""
     from dermaid.training.history import read_history
 
     run_dir = join(out, TRIALS_DIR, trial_id)
     history = read_history(run_dir)
-    row: dict[str, Any] = {"trial_id": trial_id, "status": _status(run_dir, tune_status, error),
+    row: dict[str, Any] = {"trial_id": trial_id, "status": _status(run_dir, event, tune_status),
                            "epochs": int(history["epoch"].max()) if len(history) else 0}
     if len(history) and metric in history and history[metric].notna().any():
         best = history.loc[history[metric].astype(float).idxmax()]
@@ -493,13 +506,18 @@ def trial_row(out: str, trial_id: str, tune_status: str, config: dict[str, Any],
     return row
 
 
-def _status(run_dir: str, tune_status: str, error: str | None) -> str:
-    if tune_status == "ERROR" or error:
+def _status(run_dir: str, event: str | None, tune_status: str) -> str:
+    """completed (its trainer finished), stopped (by ASHA or the time budget), error; else unfinished/pending.
+
+    From DIR/trials.log, not Tune's status alone: Tune marks the trials it stops for a Ctrl-C TERMINATED
+    in memory too, although its saved state resumes them.
+    """
+    if event == "error" or tune_status == "ERROR":
         return "error"
-    if tune_status == "TERMINATED":
-        # train() writes summary.json when its trainer finishes; a trial ASHA stopped never gets there
+    if event == "end":
+        # train() writes summary.json when its trainer finishes; a trial Tune stopped never gets there
         return "completed" if exists(join(run_dir, "summary.json")) else "stopped"
-    return {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused"}.get(tune_status, tune_status.lower())
+    return "pending" if tune_status == "PENDING" and event is None else "unfinished"
 
 
 def write_results(out: str, rows: list[dict[str, Any]]) -> str:
@@ -524,36 +542,40 @@ def format_results(rows: list[dict[str, Any]], metric: str, mode: str = "max") -
     return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def _finish(out: str, base: dict[str, Any], grid, keys: list[str], wall_seconds: float) -> dict[str, Any]:
+def _finish(out: str, base: dict[str, Any], keys: list[str], wall_seconds: float) -> dict[str, Any]:
+    """Print the results table (TuningCallback wrote it at the experiment's end); copy the best trial to DIR/best."""
+    import pandas as pd
+
     from dermaid.evaluation.metrics import json_safe
     from dermaid.models.card import CARD_FILE, load_card
 
     tune_cfg = base["tune"]
     metric, mode = tune_cfg["metric"], tune_cfg["mode"]
-    trials = grid._experiment_analysis.trials  # Trial objects: status, config, error
-    rows = [trial_row(out, t.trial_id, str(t.status), t.config, metric, keys, t.error_file) for t in trials]
-    write_results(out, rows)
+    url = join(out, RESULTS_FILE)
+    rows = pd.read_csv(io.StringIO(read_text(url))).to_dict("records") if exists(url) else []
     finished = sum(r["status"] in ("completed", "stopped", "error") for r in rows)
-    interrupted = finished < len(rows) or len(rows) < int(tune_cfg["num_samples"]) and not _budget_spent(
-        tune_cfg, wall_seconds)
-    print(f"\n{len(rows)} trials ({finished} finished) -> {join(out, RESULTS_FILE)}")
-    print(format_results(rows, metric, mode))
+    interrupted = finished < len(rows) or (len(rows) < int(tune_cfg["num_samples"])
+                                           and not _budget_spent(tune_cfg, wall_seconds))
+    print(f"\n{len(rows)} trials ({finished} finished) -> {url}")
+    if rows:
+        print(format_results(rows, metric, mode))
 
-    candidates = [r for r in rows if isinstance(r.get(metric), float) and not math.isnan(r[metric])
+    candidates = [r for r in rows if r["status"] in ("completed", "stopped") and not pd.isna(r.get(metric))
                   and exists(join(r["run_dir"], "best", CARD_FILE))]
     summary: dict[str, Any] = {"out": out, "search": base["hparams_search"].get("name"), "num_trials": len(rows),
                                "finished": finished, "interrupted": bool(interrupted), "metric": metric,
                                "mode": mode, "wall_seconds": round(wall_seconds, 1), "best": None}
     if not candidates:
         errors = [r["trial_id"] for r in rows if r["status"] == "error"]
-        if not interrupted:
-            raise DermaidError(f"no trial reported {metric}" + (f"; trials {errors} failed (see "
-                                                              f"{join(out, TUNE_DIR_NAME)})" if errors else ""))
         write_text(join(out, "summary.json"), json.dumps(json_safe(summary), indent=2))
+        if not interrupted:
+            raise DermaidError(f"no trial reported {metric}" + (f"; trials {errors} failed (their errors are in "
+                                                              f"{join(out, TUNE_DIR_NAME)})" if errors else ""))
         return summary
-    pick = max if mode == "max" else min
-    best = pick(candidates, key=lambda r: r[metric])
-    worst = (min if mode == "max" else max)(candidates, key=lambda r: r[metric])
+    better = max if mode == "max" else min
+    worse = min if mode == "max" else max
+    best = better(candidates, key=lambda r: r[metric])
+    worst = worse(candidates, key=lambda r: r[metric])
     best_url = copy_checkpoint(join(best["run_dir"], "best"), join(out, "best"))
     card = load_card(best_url)
     overrides = " ".join(f"{k[len(CONFIG_PREFIX):]}={v}" for k, v in best.items() if k.startswith(CONFIG_PREFIX))

@@ -9,6 +9,8 @@ Routes (OpenAPI at /docs):
     POST /v1/classify   multipart: image, optional age (0-120), sex, site, consent (store for review)
     POST /v1/saliency   the same plus target (class code), method (gradcam, ...), format (png | json)
     GET  /v1/model      the model card        GET /healthz   alive        GET /readyz   model loaded
+    GET  /, /review     the consumer page and the dermatologist review page (serve/review.py, serve/web/)
+    /v1/review/...      the dermatologist review API, bearer tokens (serve/review.py: queue, labels, Label Studio)
 
 Deployments: `Classifier` (dermaid.inference.Predictor; decoding in a thread pool, `@serve.batch`
 dynamic batching tuned through user_config), `Explainer` (Grad-CAM; one model copy per concurrent
@@ -41,6 +43,8 @@ from dermaid.classes import AGE_RANGE, CLASS_CODES, DISCLAIMER, MALIGNANT_CODES,
 from dermaid.data.images import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, ImageTooLargeError
 from dermaid.errors import DermaidError
 from dermaid.inference import CAM_METHODS, DEFAULT_TRIAGE, ImageShapeError, build_result
+from serve.review import ReviewArgs, create_review_context, review_settings
+from serve.review import router as review_router
 
 logger = logging.getLogger("ray.serve")
 
@@ -101,6 +105,7 @@ class AppArgs(BaseModel):
     malignant_codes: list[str] = Field(default_factory=lambda: list(MALIGNANT_CODES))
     triage: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TRIAGE))
     storage: StorageArgs = Field(default_factory=StorageArgs)
+    review: ReviewArgs = Field(default_factory=ReviewArgs)   # dermatologist tokens (hashes) for /review
     classifier: ClassifierArgs = Field(default_factory=ClassifierArgs)
     explainer: ExplainerArgs = Field(default_factory=ExplainerArgs)
     ingress: IngressArgs = Field(default_factory=IngressArgs)
@@ -157,7 +162,8 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body is larger than the {limit / MIB:g} MiB limit")
 
 
-_STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 413: "body_too_large",
                  415: "unsupported_media_type", 422: "invalid_field", 500: "internal", 503: "unavailable"}
 
 # What each form field accepts (named in 422 messages).
@@ -475,6 +481,9 @@ async def _read_image(upload: UploadFile) -> bytes:
     return data
 
 
+api.include_router(review_router)  # GET / and /review (pages), /v1/review/... (serve/review.py)
+
+
 @serve.deployment(name="Ingress", max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Ingress:
@@ -490,6 +499,7 @@ class Ingress:
         self.triage = dict(settings["triage"])
         db_url = settings["storage"]["db_url"] or os.environ.get(DATABASE_URL_ENV) or None
         self.store = UploadStore(settings["storage"]["url"], db_url)
+        self.review = create_review_context(self.store, settings.get("review"))  # used by serve/review.py
         self._model: dict[str, Any] | None = None
 
     @api.get("/healthz")
@@ -590,5 +600,6 @@ def build_app(args: AppArgs) -> Application:
         args.explainer_checkpoint or args.checkpoint, args.device, args.max_pixels, e.torch_threads, e.concurrency,
     )
     settings = {"max_upload_mb": args.max_upload_mb, "malignant_codes": args.malignant_codes,
-                "triage": args.triage, "storage": args.storage.model_dump()}
+                "triage": args.triage, "storage": args.storage.model_dump(),
+                "review": review_settings(args.review)}
     return Ingress.options(**_options(args.ingress)).bind(classifier, explainer, settings)
