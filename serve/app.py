@@ -65,16 +65,23 @@ class DeploymentArgs(BaseModel):
     max_ongoing_requests: int = 32
 
 
-class ClassifierArgs(DeploymentArgs):
+class TorchDeploymentArgs(DeploymentArgs):
+    """A deployment that runs torch: its intra-op threads and how they wait between parallel regions."""
+
     torch_threads: int = 2
+    # PASSIVE: OpenMP threads sleep at barriers instead of spinning. A replica shares its cores with the
+    # proxy, the ingress and other replicas; spinning threads then stall each other (2-6x slower forwards).
+    omp_wait_policy: Literal["PASSIVE", "ACTIVE"] | None = "PASSIVE"
+
+
+class ClassifierArgs(TorchDeploymentArgs):
     decode_threads: int = 2
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.01
 
 
-class ExplainerArgs(DeploymentArgs):
+class ExplainerArgs(TorchDeploymentArgs):
     num_cpus: float = 0.5
-    torch_threads: int = 2
     concurrency: int = 1          # model copies, i.e. concurrent Grad-CAM calls per replica
     max_ongoing_requests: int = 8
 
@@ -581,6 +588,9 @@ def _options(spec: DeploymentArgs) -> dict[str, Any]:
         "max_ongoing_requests": spec.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
     }
+    if isinstance(spec, TorchDeploymentArgs) and spec.omp_wait_policy:
+        # read by the OpenMP runtime when the process loads it: only an env var set at process start works
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": {"OMP_WAIT_POLICY": spec.omp_wait_policy}}
     if spec.autoscaling_config:
         options["autoscaling_config"] = spec.autoscaling_config
     else:

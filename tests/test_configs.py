@@ -20,9 +20,19 @@ def _dermaid(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=180, cwd=cwd)
 
 
+def _required_keys(node, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in _required_keys(value, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [k for i, value in enumerate(node) for k in _required_keys(value, f"{prefix}{i}.")]
+    return [prefix[:-1]] if node == "???" else []
+
+
 @pytest.mark.parametrize("name", PRIMARY_CONFIGS)
 def test_primary_config_composes(name):
     cfg = compose(name)
+    for key in _required_keys(OmegaConf.to_container(cfg, resolve=False)):  # `???`: the user's to give
+        OmegaConf.update(cfg, key, "REQUIRED", force_add=True)
     plain = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert isinstance(plain, dict) and plain
     if name in COMMANDS:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,21 +28,28 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A `ray start --head` cluster on loopback (2 CPUs, dashboard for the Jobs API); stopped at the end."""
+    """A `ray start --head --block` cluster on loopback (2 CPUs, dashboard for the Jobs API).
+
+    Stopped by signalling its own process group, never `ray stop`, which would also kill the test
+    session's cluster and any other Ray on the machine."""
     temp = tmp_path_factory.mktemp("ray_head")
     gcs_port, dash_port = _free_port(), _free_port()
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     env.pop("RAY_ADDRESS", None)
-    subprocess.run(
-        [RAY, "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
          f"--temp-dir={temp}", "--disable-usage-stats"],
-        check=True, env=env, timeout=240, capture_output=True,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
         yield f"http://127.0.0.1:{dash_port}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, timeout=120, capture_output=True)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
 
 
 def _wait(client, job_id: str, timeout_s: float) -> str:
@@ -63,7 +70,7 @@ def test_pipeline_runs_as_a_ray_job_and_skips_existing_steps(ray_head, toy_raw, 
     from ray.job_submission import JobSubmissionClient
 
     client = None
-    for _ in range(20):  # the dashboard's HTTP server comes up a little after `ray start` returns
+    for _ in range(60):  # `ray start --block` returns nothing: poll until the Jobs API answers
         try:
             client = JobSubmissionClient(ray_head)
             break

@@ -67,7 +67,7 @@ def test_two_workers_learn_and_resume_after_a_worker_failure(ray_session, toy_pr
 
     out = tmp_path / "run"
     summary = train(compose("train", _train_overrides(
-        toy_prepared, out, "train.epochs=4", "train.fail_at_epoch=3", "run.max_failures=1",
+        toy_prepared, out, "train.epochs=4", "train.batch_size=8", "train.fail_at_epoch=3", "run.max_failures=1",
         "scaling.num_workers=2", "logger=wandb", "logger.mode=offline")))
     assert (out / FAIL_MARKER).exists()  # the failure really happened
     history = read_history(str(out))

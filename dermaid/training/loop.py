@@ -8,7 +8,6 @@ A batch is a tuple (images (B, 3, H, W) float, metadata (B, METADATA_DIM) float,
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
@@ -109,46 +108,6 @@ def compute_class_weights(counts: list[int] | np.ndarray, power: float = 1.0) ->
     return torch.as_tensor(weights, dtype=torch.float32)
 
 
-class ModelEma:
-    """Exponential moving average of a model's weights and BatchNorm buffers (what validation and the
-    checkpoints use when train.ema_decay > 0): smooths the epoch-to-epoch noise of small or noisy sets.
-
-    The decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates, so early averages are
-    not dominated by the random initialisation.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.module = copy.deepcopy(_unwrap(model)).eval()
-        for param in self.module.parameters():
-            param.requires_grad_(False)
-        self.decay = float(decay)
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        current = _unwrap(model).state_dict()
-        for name, average in self.module.state_dict().items():
-            value = current[name].detach()
-            if average.dtype.is_floating_point:
-                average.mul_(decay).add_(value.to(average.dtype), alpha=1.0 - decay)
-            else:
-                average.copy_(value)  # e.g. BatchNorm's num_batches_tracked
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["module"])
-        self.updates = int(state["updates"])
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
-
-
 def _to_device(batch, device: torch.device, channels_last: bool):
     images, metadata, labels = batch
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -170,12 +129,10 @@ def train_one_epoch(
     grad_clip: float | None = None,
     max_steps: int | None = None,
     teacher: nn.Module | None = None,
-    ema: ModelEma | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns {"loss", "samples", "steps", "seconds", "images_per_s"}.
 
     teacher: a frozen model for knowledge distillation; then loss_fn(logits, labels, teacher_logits).
-    ema: a ModelEma updated after every optimiser step.
     """
     model.train()
     start = time.perf_counter()
@@ -209,8 +166,6 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        if ema is not None:
-            ema.update(model)
         total_loss += loss.detach() * labels.shape[0]
         samples += int(labels.shape[0])
         steps += 1

@@ -407,7 +407,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         logits, labels = _gather(logits[:, 0], labels, dist)  # (N_val, K), (N_val,) in shard order
         row, details, temperature = _epoch_metrics(logits, labels)
         row = {"epoch": epoch, "attempt": state["attempt"], "train/loss": train_loss, **row,
-               "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - started,
+               "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": time.perf_counter() - started,
                "train/images_per_s": stats["images_per_s"] * world}
         score = row[SCORE_METRIC]
         improved = not math.isnan(score) and score > state["best_score"] + float(train_cfg.get("min_delta", 0.0))
@@ -562,8 +562,8 @@ def _start_wandb(logger_cfg: dict[str, Any], config: dict[str, Any], out: str):
     from ray.air.integrations.wandb import setup_wandb
 
     mode = str(logger_cfg.get("mode", "auto"))
-    if mode == "auto":
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    if mode == "auto":  # an explicit $WANDB_MODE wins; else online only with an API key
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     os.environ["WANDB_MODE"] = mode
     os.environ.setdefault("WANDB_SILENT", "true")
     wandb_dir = out if is_local(out) else tempfile.mkdtemp(prefix="wandb-")
