@@ -1,6 +1,6 @@
 """`dermaid pipeline` as a Ray Job on a real local cluster: `ray start --head` on loopback, the job
 submitted through the Jobs API, SUCCEEDED, the model registered and the reports written; a second
-submission skips every step whose output exists; `ray stop` at the end."""
+submission skips every step whose output exists; the head is stopped at the end."""
 
 from __future__ import annotations
 

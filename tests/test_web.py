@@ -75,6 +75,21 @@ def test_tokens_from_the_environment_are_hashed_and_bad_config_is_refused():
                                      environ={"DERMAID_REVIEWER_TOKENS": f"dr_a:{token}"})
 
 
+def test_pages_work_under_a_route_prefix():
+    """Relative URLs + <base href> from the ASGI root_path: the pages also work behind /prefix (Serve, proxies)."""
+    from starlette.requests import Request
+
+    from serve.review import consumer_page, review_page
+
+    for root in ("", "/dermaid"):
+        request = Request({"type": "http", "method": "GET", "path": "/", "root_path": root, "headers": []})
+        for page in (consumer_page(request), review_page(request)):
+            html = page.body.decode()
+            assert f'<base href="{root}/">' in html and "{{" not in html
+            rest = html.replace(f'<base href="{root}/">', "")
+            assert 'src="web/common.js"' in rest and 'src="/' not in rest and 'href="/' not in rest
+
+
 # --- the running application ---------------------------------------------------------------------------------
 
 def _free_port() -> int:
