@@ -222,26 +222,11 @@ def _ray_capable(url: str) -> bool:
     return not str(url).startswith("memory://")
 
 
-def init_ray(address: str | None = "local", num_cpus: int | None = None) -> None:
-    """Connect to Ray unless already connected: "local" starts a private one (num_cpus cores)."""
-    import ray
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to Ray unless already connected: address, else $RAY_ADDRESS, else a private local Ray."""
+    from dermaid.ray_runtime import ensure_ray
 
-    if ray.is_initialized():
-        return
-    address = address or "local"
-    kwargs: dict[str, Any] = {"include_dashboard": False}
-    if address == "local":
-        kwargs["num_cpus"] = num_cpus
-    log.info("prepare: starting Ray (address=%s)", address)
-    for attempt in range(3):  # a busy machine can miss Ray's fixed 30 s raylet start-up window
-        try:
-            ray.init(address=address, **kwargs)
-            return
-        except Exception as exc:  # ray raises a bare Exception for this
-            if "timed out during startup" not in str(exc) or attempt == 2:
-                raise
-            log.warning("prepare: Ray start-up timed out (busy machine?); retrying")
-            ray.shutdown()
+    ensure_ray(address, num_cpus)
 
 
 def _chunks(n: int, shard_size: int, parallelism: int) -> list[tuple[int, int]]:

@@ -120,15 +120,10 @@ def build_scaling_config(scaling: dict[str, Any]):
 
 
 def _ensure_ray(run_cfg: dict[str, Any]) -> None:
-    import ray
+    """Join $RAY_ADDRESS / run.ray_address, or start a private local Ray (dermaid.ray_runtime)."""
+    from dermaid.ray_runtime import ensure_ray
 
-    if ray.is_initialized():
-        return
-    address = run_cfg.get("ray_address") or os.environ.get("RAY_ADDRESS") or "local"
-    kwargs: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": True}
-    if address == "local" and run_cfg.get("num_cpus"):
-        kwargs["num_cpus"] = int(run_cfg["num_cpus"])
-    ray.init(**kwargs)
+    ensure_ray(run_cfg.get("ray_address"), run_cfg.get("num_cpus"), log_to_driver=True)
 
 
 def _absolute(url: str) -> str:
