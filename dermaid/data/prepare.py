@@ -124,7 +124,7 @@ def prepare_dataset(
     tag: str | None = None,
     *,
     use_cache: bool = True,
-    ray_address: str | None = "local",
+    ray_address: str | None = None,
     num_cpus: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> dict[str, Any]:
