@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **init_k
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict[str, Any] = {"include_dashboard": False, **init_kwargs}
-    if address == "local" and num_cpus:
-        kwargs["num_cpus"] = int(num_cpus)
+    if address == "local":
+        if num_cpus:
+            kwargs["num_cpus"] = int(num_cpus)
+        kwargs.setdefault("runtime_env", _checkout_on_path())
     log.info("starting or joining Ray (address=%s)", address)
     for attempt in range(_STARTUP_ATTEMPTS):
         try:
@@ -35,3 +38,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **init_k
                 raise
             log.warning("Ray start-up timed out (busy machine?); retrying")
             ray.shutdown()
+
+
+def _checkout_on_path() -> dict[str, Any]:
+    """Workers of a private Ray import `serve.app` from this checkout, whatever the working directory."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "serve").is_dir():
+        return {}
+    paths = [str(root), os.environ.get("PYTHONPATH", "")]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}}

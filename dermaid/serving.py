@@ -11,7 +11,6 @@ diagnosis.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -56,10 +55,10 @@ def build_app_args(cfg: DictConfig | dict[str, Any]):
 
 def start(cfg: DictConfig | dict[str, Any]) -> str:
     """Start Ray (if needed), Serve on host:port, and the application; returns the base URL."""
-    import ray
     from ray import serve
 
     from dermaid.models.card import load_card
+    from dermaid.ray_runtime import ensure_ray
 
     plain = to_plain(cfg)
     args = build_app_args(plain)
@@ -68,12 +67,8 @@ def start(cfg: DictConfig | dict[str, Any]) -> str:
         load_card(args.explainer_checkpoint)
     serve_app = _serve_app_module()
     host, port = str(plain.get("host", "127.0.0.1")), int(plain.get("port", 8000))
-    if not ray.is_initialized():
-        ray_cfg = plain.get("ray") or {}
-        # Replicas import serve.app: put the checkout on their path whatever the working directory.
-        pythonpath = os.pathsep.join(p for p in (str(repo_root()), os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(address=ray_cfg.get("address", "local"), num_cpus=ray_cfg.get("num_cpus"),
-                 include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    ray_cfg = plain.get("ray") or {}
+    ensure_ray(ray_cfg.get("address", "local"), ray_cfg.get("num_cpus"))  # replicas get the checkout on PYTHONPATH
     serve.start(http_options={"host": host, "port": port})
     serve.run(serve_app.build_app(args), name=str(plain.get("app_name", "dermaid")), route_prefix="/")
     return f"http://{host}:{port}"
