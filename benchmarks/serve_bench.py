@@ -224,6 +224,14 @@ def cold_start_s(checkpoint: str, workdir: str, image: bytes, timeout_s: float =
         log.close()
 
 
+def _start_ray(ray) -> None:
+    try:
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    except Exception:
+        ray.shutdown()  # a half-started node must not linger into the next attempt
+        raise
+
+
 def _retry(fn, attempts: int = 3):
     """Ray's start-up can time out on a heavily shared machine (its agents import slowly): try again."""
     for attempt in range(attempts):
@@ -279,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"bare ({policy}): {bare_runs[policy][-1]}", flush=True)
 
     port = _free_port()
-    _retry(lambda: ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False))
+    _retry(lambda: _start_ray(ray))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_args = {"checkpoint": checkpoint, "storage": {"url": f"{workdir}/uploads"},
                 "classifier": {"torch_threads": args.torch_threads, "max_batch_size": args.batch}}
