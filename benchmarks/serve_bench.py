@@ -232,7 +232,7 @@ def _start_ray(ray) -> None:
         raise
 
 
-def _retry(fn, attempts: int = 3):
+def _retry(fn, attempts: int = 5):
     """Ray's start-up can time out on a heavily shared machine (its agents import slowly): try again."""
     for attempt in range(attempts):
         try:

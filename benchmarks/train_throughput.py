@@ -106,7 +106,7 @@ def measure_in_ray(args: argparse.Namespace, use_gpu: bool) -> dict:
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
     cpus = max(1, min(os.cpu_count() or 1, 8) - 1)
     trainer = TorchTrainer(
         _ray_worker, train_loop_config=vars(args),
