@@ -90,11 +90,18 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def _ray_worker(config: dict) -> None:
+    """Runs in the Ray Train worker: loads this script as a module (a function defined in __main__
+    would be pickled by value, with torch's modules) and reports its measurement."""
+    import importlib.util
+
     import ray.train
     import ray.train.torch
 
-    args = argparse.Namespace(**config)
-    ray.train.report(measure(args, ray.train.torch.get_device()))
+    spec = importlib.util.spec_from_file_location("train_throughput", config["_script"])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = argparse.Namespace(**{k: v for k, v in config.items() if k != "_script"})
+    ray.train.report(module.measure(args, ray.train.torch.get_device()))
 
 
 def measure_in_ray(args: argparse.Namespace, use_gpu: bool) -> dict:
@@ -109,7 +116,7 @@ def measure_in_ray(args: argparse.Namespace, use_gpu: bool) -> dict:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
     cpus = max(1, min(os.cpu_count() or 1, 8) - 1)
     trainer = TorchTrainer(
-        _ray_worker, train_loop_config=vars(args),
+        _ray_worker, train_loop_config={**vars(args), "_script": os.path.abspath(__file__)},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="bench-ray-"), name="throughput"),
