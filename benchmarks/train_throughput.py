@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 import sys
-import time
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -101,13 +101,15 @@ def _ray_worker(config: dict) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     args = argparse.Namespace(**{k: v for k, v in config.items() if k != "_script"})
-    ray.train.report(module.measure(args, ray.train.torch.get_device()))
+    metrics = module.measure(args, ray.train.torch.get_device())
+    with tempfile.TemporaryDirectory() as tmp:  # Train V2 keeps only metrics reported with a checkpoint
+        with open(os.path.join(tmp, "metrics.json"), "w") as f:
+            json.dump(metrics, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def measure_in_ray(args: argparse.Namespace, use_gpu: bool) -> dict:
     """The same measurement inside a one-worker TorchTrainer (Ray Train V2)."""
-    import tempfile
-
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
