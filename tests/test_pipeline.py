@@ -52,6 +52,19 @@ def ray_head(tmp_path_factory):
             os.killpg(head.pid, signal.SIGKILL)
 
 
+def _submit(client, **job) -> str:
+    """Submit a job; the dashboard answers before the node's job agent has registered ("No available
+    agent to submit job"), so that one error is retried for up to two minutes."""
+    deadline = time.time() + 120
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(3)
+
+
 def _wait(client, job_id: str, timeout_s: float) -> str:
     from ray.job_submission import JobStatus
 
@@ -85,7 +98,7 @@ def test_pipeline_runs_as_a_ray_job_and_skips_existing_steps(ray_head, toy_raw, 
     )
     runtime_env = {"working_dir": str(REPO), "env_vars": {"RAY_DEDUP_LOGS": "0", "WANDB_MODE": "offline"},
                    "excludes": [".venv", ".git", "data", "runs", "reports", "outputs"]}
-    first = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    first = _submit(client, entrypoint=entrypoint, runtime_env=runtime_env)
     status = _wait(client, first, timeout_s=1200)
     logs = client.get_job_logs(first)
     assert status == "SUCCEEDED", logs[-4000:]
@@ -103,7 +116,7 @@ def test_pipeline_runs_as_a_ray_job_and_skips_existing_steps(ray_head, toy_raw, 
         assert html and "data:image/png;base64" in html[0].read_text(), name
 
     # The same pipeline again: every step's output exists, so nothing retrains.
-    second = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    second = _submit(client, entrypoint=entrypoint, runtime_env=runtime_env)
     assert _wait(client, second, timeout_s=600) == "SUCCEEDED", client.get_job_logs(second)[-4000:]
     again = client.get_job_logs(second)
     for step in ("train", "evaluate", "register"):

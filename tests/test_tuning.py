@@ -49,7 +49,8 @@ def test_search_configs_compose_and_map_to_tune(tmp_path):
         assert config.metric == METRIC and config.mode == "max"
         assert config.max_concurrent_trials == plain["tune"]["max_concurrent_trials"]  # a ConcurrencyLimiter
     toy = to_plain(compose("tune", ["hparams_search=toy"]))
-    assert toy["model"]["name"] == "resnet10t" and toy["tune"]["num_samples"] == 4  # the toy experiment
+    toy_experiment = to_plain(compose("train", ["experiment=toy"]))
+    assert toy["model"] == toy_experiment["model"] and toy["tune"]["num_samples"] == 4  # the toy experiment
     assert build_tune_config(toy["tune"], {}, max_t=4).scheduler.__class__.__name__ == "AsyncHyperBandScheduler"
 
 
