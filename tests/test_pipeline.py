@@ -34,7 +34,10 @@ def ray_head(tmp_path_factory):
     session's cluster and any other Ray on the machine."""
     temp = tmp_path_factory.mktemp("ray_head")
     gcs_port, dash_port = _free_port(), _free_port()
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    home = tmp_path_factory.mktemp("ray_head_home")
+    # HOME of its own: a ~/.ray/auth_token left by another Ray (`ray get-auth-token --generate`) would make
+    # this head demand a token that the test's client never sends
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "HOME": str(home)}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
@@ -97,7 +100,7 @@ def test_pipeline_runs_as_a_ray_job_and_skips_existing_steps(ray_head, toy_raw, 
         "train.image_size=64 train.epochs=1 'pipeline.reports=[eda,train-report]' pipeline.evaluate_split=val"
     )
     runtime_env = {"working_dir": str(REPO), "env_vars": {"RAY_DEDUP_LOGS": "0", "WANDB_MODE": "offline"},
-                   "excludes": [".venv", ".git", "data", "runs", "reports", "outputs"]}
+                   "excludes": ["/.venv", "/.git", "/data", "/runs", "/reports", "/outputs"]}
     first = _submit(client, entrypoint=entrypoint, runtime_env=runtime_env)
     status = _wait(client, first, timeout_s=1200)
     logs = client.get_job_logs(first)
