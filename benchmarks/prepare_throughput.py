@@ -1,6 +1,6 @@
 """prepare's throughput next to the bare per-image limit measured in the same run, as a ratio.
 
-    .venv/bin/python benchmarks/prepare_throughput.py                 # 200 images of 1024x1024 -> 512 px
+    .venv/bin/python benchmarks/prepare_throughput.py                 # 600 images of 1024x1024 -> 512 px
     .venv/bin/python benchmarks/prepare_throughput.py --n 400 --image-size 384 --num-cpus 2
 
 The bare limit is a plain loop in one process over the same files: read the bytes, decode with
@@ -65,7 +65,7 @@ def _bare_parallel_rate(urls: list[str], image_size: int, quality: int, processe
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=200, help="images to generate (1024x1024 JPEGs)")
+    parser.add_argument("--n", type=int, default=600, help="images to generate (1024x1024 JPEGs; ~1 s of fixed cost per run needs a few hundred to amortise)")
     parser.add_argument("--image-size", type=int, default=512, help="prepare's data.image_size")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="cores of the local Ray")
     parser.add_argument("--workdir", default=None, help="where to put the generated set (default: a temp dir)")

@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8, help="max_batch_size of the classifier and the bare loop")
     parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--omp-wait-policy", default=None, help="the classifier's OpenMP wait policy (default: the app's)")
+    parser.add_argument("--batch-wait-ms", type=float, default=None, help="the classifier's batch_wait_timeout_s in ms "
+                        "(default: the app's)")
     parser.add_argument("--latency-n", type=int, default=40)
     parser.add_argument("--skip-cold-start", action="store_true")
     parser.add_argument("--workdir", default=None)
@@ -289,8 +292,12 @@ def main(argv: list[str] | None = None) -> dict:
     port = _free_port()
     _retry(lambda: _start_ray(ray))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app_args = {"checkpoint": checkpoint, "storage": {"url": f"{workdir}/uploads"},
-                "classifier": {"torch_threads": args.torch_threads, "max_batch_size": args.batch}}
+    classifier = {"torch_threads": args.torch_threads, "max_batch_size": args.batch}
+    if args.omp_wait_policy:
+        classifier["omp_wait_policy"] = args.omp_wait_policy
+    if args.batch_wait_ms is not None:
+        classifier["batch_wait_timeout_s"] = args.batch_wait_ms / 1000
+    app_args = {"checkpoint": checkpoint, "storage": {"url": f"{workdir}/uploads"}, "classifier": classifier}
     try:
         serve.run(build_app(app_args), name="bench", route_prefix="/")
         http_throughput(port, bodies, 2 * args.concurrency, args.concurrency)  # warm-up
@@ -299,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
         classify_p50 = http_latency_ms(port, "/v1/classify", bodies, args.latency_n)
         saliency_p50 = http_latency_ms(port, "/v1/saliency", bodies, max(10, args.latency_n // 2))
         print(f"serve p50: classify {classify_p50:.1f} ms, saliency {saliency_p50:.1f} ms", flush=True)
-        serve.run(build_app({**app_args, "classifier": {"torch_threads": args.torch_threads, "max_batch_size": 1}}),
+        serve.run(build_app({**app_args, "classifier": {**classifier, "max_batch_size": 1}}),
                   name="bench", route_prefix="/")  # a user_config change: reconfigure() in place
         http_throughput(port, bodies, args.concurrency, args.concurrency)
         unbatched = http_throughput(port, bodies, args.requests, args.concurrency)

@@ -40,7 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", default="auto", help="auto | bf16 | fp16 | off (auto: bf16 on GPU, off on CPU)")
     p.add_argument("--channels-last", default="auto", help="auto | true | false (auto: on for GPU)")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads in both measurements, and the Ray worker's CPUs (0: all cores on CPU; "
+                        "on GPU, cores - 1)")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray Train comparison")
     p.add_argument("--repeats", type=int, default=2, help="alternating plain/Ray measurements; best of each")
     return p.parse_args(argv)
@@ -116,7 +118,7 @@ def measure_in_ray(args: argparse.Namespace, use_gpu: bool) -> dict:
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
-    cpus = max(1, min(os.cpu_count() or 1, 8) - 1)
+    cpus = args.threads  # the same threads as the plain run: Ray sets OMP_NUM_THREADS to the worker's CPUs
     trainer = TorchTrainer(
         _ray_worker, train_loop_config={**vars(args), "_script": os.path.abspath(__file__)},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
@@ -129,6 +131,9 @@ def measure_in_ray(args: argparse.Namespace, use_gpu: bool) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = loop.resolve_device(args.device)
+    if not args.threads:  # one thread count for both sides, or the comparison measures threads, not Ray
+        cores = os.cpu_count() or 1
+        args.threads = cores if device.type == "cpu" else max(1, min(cores, 8) - 1)
     try:
         import ray  # noqa: F401
 

@@ -27,7 +27,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **init_k
     if address == "local":
         if num_cpus:
             kwargs["num_cpus"] = int(num_cpus)
-        kwargs.setdefault("runtime_env", _checkout_on_path())
+        _put_checkout_on_path()
     log.info("starting or joining Ray (address=%s)", address)
     for attempt in range(_STARTUP_ATTEMPTS):
         try:
@@ -40,10 +40,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **init_k
             ray.shutdown()
 
 
-def _checkout_on_path() -> dict[str, Any]:
-    """Workers of a private Ray import `serve.app` from this checkout, whatever the working directory."""
+def _put_checkout_on_path() -> None:
+    """Workers of a private Ray import `serve.app` from this checkout, whatever the working directory.
+
+    Through the environment the new Ray inherits (its raylet, then every worker), not a job
+    runtime_env: workers with a runtime_env of their own are not the ones Ray prestarts, so each
+    first task would wait seconds for a fresh worker process."""
     root = Path(__file__).resolve().parent.parent
     if not (root / "serve").is_dir():
-        return {}
-    paths = [str(root), os.environ.get("PYTHONPATH", "")]
-    return {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}}
+        return
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if str(root) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(root), *paths] if p)

@@ -77,7 +77,7 @@ class TorchDeploymentArgs(DeploymentArgs):
 class ClassifierArgs(TorchDeploymentArgs):
     decode_threads: int = 2
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.01
+    batch_wait_timeout_s: float = 0.002
 
 
 class ExplainerArgs(TorchDeploymentArgs):
@@ -237,7 +237,7 @@ class Classifier:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         self.predict_batch.set_max_batch_size(int(config.get("max_batch_size", 8)))
-        self.predict_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
+        self.predict_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.002)))
 
     def info(self) -> dict[str, Any]:
         return {"model_version": self.predictor.version, "card": self.predictor.card}
@@ -258,7 +258,7 @@ class Classifier:
             out["input_png"] = await loop.run_in_executor(self._decode_pool, _png_bytes, prepared.model_input, 3)
         return out
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def predict_batch(self, items: list[tuple[Any, Any]]) -> list[list[float]]:
         import torch
 

@@ -43,7 +43,9 @@ def test_serve_config_file_is_valid_and_builds(serve_app, tmp_path):
     deployments = _schemas(app)
     assert set(deployments) == {"Classifier", "Explainer", "Ingress"}
     classifier = deployments["Classifier"]
-    assert classifier.user_config == {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
+    wait_s = raw["applications"][0]["args"]["classifier"]["batch_wait_timeout_s"]
+    assert classifier.user_config == {"max_batch_size": 8, "batch_wait_timeout_s": wait_s}
+    assert classifier.user_config["batch_wait_timeout_s"] <= 0.005  # a long wait costs p50 at low load
     assert classifier.ray_actor_options.num_cpus == 1.0 and classifier.max_ongoing_requests == 32
     assert deployments["Ingress"].ray_actor_options.num_cpus == 0.25
 
