@@ -34,25 +34,33 @@ def ray_head(tmp_path_factory):
     session's cluster and any other Ray on the machine."""
     temp = tmp_path_factory.mktemp("ray_head")
     gcs_port, dash_port = _free_port(), _free_port()
+    # every port with a fixed default gets a free one: the test session's own Ray already holds e.g. the
+    # dashboard agent's 52365, and a second agent there never registers ("No available agent to submit job")
+    ports = {flag: _free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                             "runtime-env-agent-port", "metrics-export-port",
+                                             "ray-client-server-port", "node-manager-port", "object-manager-port")}
     home = tmp_path_factory.mktemp("ray_head_home")
-    # HOME of its own: a ~/.ray/auth_token left by another Ray (`ray get-auth-token --generate`) would make
-    # this head demand a token that the test's client never sends
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "HOME": str(home)}
-    env.pop("RAY_ADDRESS", None)
+    # A loopback head without token auth and with a HOME of its own: the session's ray.init() sets
+    # RAY_AUTH_MODE=token in this process and writes ~/.ray/auth_token, neither of which belongs to this head
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "HOME": str(home), "RAY_AUTH_MODE": "disabled"}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    log = open(temp / "ray-start.log", "wb")  # shown when the Jobs API never answers
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+         f"--temp-dir={temp}", "--disable-usage-stats", *(f"--{flag}={port}" for flag, port in ports.items())],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        yield f"http://127.0.0.1:{dash_port}"
+        yield f"http://127.0.0.1:{dash_port}", temp / "ray-start.log"
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        log.close()
 
 
 def _submit(client, **job) -> str:
@@ -85,14 +93,16 @@ def _wait(client, job_id: str, timeout_s: float) -> str:
 def test_pipeline_runs_as_a_ray_job_and_skips_existing_steps(ray_head, toy_raw, tmp_path):
     from ray.job_submission import JobSubmissionClient
 
+    address, head_log = ray_head
+
     client = None
     for _ in range(60):  # `ray start --block` returns nothing: poll until the Jobs API answers
         try:
-            client = JobSubmissionClient(ray_head)
+            client = JobSubmissionClient(address)
             break
         except Exception:
             time.sleep(3)
-    assert client is not None, f"the Jobs API at {ray_head} never answered"
+    assert client is not None, f"the Jobs API at {address} never answered: {head_log.read_text()[-3000:]}"
 
     home = tmp_path / "home"
     entrypoint = (
