@@ -224,14 +224,6 @@ def cold_start_s(checkpoint: str, workdir: str, image: bytes, timeout_s: float =
         log.close()
 
 
-def _start_ray(ray) -> None:
-    try:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    except Exception:
-        ray.shutdown()  # a half-started node must not linger into the next attempt
-        raise
-
-
 def _retry(fn, attempts: int = 5):
     """Ray's start-up can time out on a heavily shared machine (its agents import slowly): try again."""
     for attempt in range(attempts):
@@ -271,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ray import serve
 
     sys.path.insert(0, str(REPO))
+    from dermaid.ray_runtime import ensure_ray
     from serve.app import build_app
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="serve_bench_")
@@ -290,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"bare ({policy}): {bare_runs[policy][-1]}", flush=True)
 
     port = _free_port()
-    _retry(lambda: _start_ray(ray))
+    ensure_ray("local", os.cpu_count(), log_to_driver=False)  # retries a start-up timeout itself
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     classifier = {"torch_threads": args.torch_threads, "max_batch_size": args.batch}
     if args.omp_wait_policy:

@@ -112,12 +112,12 @@ def _ray_worker(config: dict) -> None:
 
 def measure_in_ray(args: argparse.Namespace, use_gpu: bool) -> dict:
     """The same measurement inside a one-worker TorchTrainer (Ray Train V2)."""
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+    from dermaid.ray_runtime import ensure_ray
+
+    ensure_ray(log_to_driver=False)  # $RAY_ADDRESS, else a private local Ray
     cpus = args.threads  # the same threads as the plain run: Ray sets OMP_NUM_THREADS to the worker's CPUs
     trainer = TorchTrainer(
         _ray_worker, train_loop_config={**vars(args), "_script": os.path.abspath(__file__)},

@@ -74,10 +74,14 @@ class TorchDeploymentArgs(DeploymentArgs):
     omp_wait_policy: Literal["PASSIVE", "ACTIVE"] | None = "PASSIVE"
 
 
+DEFAULT_MAX_BATCH_SIZE = 8  # the classifier's dynamic batching (user_config), until reconfigure() sets it
+DEFAULT_BATCH_WAIT_S = 0.002  # under load batches fill while a forward runs; a long wait only costs p50
+
+
 class ClassifierArgs(TorchDeploymentArgs):
     decode_threads: int = 2
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.002
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S
 
 
 class ExplainerArgs(TorchDeploymentArgs):
@@ -236,8 +240,8 @@ class Classifier:
         logger.info("Classifier loaded %s (%s)", checkpoint, self.predictor.version)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        self.predict_batch.set_max_batch_size(int(config.get("max_batch_size", 8)))
-        self.predict_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.002)))
+        self.predict_batch.set_max_batch_size(int(config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)))
+        self.predict_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_S)))
 
     def info(self) -> dict[str, Any]:
         return {"model_version": self.predictor.version, "card": self.predictor.card}
@@ -258,7 +262,7 @@ class Classifier:
             out["input_png"] = await loop.run_in_executor(self._decode_pool, _png_bytes, prepared.model_input, 3)
         return out
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def predict_batch(self, items: list[tuple[Any, Any]]) -> list[list[float]]:
         import torch
 

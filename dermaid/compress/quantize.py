@@ -72,8 +72,7 @@ def quantize_onnx(onnx_bytes: bytes, method: str, calibration: list[dict[str, np
         with open(src, "wb") as f:
             f.write(onnx_bytes)
         quant_pre_process(src, pre)  # shape inference + graph optimisation: what quantization expects
-        convs = [n.name for n in onnx.load(pre).graph.node if n.op_type == "Conv"]
-        keep_float = convs[:1] if float_stem else []
+        keep_float = [n.name for n in onnx.load(pre).graph.node if n.op_type == "Conv"][:1] if float_stem else []
         if method == "static":
             if not calibration:
                 raise DermaidError("method=static needs calibration images (calibration_images > 0)")
