@@ -69,17 +69,26 @@ class TorchDeploymentArgs(DeploymentArgs):
     """A deployment that runs torch: its intra-op threads and how they wait between parallel regions."""
 
     torch_threads: int = 2
-    # PASSIVE: OpenMP threads sleep at barriers instead of spinning. A replica shares its cores with the
-    # proxy, the ingress and other replicas; spinning threads then stall each other (2-6x slower forwards).
-    omp_wait_policy: Literal["PASSIVE", "ACTIVE"] | None = "PASSIVE"
+    # None: OpenMP's default, spin briefly at a barrier and then sleep: spinning speed inside a forward, no
+    # threads left spinning between requests, and no runtime_env (Ray's prestarted workers fit). PASSIVE
+    # sleeps at once (+10 ms per batch-1 forward on 2 cores); ACTIVE spins forever and starves the
+    # ingress and the other forward lane on shared cores.
+    omp_wait_policy: Literal["PASSIVE", "ACTIVE"] | None = None
 
 
 DEFAULT_MAX_BATCH_SIZE = 8  # the classifier's dynamic batching (user_config), until reconfigure() sets it
-DEFAULT_BATCH_WAIT_S = 0.002  # under load batches fill while a forward runs; a long wait only costs p50
+# Serve's batcher forms the next batch while earlier ones run, so a wait only delays a lone request; on
+# CPU a batch of 1 costs no more per image than a batch of 8. Give it a few ms on a GPU.
+DEFAULT_BATCH_WAIT_S = 0.0
+MAX_FORWARD_LANES = 4  # @serve.batch's max_concurrent_batches; forward_lanes (<= this) threads run them
 
 
 class ClassifierArgs(TorchDeploymentArgs):
     decode_threads: int = 2
+    # Batches that run at once, sharing torch_threads: one alone gets them all (lowest latency), two
+    # each get half. On CPU, two 1-thread forwards of a small CNN do ~1.3x the work of one 2-thread
+    # forward (less synchronisation per op). 1 on a GPU.
+    forward_lanes: int = Field(2, ge=1, le=MAX_FORWARD_LANES)
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S
 
@@ -221,13 +230,47 @@ def _sniff_format(data: bytes) -> str | None:
 
 # --- deployments -------------------------------------------------------------------------------------------
 
+class ForwardLanes:
+    """Up to `lanes` forwards at once on their own threads, splitting `torch_threads` between them.
+
+    A forward that starts alone gets every thread; one that starts beside n-1 others gets
+    torch_threads // n. torch.set_num_threads sets the calling thread's OpenMP team size, so lanes do not
+    change each other's. Batches beyond `lanes` wait for a free thread."""
+
+    def __init__(self, forward: Callable[..., Any], lanes: int, torch_threads: int) -> None:
+        import threading
+
+        self._forward = forward
+        self._threads = max(1, int(torch_threads))
+        self._pool = ThreadPoolExecutor(max(1, lanes), thread_name_prefix="forward")
+        self._lock = threading.Lock()
+        self._running = 0
+
+    async def run(self, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, *args)
+
+    def _run(self, *args: Any) -> Any:
+        import torch
+
+        with self._lock:
+            self._running += 1
+            threads = max(1, self._threads // self._running)
+        try:
+            torch.set_num_threads(threads)
+            return self._forward(*args)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+
 @serve.deployment(name="Classifier", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1.0})
 class Classifier:
-    """Predictor behind dynamic batching. Decoding runs in a thread pool, the forward in its own thread,
-    so the next batch decodes while the current one runs. user_config: max_batch_size, batch_wait_timeout_s."""
+    """Predictor behind dynamic batching. Decoding runs in a thread pool; batches run on `forward_lanes`
+    threads that share the torch thread budget (ForwardLanes), so the next images decode while batches
+    run. user_config: max_batch_size, batch_wait_timeout_s."""
 
     def __init__(self, checkpoint: str, device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 torch_threads: int = 2, decode_threads: int = 2) -> None:
+                 torch_threads: int = 2, decode_threads: int = 2, forward_lanes: int = 2) -> None:
         import torch
 
         from dermaid.inference import Predictor
@@ -235,8 +278,12 @@ class Classifier:
         torch.set_num_threads(max(1, int(torch_threads)))
         self.predictor = Predictor(checkpoint, device=device, max_pixels=max_pixels)
         self.predictor.warmup()
-        self._decode_pool = ThreadPoolExecutor(max(1, int(decode_threads)), thread_name_prefix="decode")
-        self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        # one torch thread each: the small preprocessing ops gain nothing from a thread team of their own,
+        # whose spinning helpers would compete with the forward's
+        self._decode_pool = ThreadPoolExecutor(max(1, int(decode_threads)), thread_name_prefix="decode",
+                                               initializer=torch.set_num_threads, initargs=(1,))
+        self._lanes = ForwardLanes(self.predictor.forward, min(int(forward_lanes), MAX_FORWARD_LANES), torch_threads)
+        _freeze_gc()
         logger.info("Classifier loaded %s (%s)", checkpoint, self.predictor.version)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -262,14 +309,14 @@ class Classifier:
             out["input_png"] = await loop.run_in_executor(self._decode_pool, _png_bytes, prepared.model_input, 3)
         return out
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S,
+                 max_concurrent_batches=MAX_FORWARD_LANES)
     async def predict_batch(self, items: list[tuple[Any, Any]]) -> list[list[float]]:
         import torch
 
         images = torch.stack([image for image, _ in items])        # (B, 3, H, W)
         metadata = torch.stack([meta for _, meta in items])        # (B, 14)
-        loop = asyncio.get_running_loop()
-        probs = await loop.run_in_executor(self._forward_pool, self.predictor.forward, images, metadata)  # (B, 8)
+        probs = await self._lanes.run(images, metadata)            # (B, 8)
         return probs.tolist()
 
 
@@ -288,6 +335,7 @@ class Explainer:
         self.explainer = CamExplainer(Predictor(checkpoint, device=device, max_pixels=max_pixels), concurrency)
         self.explainer.warmup()
         self._pool = ThreadPoolExecutor(max(1, int(concurrency)), thread_name_prefix="cam")
+        _freeze_gc()
 
     def info(self) -> dict[str, Any]:
         return {"model_version": self.explainer.predictor.version, "layer": self.explainer.target_name}
@@ -313,6 +361,15 @@ class Explainer:
             "height": saliency.overlay.height,
             "model_version": self.explainer.predictor.version,
         }
+
+
+def _freeze_gc() -> None:
+    """After loading a model: its many long-lived objects leave the collector's scans, so no request pays
+    for a full collection walking them."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def _png_bytes(image: Any, compress_level: int = 3) -> bytes:
@@ -609,7 +666,7 @@ def build_app(args: AppArgs) -> Application:
     c, e = args.classifier, args.explainer
     classifier = Classifier.options(
         **_options(c), user_config={"max_batch_size": c.max_batch_size, "batch_wait_timeout_s": c.batch_wait_timeout_s},
-    ).bind(args.checkpoint, args.device, args.max_pixels, c.torch_threads, c.decode_threads)
+    ).bind(args.checkpoint, args.device, args.max_pixels, c.torch_threads, c.decode_threads, c.forward_lanes)
     explainer = Explainer.options(**_options(e)).bind(
         args.explainer_checkpoint or args.checkpoint, args.device, args.max_pixels, e.torch_threads, e.concurrency,
     )

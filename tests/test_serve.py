@@ -412,3 +412,65 @@ def test_demo_serve_step_with_demo_serve_0(tiny_checkpoint, toy_raw, toy_prepare
     assert Image.open(state["saliency_png"]).size == Image.open(raw).size
     assert "malignancy score" in out and DISCLAIMER in out
     assert state["serve_result"]["top"]["code"] in CLASS_CODES
+
+
+# --- `dermaid serve` as users start it --------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _ingress_logs_naming(port: int) -> list[Path]:
+    """Serve replica logs of any local Ray on this machine whose Ingress started an HTTP server on `port`."""
+    import tempfile
+
+    logs = Path(tempfile.gettempdir(), "ray").glob("session_*/logs/serve/replica_*Ingress*.log")
+    return [log for log in logs if f"HTTP server on port {port}" in log.read_text(errors="replace")]
+
+
+def test_dermaid_serve_command_answers_on_its_port_from_the_ingress_replica(tiny_checkpoint, tmp_path):
+    """The CLI path: its own Ray; the Ingress replica itself listens on `port` (direct ingress, no proxy hop);
+    good and bad requests answered there; Ctrl-C stops everything."""
+    import os
+    import signal
+    import subprocess
+
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    cmd = [str(REPO / ".venv/bin/dermaid"), "serve", f"checkpoint={tiny_checkpoint}", f"port={port}",
+           f"storage.url={tmp_path}/uploads", f"hydra.run.dir={tmp_path}/hydra",
+           "classifier.torch_threads=1", "explainer.torch_threads=1"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "RAY_ADDRESS": ""})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, f"dermaid serve exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            assert time.time() < deadline, f"dermaid serve never became ready:\n{log_path.read_text()[-3000:]}"
+            try:
+                if requests.get(f"{base}/readyz", timeout=10).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        assert _ingress_logs_naming(port), "the Ingress replica did not start its own HTTP server on the port"
+        ok = requests.post(f"{base}/v1/classify", files={"image": ("a.png", _encode(Image.fromarray(_pixels()), "PNG"))},
+                           data={"age": "40", "site": SITES[0]}, timeout=60)
+        assert ok.status_code == 200, ok.text
+        body = ok.json()
+        assert len(body["probabilities"]) == len(CLASS_CODES) and body["disclaimer"] == DISCLAIMER
+        bad = requests.post(f"{base}/v1/classify", files={"image": ("a.jpg", b"<html>not an image</html>")}, timeout=60)
+        assert bad.status_code == 415 and bad.json()["error"]["code"] == "unsupported_media_type"
+        assert "DermAID is serving at" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{base}/healthz", timeout=5)

@@ -80,7 +80,7 @@ def test_conf_serve_yaml_is_app_args_plus_server_keys(serve_app, tmp_path):
     from dermaid.serving import build_app_args
 
     cfg = compose("serve", [f"checkpoint={tmp_path}/ckpt", "classifier.max_batch_size=4", "port=9000"])
-    server_keys = {"checkpoint", "host", "port", "app_name", "blocking", "ray", "paths"}
+    server_keys = {"checkpoint", "host", "port", "app_name", "blocking", "direct_ingress", "ray", "paths"}
     assert set(cfg) - server_keys <= set(serve_app.AppArgs.model_fields)
     args = build_app_args(cfg)
     assert args.classifier.max_batch_size == 4 and args.max_upload_mb == 20
@@ -104,3 +104,32 @@ def test_dermaid_serve_with_a_missing_checkpoint_is_a_clear_error(tmp_path):
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 2 and "error:" in proc.stderr and "nothing" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_forward_lanes_give_a_lone_forward_every_thread_and_split_them_under_load(serve_app):
+    import asyncio
+    import threading
+
+    import torch
+
+    both_started = threading.Barrier(2, timeout=60)
+
+    def forward(wait_for_the_other: bool) -> int:
+        threads = torch.get_num_threads()  # what this forward runs with
+        if wait_for_the_other:
+            both_started.wait()
+        return threads
+
+    lanes = serve_app.ForwardLanes(forward, lanes=2, torch_threads=2)
+    callers_threads = torch.get_num_threads()
+
+    async def scenario() -> tuple[int, list[int], int]:
+        alone = await lanes.run(False)
+        together = await asyncio.gather(lanes.run(True), lanes.run(True))
+        alone_again = await lanes.run(False)
+        return alone, sorted(together), alone_again
+
+    alone, together, alone_again = asyncio.run(scenario())
+    assert alone == 2 and alone_again == 2
+    assert together == [1, 2]  # the second starts beside the first: half the budget
+    assert torch.get_num_threads() == callers_threads  # lanes size only their own threads' teams
