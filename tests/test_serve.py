@@ -441,7 +441,7 @@ def test_dermaid_serve_command_answers_on_its_port_from_the_ingress_replica(tiny
            "classifier.torch_threads=1", "explainer.torch_threads=1"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "RAY_ADDRESS": ""})
+                                env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300
@@ -449,7 +449,9 @@ def test_dermaid_serve_command_answers_on_its_port_from_the_ingress_replica(tiny
             assert proc.poll() is None, f"dermaid serve exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
             assert time.time() < deadline, f"dermaid serve never became ready:\n{log_path.read_text()[-3000:]}"
             try:
-                if requests.get(f"{base}/readyz", timeout=10).status_code == 200:
+                # ready, and the command has finished starting (direct ingress answers before serve.run returns)
+                if (requests.get(f"{base}/readyz", timeout=10).status_code == 200
+                        and "DermAID is serving at" in log_path.read_text()):
                     break
             except requests.ConnectionError:
                 pass
@@ -462,7 +464,6 @@ def test_dermaid_serve_command_answers_on_its_port_from_the_ingress_replica(tiny
         assert len(body["probabilities"]) == len(CLASS_CODES) and body["disclaimer"] == DISCLAIMER
         bad = requests.post(f"{base}/v1/classify", files={"image": ("a.jpg", b"<html>not an image</html>")}, timeout=60)
         assert bad.status_code == 415 and bad.json()["error"]["code"] == "unsupported_media_type"
-        assert "DermAID is serving at" in log_path.read_text()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
