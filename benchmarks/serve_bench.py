@@ -214,6 +214,8 @@ def http_latency_ms(port: int, path: str, bodies: list[tuple[bytes, str]], n: in
 
 def cold_start_s(checkpoint: str, workdir: str, image: bytes, timeout_s: float = 600) -> float:
     """Seconds from launching `dermaid serve` to its first successful POST /v1/classify."""
+    from dermaid.processes import stop_process_group
+
     port = _free_port()
     body = _multipart(image)
     cmd = [str(REPO / ".venv/bin/dermaid"), "serve", f"checkpoint={checkpoint}", f"port={port}",
@@ -236,13 +238,7 @@ def cold_start_s(checkpoint: str, workdir: str, image: bytes, timeout_s: float =
             time.sleep(0.2)
         raise RuntimeError("dermaid serve did not answer in time")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc, signal.SIGINT, timeout_s=60)
         log.close()
 
 

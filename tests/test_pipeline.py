@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from dermaid.processes import stop_process_group
+
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 DERMAID = str(Path(sys.executable).parent / "dermaid")
@@ -55,11 +57,7 @@ def ray_head(tmp_path_factory):
     try:
         yield f"http://127.0.0.1:{dash_port}", temp / "ray-start.log"
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_process_group(head, signal.SIGTERM, timeout_s=60)
         log.close()
 
 

@@ -434,6 +434,8 @@ def test_dermaid_serve_command_answers_on_its_port_from_the_ingress_replica(tiny
     import signal
     import subprocess
 
+    from dermaid.processes import stop_process_group
+
     port = _free_port()
     log_path = tmp_path / "serve.log"
     cmd = [str(REPO / ".venv/bin/dermaid"), "serve", f"checkpoint={tiny_checkpoint}", f"port={port}",
@@ -465,13 +467,7 @@ def test_dermaid_serve_command_answers_on_its_port_from_the_ingress_replica(tiny
         bad = requests.post(f"{base}/v1/classify", files={"image": ("a.jpg", b"<html>not an image</html>")}, timeout=60)
         assert bad.status_code == 415 and bad.json()["error"]["code"] == "unsupported_media_type"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc, signal.SIGINT, timeout_s=90)
     assert proc.returncode == 0, log_path.read_text()[-3000:]
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{base}/healthz", timeout=5)
