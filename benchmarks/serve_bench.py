@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,12 +39,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RAY_START_TIMEOUT = "timed out during startup"  # Ray's message when its agents start too slowly
 DEFAULT_POLICY = "default"  # OMP_WAIT_POLICY unset: OpenMP spins briefly at a barrier, then sleeps
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def create_bench_checkpoint(out: str, model: str, img_size: int) -> str:
@@ -214,9 +207,9 @@ def http_latency_ms(port: int, path: str, bodies: list[tuple[bytes, str]], n: in
 
 def cold_start_s(checkpoint: str, workdir: str, image: bytes, timeout_s: float = 600) -> float:
     """Seconds from launching `dermaid serve` to its first successful POST /v1/classify."""
-    from dermaid.processes import stop_process_group
+    from dermaid.processes import free_port, stop_process_group
 
-    port = _free_port()
+    port = free_port()
     body = _multipart(image)
     cmd = [str(REPO / ".venv/bin/dermaid"), "serve", f"checkpoint={checkpoint}", f"port={port}",
            f"storage.url={workdir}/cold_uploads", f"hydra.run.dir={workdir}/cold_hydra"]
@@ -286,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     sys.path.insert(0, str(REPO))
     from dermaid.config import compose
     from dermaid.ray_runtime import ensure_ray
+    from dermaid.processes import free_port
     from dermaid.serving import local_serve_env, start
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="serve_bench_")
@@ -311,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.torch_threads)
     predictor = Predictor(checkpoint)  # the bare side of the interleaved latency
     predictor.warmup()
-    port = _free_port()
+    port = free_port()
     if not args.via_proxy:
         os.environ.update(local_serve_env(port))  # as `dermaid serve` starts its private Ray
     ensure_ray("local", os.cpu_count(), log_to_driver=False)  # retries a start-up timeout itself

@@ -6,12 +6,14 @@
     dermaid train experiment=toy
     dermaid <cmd> --help | --cfg job | key=value ...
 
-A DermaidError (bad input the user can fix) is printed as one line and exits with status 2.
+A DermaidError (bad input the user can fix) is printed as one line and exits with status 2; Ctrl-C
+before a command has finished is one line too, status 130.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Callable
 
@@ -44,6 +46,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _exit_after_interrupt(status: int) -> None:
+    """Stop the Ray this command started (its daemons got the terminal's Ctrl-C too) and exit at once:
+    Ray's own exit hooks can crash on a half-stopped cluster (SIGSEGV), which is no way to say goodbye."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except BaseException:  # noqa: BLE001 - best effort; the exit below is what matters
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def _guarded(fn: Callable) -> Callable:
     from dermaid.errors import DermaidError
 
@@ -53,6 +69,9 @@ def _guarded(fn: Callable) -> Callable:
         except DermaidError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl-C)", file=sys.stderr)
+            _exit_after_interrupt(130)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__

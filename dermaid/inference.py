@@ -200,6 +200,14 @@ class Predictor:
         return self.forward(images, metadata)
 
 
+def set_thread_torch_threads(threads: int) -> None:
+    """torch.set_num_threads for the calling thread, made to stick. Torch sizes a thread's OpenMP team
+    lazily, at its first parallel op, from the count any thread set last: a pool thread that set 1 could
+    build a team of 2 there. Asking for the count first runs that lazy set-up now."""
+    torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """open_image with every decoder failure reported as ImageDecodeError (untrusted bytes never crash)."""
     try:

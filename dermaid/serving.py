@@ -12,7 +12,6 @@ diagnosis.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -84,12 +83,6 @@ def _serves_directly(port: int) -> bool:
                                                              "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"))
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def start(cfg: DictConfig | dict[str, Any]) -> str:
     """Start Ray (if needed), Serve on host:port, and the application; returns the base URL.
 
@@ -100,6 +93,7 @@ def start(cfg: DictConfig | dict[str, Any]) -> str:
     from ray import serve
 
     from dermaid.models.card import load_card
+    from dermaid.processes import free_port
     from dermaid.ray_runtime import ensure_ray
 
     plain = to_plain(cfg)
@@ -116,7 +110,7 @@ def start(cfg: DictConfig | dict[str, Any]) -> str:
         os.environ.update(local_serve_env(port))
     ensure_ray(address, ray_cfg.get("num_cpus"))  # replicas get the checkout on PYTHONPATH
     direct = single_ingress and _serves_directly(port)
-    serve.start(http_options={"host": host, "port": _free_port(host) if direct else port})
+    serve.start(http_options={"host": host, "port": free_port(host) if direct else port})
     serve.run(serve_app.build_app(args), name=str(plain.get("app_name", "dermaid")), route_prefix="/")
     return f"http://{host}:{port}"
 

@@ -49,6 +49,9 @@ from serve.review import router as review_router
 logger = logging.getLogger("ray.serve")
 
 MIB = 1024 * 1024
+# Serve's inter-deployment gRPC carries messages up to 4 MiB (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH);
+# a classify call is the upload plus under 1 KiB of arguments, its answer under 200 KiB
+GRPC_UPLOAD_LIMIT_MB = 3.5
 DATABASE_URL_ENV = "DERMAID_DATABASE_URL"  # the uploads database when storage.db_url is not given
 
 
@@ -85,9 +88,9 @@ MAX_FORWARD_LANES = 4  # @serve.batch's max_concurrent_batches; forward_lanes (<
 
 class ClassifierArgs(TorchDeploymentArgs):
     decode_threads: int = 2
-    # Batches that run at once, sharing torch_threads: one alone gets them all (lowest latency), two
-    # each get half. On CPU, two 1-thread forwards of a small CNN do ~1.3x the work of one 2-thread
-    # forward (less synchronisation per op). 1 on a GPU.
+    # Batches that run at once (ForwardLanes): one alone gets every torch thread (lowest latency); beside
+    # it, others run single-threaded. On CPU, two 1-thread forwards of a small CNN do ~1.3x the work of one
+    # 2-thread forward (less synchronisation per op). 1 on a GPU.
     forward_lanes: int = Field(2, ge=1, le=MAX_FORWARD_LANES)
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S
@@ -102,6 +105,10 @@ class ExplainerArgs(TorchDeploymentArgs):
 class IngressArgs(DeploymentArgs):
     num_cpus: float = 0.25
     max_ongoing_requests: int = 128
+    # Uploads up to this size reach the Classifier over Serve's inter-deployment gRPC: one unary call,
+    # where a Ray actor call is a streaming one (an acknowledgement, then the answer), ~3 ms more per
+    # request on 2 cores. Larger uploads and saliency (a PNG at the input's size) use actor calls; 0: only those.
+    grpc_max_upload_mb: float = Field(3.0, ge=0, le=GRPC_UPLOAD_LIMIT_MB)
 
 
 class StorageArgs(BaseModel):
@@ -231,36 +238,45 @@ def _sniff_format(data: bytes) -> str | None:
 # --- deployments -------------------------------------------------------------------------------------------
 
 class ForwardLanes:
-    """Up to `lanes` forwards at once on their own threads, splitting `torch_threads` between them.
+    """Up to `lanes` forwards at once, each on its own thread. Lane 0 owns the replica's one OpenMP team:
+    a forward there gets torch_threads // running threads, so all of them when it runs alone. The other
+    lanes run single-threaded forwards and take work only while lane 0 is busy.
 
-    A forward that starts alone gets every thread; one that starts beside n-1 others gets
-    torch_threads // n. torch.set_num_threads sets the calling thread's OpenMP team size, so lanes do not
-    change each other's. Batches beyond `lanes` wait for a free thread."""
+    One team per process: libgomp counts the threads of every team in the process, and once they
+    outnumber the CPUs it stops spinning at barriers and sleeps at each one (~200 sleeps and +6 ms per
+    batch-1 efficientnet_b0 forward on 2 cores). torch.set_num_threads sizes the calling thread's team
+    only, so lanes do not change each other's, and the thread that builds the team (warmup) is lane 0."""
 
     def __init__(self, forward: Callable[..., Any], lanes: int, torch_threads: int) -> None:
-        import threading
-
         self._forward = forward
         self._threads = max(1, int(torch_threads))
-        self._pool = ThreadPoolExecutor(max(1, lanes), thread_name_prefix="forward")
-        self._lock = threading.Lock()
-        self._running = 0
+        self._lanes = [ThreadPoolExecutor(1, thread_name_prefix=f"forward{i}") for i in range(max(1, int(lanes)))]
+        self._busy = [False] * len(self._lanes)
+        self._free: asyncio.Semaphore | None = None  # made on the event loop that runs the forwards
+
+    def warmup(self, warm: Callable[[], Any]) -> Any:
+        """Run `warm` (a first forward) on lane 0 with every thread: its OpenMP team is made there."""
+        return self._lanes[0].submit(self._on_lane, self._threads, warm).result()
 
     async def run(self, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, *args)
+        if self._free is None:
+            self._free = asyncio.Semaphore(len(self._lanes))
+        async with self._free:
+            lane = self._busy.index(False)  # lane 0 whenever it is free; the semaphore leaves one free
+            self._busy[lane] = True
+            threads = max(1, self._threads // sum(self._busy)) if lane == 0 else 1
+            try:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._lanes[lane], self._on_lane, threads, self._forward, *args)
+            finally:
+                self._busy[lane] = False
 
-    def _run(self, *args: Any) -> Any:
-        import torch
+    @staticmethod
+    def _on_lane(threads: int, fn: Callable[..., Any], *args: Any) -> Any:
+        from dermaid.inference import set_thread_torch_threads
 
-        with self._lock:
-            self._running += 1
-            threads = max(1, self._threads // self._running)
-        try:
-            torch.set_num_threads(threads)
-            return self._forward(*args)
-        finally:
-            with self._lock:
-                self._running -= 1
+        set_thread_torch_threads(threads)
+        return fn(*args)
 
 
 @serve.deployment(name="Classifier", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1.0})
@@ -271,18 +287,15 @@ class Classifier:
 
     def __init__(self, checkpoint: str, device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
                  torch_threads: int = 2, decode_threads: int = 2, forward_lanes: int = 2) -> None:
-        import torch
+        from dermaid.inference import Predictor, set_thread_torch_threads
 
-        from dermaid.inference import Predictor
-
-        torch.set_num_threads(max(1, int(torch_threads)))
+        set_thread_torch_threads(1)  # no OpenMP team on this thread: the forward lanes own the replica's (ForwardLanes)
         self.predictor = Predictor(checkpoint, device=device, max_pixels=max_pixels)
-        self.predictor.warmup()
-        # one torch thread each: the small preprocessing ops gain nothing from a thread team of their own,
-        # whose spinning helpers would compete with the forward's
+        # one torch thread each, so no team: the small preprocessing ops gain nothing from one
         self._decode_pool = ThreadPoolExecutor(max(1, int(decode_threads)), thread_name_prefix="decode",
-                                               initializer=torch.set_num_threads, initargs=(1,))
-        self._lanes = ForwardLanes(self.predictor.forward, min(int(forward_lanes), MAX_FORWARD_LANES), torch_threads)
+                                               initializer=set_thread_torch_threads, initargs=(1,))
+        self._lanes = ForwardLanes(self._forward_batch, min(int(forward_lanes), MAX_FORWARD_LANES), torch_threads)
+        self._lanes.warmup(self.predictor.warmup)
         _freeze_gc()
         logger.info("Classifier loaded %s (%s)", checkpoint, self.predictor.version)
 
@@ -312,12 +325,15 @@ class Classifier:
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S,
                  max_concurrent_batches=MAX_FORWARD_LANES)
     async def predict_batch(self, items: list[tuple[Any, Any]]) -> list[list[float]]:
+        return (await self._lanes.run(items)).tolist()
+
+    def _forward_batch(self, items: list[tuple[Any, Any]]) -> Any:
+        """On a forward lane (stacking there too: a big copy is a parallel op, and only lanes have teams)."""
         import torch
 
         images = torch.stack([image for image, _ in items])        # (B, 3, H, W)
         metadata = torch.stack([meta for _, meta in items])        # (B, 14)
-        probs = await self._lanes.run(images, metadata)            # (B, 8)
-        return probs.tolist()
+        return self.predictor.forward(images, metadata)            # (B, 8)
 
 
 @serve.deployment(name="Explainer", max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.5})
@@ -326,15 +342,14 @@ class Explainer:
 
     def __init__(self, checkpoint: str, device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
                  torch_threads: int = 2, concurrency: int = 1) -> None:
-        import torch
-
         from dermaid.inference import Explainer as CamExplainer
-        from dermaid.inference import Predictor
+        from dermaid.inference import Predictor, set_thread_torch_threads
 
-        torch.set_num_threads(max(1, int(torch_threads)))
+        set_thread_torch_threads(1)  # OpenMP teams only on the CAM threads (ForwardLanes says why)
         self.explainer = CamExplainer(Predictor(checkpoint, device=device, max_pixels=max_pixels), concurrency)
-        self.explainer.warmup()
-        self._pool = ThreadPoolExecutor(max(1, int(concurrency)), thread_name_prefix="cam")
+        self._pool = ThreadPoolExecutor(max(1, int(concurrency)), thread_name_prefix="cam",
+                                        initializer=set_thread_torch_threads, initargs=(torch_threads,))
+        self._pool.submit(self.explainer.warmup).result()
         _freeze_gc()
 
     def info(self) -> dict[str, Any]:
@@ -549,6 +564,15 @@ async def _read_image(upload: UploadFile) -> bytes:
     return data
 
 
+def _grpc_handle(handle: DeploymentHandle) -> DeploymentHandle | None:
+    """The same deployment called over Serve's gRPC transport; None where this Ray has no such option."""
+    try:
+        return handle.options(_by_reference=False)
+    except TypeError:
+        logger.warning("this Ray Serve has no gRPC handle transport; the Ingress uses actor calls")
+        return None
+
+
 api.include_router(review_router)  # GET / and /review (pages), /v1/review/... (serve/review.py)
 
 
@@ -562,6 +586,8 @@ class Ingress:
 
         self.classifier = classifier
         self.explainer = explainer
+        self.grpc_max_upload_bytes = int(float(settings["grpc_max_upload_mb"]) * MIB)
+        self.classifier_grpc = _grpc_handle(classifier) if self.grpc_max_upload_bytes > 0 else None
         self.max_upload_bytes = int(float(settings["max_upload_mb"]) * MIB)
         self.malignant_codes = list(settings["malignant_codes"])
         self.triage = dict(settings["triage"])
@@ -599,7 +625,8 @@ class Ingress:
                        ) -> JSONResponse:
         """Class probabilities, malignancy score and triage message for one image. Decision support only."""
         data = await _read_image(image)
-        out = await self.classifier.classify.remote(data, age, sex, site, consent)
+        small = self.classifier_grpc is not None and len(data) <= self.grpc_max_upload_bytes
+        out = await (self.classifier_grpc if small else self.classifier).classify.remote(data, age, sex, site, consent)
         if "error" in out:
             raise ApiError(**out["error"])
         result = build_result(out["probabilities"], self.malignant_codes, self.triage)
@@ -671,6 +698,7 @@ def build_app(args: AppArgs) -> Application:
         args.explainer_checkpoint or args.checkpoint, args.device, args.max_pixels, e.torch_threads, e.concurrency,
     )
     settings = {"max_upload_mb": args.max_upload_mb, "malignant_codes": args.malignant_codes,
+                "grpc_max_upload_mb": args.ingress.grpc_max_upload_mb,
                 "triage": args.triage, "storage": args.storage.model_dump(),
                 "review": review_settings(args.review)}
     return Ingress.options(**_options(args.ingress)).bind(classifier, explainer, settings)

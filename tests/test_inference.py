@@ -16,7 +16,7 @@ from dermaid.data.images import open_image
 from dermaid.data.transforms import create_eval_transform
 from dermaid.errors import DermaidError
 from dermaid.inference import (CAM_METHODS, LOADERS, Explainer, ImageShapeError, Predictor, build_result,
-                               find_cam_target)
+                               find_cam_target, set_thread_torch_threads)
 from dermaid.models.card import CheckpointError, build_card, save_checkpoint
 from dermaid.models.classifier import create_classifier, resolve_input_spec
 
@@ -154,3 +154,31 @@ def test_concurrent_saliency_calls_do_not_share_state(tiny_checkpoint):
         concurrent = [np.asarray(s.overlay, dtype=int) for s in pool.map(explainer.explain, images)]
     for a, b in zip(sequential, concurrent):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1
+
+
+def test_a_threads_torch_thread_count_sticks_when_another_thread_sets_its_own():
+    """Torch sizes a thread's OpenMP team at its first parallel op, from the count any thread set last:
+    a serving pool thread set to 1 must not build a team of 2 there (the team would slow every forward)."""
+    import threading
+
+    seen: list[int] = []
+    set_here, set_elsewhere = threading.Event(), threading.Event()
+
+    def pool_thread() -> None:
+        set_thread_torch_threads(1)
+        set_here.set()
+        set_elsewhere.wait(timeout=60)
+        (torch.randn(512, 512) * 2).sum()  # a parallel op: the lazy per-thread set-up would run here
+        seen.append(torch.get_num_threads())
+
+    callers_threads = torch.get_num_threads()
+    worker = threading.Thread(target=pool_thread)
+    worker.start()
+    try:
+        set_here.wait(timeout=60)
+        torch.set_num_threads(2)  # another thread (a forward lane) sets its own count
+        set_elsewhere.set()
+        worker.join(timeout=60)
+    finally:
+        torch.set_num_threads(callers_threads)
+    assert seen == [1]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from dermaid.processes import stop_process_group
+from dermaid.processes import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 DERMAID = str(Path(sys.executable).parent / "dermaid")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +28,10 @@ def ray_head(tmp_path_factory):
     Stopped by signalling its own process group, never `ray stop`, which would also kill the test
     session's cluster and any other Ray on the machine."""
     temp = tmp_path_factory.mktemp("ray_head")
-    gcs_port, dash_port = _free_port(), _free_port()
+    gcs_port, dash_port = free_port(), free_port()
     # every port with a fixed default gets a free one: the test session's own Ray already holds e.g. the
     # dashboard agent's 52365, and a second agent there never registers ("No available agent to submit job")
-    ports = {flag: _free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    ports = {flag: free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                              "runtime-env-agent-port", "metrics-export-port",
                                              "ray-client-server-port", "node-manager-port", "object-manager-port")}
     home = tmp_path_factory.mktemp("ray_head_home")

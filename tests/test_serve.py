@@ -21,16 +21,12 @@ import requests
 from PIL import Image
 
 from dermaid.classes import CLASS_CODES, DISCLAIMER, SITES
+from dermaid.processes import free_port
 
 pytestmark = pytest.mark.slow
 
 MAX_UPLOAD_MB = 1  # small here, so the streamed over-limit body stays small
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+GRPC_MAX_UPLOAD_MB = 0.01  # PNGs of the test pixels (~7 KB) reach the classifier over gRPC, BMPs (~21 KB) over actor calls
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +39,11 @@ def server(ray_session, tiny_checkpoint, tmp_path_factory):
 
     storage = str(tmp_path_factory.mktemp("serve_uploads"))
     cfg = compose("serve", [
-        f"checkpoint={tiny_checkpoint}", f"port={_free_port()}", "app_name=dermaid-test", "blocking=false",
+        f"checkpoint={tiny_checkpoint}", f"port={free_port()}", "app_name=dermaid-test", "blocking=false",
         f"max_upload_mb={MAX_UPLOAD_MB}", f"storage.url={storage}",
         "classifier.num_cpus=0.5", "classifier.torch_threads=1",       # a fraction of the session's 2 CPUs
         "explainer.num_cpus=0.25", "explainer.torch_threads=1", "explainer.concurrency=2",
-        "ingress.num_cpus=0.1",
+        "ingress.num_cpus=0.1", f"ingress.grpc_max_upload_mb={GRPC_MAX_UPLOAD_MB}",
     ])
     base = start(cfg)
     deadline = time.time() + 120
@@ -371,6 +367,19 @@ def test_fifty_concurrent_consented_uploads_are_all_stored(server):
         assert store.read_blob(store.get(upload_id)["blobs"]["image"]) == data
 
 
+def test_classify_is_the_same_over_grpc_and_over_actor_calls(server):
+    """Uploads up to ingress.grpc_max_upload_mb reach the classifier over Serve's gRPC, larger ones over
+    Ray actor calls: the same pixels give the same answer either way."""
+    base, _ = server
+    image = Image.fromarray(_pixels(seed=7))
+    png, bmp = _encode(image, "PNG"), _encode(image, "BMP")
+    assert len(png) < GRPC_MAX_UPLOAD_MB * 1024 * 1024 < len(bmp)
+    over_grpc, over_actor = _classify(base, png), _classify(base, bmp)
+    assert over_grpc.status_code == over_actor.status_code == 200
+    probabilities = [{c["code"]: c["probability"] for c in r.json()["probabilities"]} for r in (over_grpc, over_actor)]
+    assert probabilities[0] == pytest.approx(probabilities[1], abs=1e-6)
+
+
 # --- one preprocessing path ----------------------------------------------------------------------------------
 
 def test_classify_equals_dermaid_evaluate(server, tiny_checkpoint, toy_prepared, tmp_path):
@@ -436,7 +445,7 @@ def test_dermaid_serve_command_answers_on_its_port_from_the_ingress_replica(tiny
 
     from dermaid.processes import stop_process_group
 
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     cmd = [str(REPO / ".venv/bin/dermaid"), "serve", f"checkpoint={tiny_checkpoint}", f"port={port}",
            f"storage.url={tmp_path}/uploads", f"hydra.run.dir={tmp_path}/hydra",
@@ -471,3 +480,32 @@ def test_dermaid_serve_command_answers_on_its_port_from_the_ingress_replica(tiny
     assert proc.returncode == 0, log_path.read_text()[-3000:]
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{base}/healthz", timeout=5)
+
+
+def test_ctrl_c_while_dermaid_serve_starts_is_one_line(tiny_checkpoint, tmp_path):
+    """Ctrl-C (SIGINT to the command's process group, as a terminal sends it) once Ray is up but before
+    the app is: the command says so in one line and exits 130, no traceback."""
+    import os
+    import signal
+    import subprocess
+
+    from dermaid.processes import stop_process_group
+
+    log_path = tmp_path / "serve.log"
+    cmd = [str(REPO / ".venv/bin/dermaid"), "serve", f"checkpoint={tiny_checkpoint}", f"port={free_port()}",
+           f"storage.url={tmp_path}/uploads", f"hydra.run.dir={tmp_path}/hydra"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 300
+        while "Started a local Ray instance" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None, f"dermaid serve exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            assert time.time() < deadline, "Ray never started"
+            time.sleep(0.2)
+    finally:
+        stop_process_group(proc, signal.SIGINT, timeout_s=90)
+    out = log_path.read_text(errors="replace")
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted (Ctrl-C)" in out and "DermAID is serving at" not in out
+    assert "Traceback" not in out, out[-3000:]

@@ -106,7 +106,7 @@ def test_dermaid_serve_with_a_missing_checkpoint_is_a_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_forward_lanes_give_a_lone_forward_every_thread_and_split_them_under_load(serve_app):
+def test_forward_lanes_give_a_lone_forward_every_thread_and_keep_one_openmp_team(serve_app):
     import asyncio
     import threading
 
@@ -114,22 +114,25 @@ def test_forward_lanes_give_a_lone_forward_every_thread_and_split_them_under_loa
 
     both_started = threading.Barrier(2, timeout=60)
 
-    def forward(wait_for_the_other: bool) -> int:
+    def forward(wait_for_the_other: bool) -> tuple[int, int]:
         threads = torch.get_num_threads()  # what this forward runs with
         if wait_for_the_other:
             both_started.wait()
-        return threads
+        return threads, threading.get_ident()
 
     lanes = serve_app.ForwardLanes(forward, lanes=2, torch_threads=2)
     callers_threads = torch.get_num_threads()
+    warmed = lanes.warmup(threading.get_ident)  # the thread where the warm-up forward builds the team
 
-    async def scenario() -> tuple[int, list[int], int]:
+    async def scenario() -> tuple[tuple, list[tuple], tuple]:
         alone = await lanes.run(False)
         together = await asyncio.gather(lanes.run(True), lanes.run(True))
         alone_again = await lanes.run(False)
         return alone, sorted(together), alone_again
 
     alone, together, alone_again = asyncio.run(scenario())
-    assert alone == 2 and alone_again == 2
-    assert together == [1, 2]  # the second starts beside the first: half the budget
+    assert alone == (2, warmed) and alone_again == (2, warmed)   # lane 0, where the warm-up built the team
+    assert [threads for threads, _ in together] == [1, 2]       # the second starts beside the first
+    assert {ident for threads, ident in [alone, *together, alone_again] if threads > 1} == {warmed}
+    assert len({ident for _, ident in together}) == 2
     assert torch.get_num_threads() == callers_threads  # lanes size only their own threads' teams

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import re
-import socket
 import threading
 import time
 import uuid
@@ -28,6 +27,7 @@ from PIL import Image
 from dermaid.auth import ReviewerTokens, create_token, hash_token, hashes_from_env, parse_bearer
 from dermaid.classes import CLASS_CODES, DISCLAIMER, NOT_A_LESION
 from dermaid.errors import DermaidError
+from dermaid.processes import free_port
 
 TOKENS = {"dr_ana": create_token(), "dr_ben": create_token()}
 CHROMIUM = os.environ.get("DERMAID_CHROMIUM", "/usr/bin/chromium")
@@ -92,12 +92,6 @@ def test_pages_work_under_a_route_prefix():
 
 # --- the running application ---------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_http_port() -> int:
     from ray.serve.context import _get_global_client
 
@@ -134,7 +128,7 @@ def app(ray_session, toy_prepared, toy_raw, toy_run, tmp_path_factory):
 
     serve_app = _serve_app_module()
     storage = str(tmp / "uploads")
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     port = _serve_http_port()  # the port Serve really listens on (an already running Serve keeps its own)
     args = {
         "checkpoint": checkpoint,
