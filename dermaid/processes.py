@@ -1,5 +1,5 @@
-"""Child processes and ports: stopping process groups (`dermaid serve`, `ray start --head`) from tests and
-benchmarks, and picking a free local port."""
+"""Processes, signals and ports: stopping child process groups (`dermaid serve`, `ray start --head`) from
+tests and benchmarks, keeping this process's Ctrl-C handler across Ray calls, picking a free local port."""
 
 from __future__ import annotations
 
@@ -7,6 +7,25 @@ import os
 import signal
 import socket
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def sigint_handler_kept() -> Iterator[None]:
+    """Put this process's Ctrl-C handler back after the block. Ray Train's fit() installs its own (abort
+    the training run) and leaves it: Ctrl-C later in the same process, such as the demo's serving step,
+    would only log "aborting the training run" and never stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread handles signals
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not installed from Python, nothing to restore
+            signal.signal(signal.SIGINT, previous)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

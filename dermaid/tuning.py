@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from dermaid.classes import DISCLAIMER
 from dermaid.config import conf_dir, to_plain
 from dermaid.errors import DermaidError
+from dermaid.processes import sigint_handler_kept
 from dermaid.storage import atomic_dir, exists, join, read_bytes, read_text, write_bytes, write_text
 
 TUNE_DIR_NAME = "tune"
@@ -138,7 +139,8 @@ def tune(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
                 verbose=1,
             ),
         )
-    tuner.fit()  # TuningCallback writes DIR/results.csv as trials end and when the experiment ends
+    with sigint_handler_kept():
+        tuner.fit()  # TuningCallback writes DIR/results.csv as trials end and when the experiment ends
     return _finish(out, base, list(space), time.time() - started)
 
 

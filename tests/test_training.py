@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +96,11 @@ def test_fine_tune_from_a_checkpoint_lists_both_dataset_versions(ray_session, to
     card["dataset_versions"] = ["00000000000000aa"]  # as if trained on another version
     (source / "card.json").write_text(json.dumps(card))
     out = tmp_path / "finetune"
+    ctrl_c_handler = signal.getsignal(signal.SIGINT)
     summary = train(compose("train", _train_overrides(
         toy_prepared, out, f"train.init_from={source}", "train.epochs=1", "optim.lr=1e-9",
         "optim.warmup_epochs=0", "scaling.num_workers=1", "logger=none")))
+    assert signal.getsignal(signal.SIGINT) is ctrl_c_handler  # Ray Train's own Ctrl-C handler is gone again
     new_card = load_card(str(out / "last"))
     assert new_card["dataset_versions"] == ["00000000000000aa", card["dataset_version"]]
     assert new_card["model"]["name"] == card["model"]["name"] and new_card["input"] == card["input"]

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from dermaid.classes import DISCLAIMER, NUM_CLASSES
 from dermaid.config import to_plain
 from dermaid.errors import DermaidError
+from dermaid.processes import sigint_handler_kept
 from dermaid.storage import exists, is_local, join, read_text, write_text
 from dermaid.training.history import format_epoch_line, write_history
 
@@ -67,7 +68,8 @@ def train(cfg: DictConfig | dict[str, Any], callbacks: list | None = None) -> di
     trainer = build_trainer(cfg, callbacks=callbacks)
     config = trainer.train_loop_config
     try:
-        result = trainer.fit()
+        with sigint_handler_kept():  # Ray Train leaves its own Ctrl-C handler installed
+            result = trainer.fit()
     except Exception as exc:
         cause = _user_error(exc)
         if cause is not None:
