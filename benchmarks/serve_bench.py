@@ -207,7 +207,7 @@ def http_latency_ms(port: int, path: str, bodies: list[tuple[bytes, str]], n: in
 
 def cold_start_s(checkpoint: str, workdir: str, image: bytes, timeout_s: float = 600) -> float:
     """Seconds from launching `dermaid serve` to its first successful POST /v1/classify."""
-    from dermaid.processes import free_port, stop_process_group
+    from dermaid.processes import free_port, start_process_group, stop_process_group
 
     port = free_port()
     body = _multipart(image)
@@ -215,7 +215,7 @@ def cold_start_s(checkpoint: str, workdir: str, image: bytes, timeout_s: float =
            f"storage.url={workdir}/cold_uploads", f"hydra.run.dir={workdir}/cold_hydra"]
     start = time.perf_counter()
     log = open(f"{workdir}/cold_start.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_process_group(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         while time.perf_counter() - start < timeout_s:
             if proc.poll() is not None:

@@ -35,6 +35,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def start_process_group(cmd: list[str], **popen_kwargs) -> subprocess.Popen:
+    """Popen `cmd` as the leader of a new process group, with Ctrl-C (SIGINT) at its default: a process
+    started in the background by a non-interactive shell (a CI script's `cmd &`) ignores SIGINT, and its
+    children would inherit that, so stop_process_group's Ctrl-C would not reach them."""
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_default_sigint, **popen_kwargs)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout_s: float = 60.0) -> int | None:
     """Send `sig` to the group of `proc` (started with start_new_session=True), as Ctrl-C does to a
     terminal's foreground group; SIGKILL it if it has not exited after `timeout_s`. Returns the exit code."""

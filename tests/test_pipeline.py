@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dermaid.processes import free_port, stop_process_group
+from dermaid.processes import free_port, start_process_group, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -41,11 +41,11 @@ def ray_head(tmp_path_factory):
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(name, None)
     log = open(temp / "ray-start.log", "wb")  # shown when the Jobs API never answers
-    head = subprocess.Popen(
+    head = start_process_group(
         [RAY, "start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
          f"--temp-dir={temp}", "--disable-usage-stats", *(f"--{flag}={port}" for flag, port in ports.items())],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     try:
         yield f"http://127.0.0.1:{dash_port}", temp / "ray-start.log"

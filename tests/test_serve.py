@@ -443,7 +443,7 @@ def test_dermaid_serve_command_answers_on_its_port_from_the_ingress_replica(tiny
     import signal
     import subprocess
 
-    from dermaid.processes import stop_process_group
+    from dermaid.processes import start_process_group, stop_process_group
 
     port = free_port()
     log_path = tmp_path / "serve.log"
@@ -451,7 +451,7 @@ def test_dermaid_serve_command_answers_on_its_port_from_the_ingress_replica(tiny
            f"storage.url={tmp_path}/uploads", f"hydra.run.dir={tmp_path}/hydra",
            "classifier.torch_threads=1", "explainer.torch_threads=1"]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        proc = start_process_group(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -489,13 +489,13 @@ def test_ctrl_c_while_dermaid_serve_starts_is_one_line(tiny_checkpoint, tmp_path
     import signal
     import subprocess
 
-    from dermaid.processes import stop_process_group
+    from dermaid.processes import start_process_group, stop_process_group
 
     log_path = tmp_path / "serve.log"
     cmd = [str(REPO / ".venv/bin/dermaid"), "serve", f"checkpoint={tiny_checkpoint}", f"port={free_port()}",
            f"storage.url={tmp_path}/uploads", f"hydra.run.dir={tmp_path}/hydra"]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        proc = start_process_group(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.time() + 300
