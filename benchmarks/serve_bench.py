@@ -278,8 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     sys.path.insert(0, str(REPO))
     from dermaid.config import compose
-    from dermaid.ray_runtime import ensure_ray
     from dermaid.processes import free_port
+    from dermaid.ray_runtime import ensure_ray
     from dermaid.serving import local_serve_env, start
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="serve_bench_")

@@ -47,7 +47,7 @@ def _default_sigint() -> None:
 
 
 def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout_s: float = 60.0) -> int | None:
-    """Send `sig` to the group of `proc` (started with start_new_session=True), as Ctrl-C does to a
+    """Send `sig` to the group of `proc` (started by start_process_group), as Ctrl-C does to a
     terminal's foreground group; SIGKILL it if it has not exited after `timeout_s`. Returns the exit code."""
     if proc.poll() is None:
         os.killpg(proc.pid, sig)

@@ -436,23 +436,32 @@ def _ingress_logs_naming(port: int) -> list[Path]:
     return [log for log in logs if f"HTTP server on port {port}" in log.read_text(errors="replace")]
 
 
+def _launch_dermaid_serve(checkpoint: str, tmp_path: Path, port: int, *overrides: str):
+    """`dermaid serve` as a user starts it (its own Ray, stdout unbuffered into a log): (process, log path)."""
+    import os
+    import subprocess
+
+    from dermaid.processes import start_process_group
+
+    log_path = tmp_path / "serve.log"
+    cmd = [str(REPO / ".venv/bin/dermaid"), "serve", f"checkpoint={checkpoint}", f"port={port}",
+           f"storage.url={tmp_path}/uploads", f"hydra.run.dir={tmp_path}/hydra", *overrides]
+    with open(log_path, "wb") as log:
+        proc = start_process_group(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"})
+    return proc, log_path
+
+
 def test_dermaid_serve_command_answers_on_its_port_from_the_ingress_replica(tiny_checkpoint, tmp_path):
     """The CLI path: its own Ray; the Ingress replica itself listens on `port` (direct ingress, no proxy hop);
     good and bad requests answered there; Ctrl-C stops everything."""
-    import os
     import signal
-    import subprocess
 
-    from dermaid.processes import start_process_group, stop_process_group
+    from dermaid.processes import stop_process_group
 
     port = free_port()
-    log_path = tmp_path / "serve.log"
-    cmd = [str(REPO / ".venv/bin/dermaid"), "serve", f"checkpoint={tiny_checkpoint}", f"port={port}",
-           f"storage.url={tmp_path}/uploads", f"hydra.run.dir={tmp_path}/hydra",
-           "classifier.torch_threads=1", "explainer.torch_threads=1"]
-    with open(log_path, "wb") as log:
-        proc = start_process_group(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"})
+    proc, log_path = _launch_dermaid_serve(tiny_checkpoint, tmp_path, port,
+                                           "classifier.torch_threads=1", "explainer.torch_threads=1")
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300
@@ -485,18 +494,11 @@ def test_dermaid_serve_command_answers_on_its_port_from_the_ingress_replica(tiny
 def test_ctrl_c_while_dermaid_serve_starts_is_one_line(tiny_checkpoint, tmp_path):
     """Ctrl-C (SIGINT to the command's process group, as a terminal sends it) once Ray is up but before
     the app is: the command says so in one line and exits 130, no traceback."""
-    import os
     import signal
-    import subprocess
 
-    from dermaid.processes import start_process_group, stop_process_group
+    from dermaid.processes import stop_process_group
 
-    log_path = tmp_path / "serve.log"
-    cmd = [str(REPO / ".venv/bin/dermaid"), "serve", f"checkpoint={tiny_checkpoint}", f"port={free_port()}",
-           f"storage.url={tmp_path}/uploads", f"hydra.run.dir={tmp_path}/hydra"]
-    with open(log_path, "wb") as log:
-        proc = start_process_group(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"})
+    proc, log_path = _launch_dermaid_serve(tiny_checkpoint, tmp_path, free_port())
     try:
         deadline = time.time() + 300
         while "Started a local Ray instance" not in log_path.read_text(errors="replace"):
