@@ -51,7 +51,7 @@ def step_synth(state: State) -> None:
 def step_prepare(state: State) -> None:
     """Prepare the toy set into a tagged dataset version (cheap when nothing changed)."""
     from dermaid.data.prepare import prepare_dataset
-    from dermaid.data.isic import absolute_url
+    from dermaid.storage import absolute_url
     from dermaid.storage import join
 
     cfg = compose("prepare", [*state["overrides"], f"data.root={state['toy_root']}",
@@ -134,7 +134,6 @@ def _demo_image(state: State) -> tuple[str, dict[str, Any]]:
 def step_serve(state: State) -> None:
     """Serve the toy model at http://127.0.0.1:8000 until Ctrl-C (example curl commands printed). With
     DEMO_SERVE=0: classify one held-out toy image in-process, write its saliency PNG, print both, return."""
-    import io
     import os
 
     from dermaid.auth import create_token, hash_token
@@ -153,21 +152,23 @@ def step_serve(state: State) -> None:
         print(f"[serve] web page {url}/ ; dermatologist review {url}/review with the demo reviewer token {token}")
         serve(cfg, example_image=image, reviewer_token=token)
         return
-    from dermaid.inference import Explainer, Predictor, build_result
+    from dermaid.inference import Explainer, Predictor, build_result, saliency_png
+    from dermaid.models.card import float_weights_for
 
     predictor = Predictor(checkpoint)
     data = read_bytes(image)
-    result = build_result(predictor.predict([(data, meta["age"], meta["sex"], meta["site"])])[0])
+    probabilities = predictor.predict([(data, meta["age"], meta["sex"], meta["site"])])[0]
+    result = build_result(probabilities, list(cfg.malignant_codes), dict(cfg.triage))  # as the served app scores it
     print(f"[serve] DEMO_SERVE=0: {image} (age {meta['age']}, sex {meta['sex']}, site {meta['site']})")
     for row in result["probabilities"][:3]:
         print(f"[serve]   {row['code']:<5} {row['name']:<26} {row['probability']:.3f}")
     print(f"[serve] malignancy score {result['malignancy_score']:.3f} ({result['triage']['level']}): "
           f"{result['triage']['message']}")
-    saliency = Explainer(predictor).explain(data, meta["age"], meta["sex"], meta["site"])
+    weights = float_weights_for(checkpoint)  # Grad-CAM needs float weights: a compressed model's source
+    explainer = Explainer(predictor if weights == checkpoint else Predictor(weights))
+    saliency = explainer.explain(data, meta["age"], meta["sex"], meta["site"])
     out = join(str(cfg.paths.reports_dir), "demo-saliency.png")
-    buf = io.BytesIO()
-    saliency.overlay.save(buf, "PNG")
-    write_bytes(out, buf.getvalue())
+    write_bytes(out, saliency_png(saliency, predictor.version))
     state["saliency_png"] = out
     state["serve_result"] = result
     print(f"[serve] Grad-CAM ({saliency.layer}) for {saliency.target} ({saliency.probability:.3f}) -> {out}")

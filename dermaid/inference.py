@@ -388,6 +388,21 @@ class Saliency:
     layer: str
 
 
+def saliency_png(saliency: Saliency, model_version: str, compress_level: int = 6) -> bytes:
+    """The overlay as a PNG whose text chunks say what it shows and that it is decision support only
+    (they stay with a saved file: image viewers and `PIL.Image.open(...).text` show them)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Description", f"DermAID {saliency.method} saliency (layer {saliency.layer}) for "
+                  f"{saliency.target} ({BY_CODE[saliency.target].name}), probability {saliency.probability:.3f}, "
+                  f"model {model_version}")
+    info.add_text("Disclaimer", DISCLAIMER)
+    buf = io.BytesIO()
+    saliency.overlay.save(buf, "PNG", pnginfo=info, compress_level=compress_level)
+    return buf.getvalue()
+
+
 class Explainer:
     """Grad-CAM family saliency for a float Predictor.
 

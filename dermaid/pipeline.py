@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -50,7 +49,7 @@ def run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     from dermaid.ray_runtime import ensure_ray
 
     pipe = config["pipeline"]
-    out = _absolute(pipe["out"])
+    out = storage.absolute_url(pipe["out"])
     force = bool(pipe.get("force", False))
     steps: dict[str, dict[str, Any]] = {}
     run_cfg = config.get("run", {})
@@ -81,7 +80,7 @@ def run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
                                         lambda n=name, d=report_dir: _report(config, n, d, run_dir))
 
     # 5. register the best checkpoint with its card and test metrics
-    registered = storage.join(_absolute(config["registry"]["url"]), pipe["name"], f"{version[:8]}-{train_key}")
+    registered = storage.join(storage.absolute_url(config["registry"]["url"]), pipe["name"], f"{version[:8]}-{train_key}")
     steps["register"] = _step(registered, force,
                               lambda: _register(checkpoint, eval_dir, registered, version, train_key))
     return {"version": version, "steps": steps, "registered": registered}
@@ -172,6 +171,4 @@ def _load_primary(name: str, paths: dict[str, Any]) -> dict[str, Any]:
     return to_plain(OmegaConf.merge(raw, {"paths": paths}))
 
 
-def _absolute(url: str) -> str:
-    return str(url) if "://" in str(url) else os.path.abspath(str(url))
 

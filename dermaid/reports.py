@@ -157,7 +157,7 @@ def validate_parameters(notebook: str | Path, params: dict[str, Any], path_param
         values = value if isinstance(value, (list, tuple)) else [value]
         resolved = []
         for item in values:
-            item = _absolute(str(item))
+            item = storage.absolute_url(str(item))
             if not item or not storage.exists(item):
                 raise DermaidError(f"report {label}: {key}={item!r} does not exist")
             resolved.append(item)
@@ -186,12 +186,6 @@ def _literal_default(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
-
-
-def _absolute(url: str) -> str:
-    if not url or "://" in url or os.path.isabs(url):
-        return url
-    return os.path.abspath(url)
 
 
 def resolve_kernel_name(requested: str | None = None) -> str:
@@ -257,8 +251,8 @@ def build_report(
 
     params = validate_parameters(notebook, params, path_params, label=name)
     kernel = resolve_kernel_name(kernel_name)
-    reports_dir = _absolute(str(reports_dir))
-    final = _absolute(str(out)) if out else _unique_dir(reports_dir, name)
+    reports_dir = storage.absolute_url(str(reports_dir))
+    final = storage.absolute_url(str(out)) if out else _unique_dir(reports_dir, name)
     work = Path(tempfile.mkdtemp(prefix=f"dermaid-report-{name}-"))
     try:
         executed = work / NOTEBOOK_FILE

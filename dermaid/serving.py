@@ -92,15 +92,14 @@ def start(cfg: DictConfig | dict[str, Any]) -> str:
     import ray
     from ray import serve
 
-    from dermaid.models.card import load_card
+    from dermaid.models.card import float_weights_for, load_card
     from dermaid.processes import free_port
     from dermaid.ray_runtime import ensure_ray
 
     plain = to_plain(cfg)
     args = build_app_args(plain)
     load_card(args.checkpoint)  # a missing or foreign checkpoint fails here, before Ray starts
-    if args.explainer_checkpoint:
-        load_card(args.explainer_checkpoint)
+    float_weights_for(args.explainer_checkpoint or args.checkpoint)  # and so do Grad-CAM's weights (the Explainer's)
     serve_app = _serve_app_module()
     host, port = str(plain.get("host", "127.0.0.1")), int(plain.get("port", 8000))
     ray_cfg = plain.get("ray") or {}

@@ -22,6 +22,18 @@ def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(str(url))
 
 
+def absolute_url(url: str) -> str:
+    """A local path made absolute ("~" expanded): Ray workers and Serve replicas run in other working
+    directories. A URL with a protocol (gs://bucket/prefix, memory://, file:) loses trailing slashes only; "" stays ""."""
+    url = str(url)
+    if not url:
+        return url
+    if "://" in url or url.startswith("file:"):
+        stripped = url.rstrip("/")
+        return url if stripped.endswith(":") else stripped
+    return os.path.abspath(os.path.expanduser(url))
+
+
 def is_local(url: str) -> bool:
     fs, _ = get_fs(url)
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))

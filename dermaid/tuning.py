@@ -42,7 +42,7 @@ from dermaid.classes import DISCLAIMER
 from dermaid.config import conf_dir, to_plain
 from dermaid.errors import DermaidError
 from dermaid.processes import sigint_handler_kept
-from dermaid.storage import atomic_dir, exists, join, read_bytes, read_text, write_bytes, write_text
+from dermaid.storage import absolute_url, atomic_dir, exists, join, read_bytes, read_text, write_bytes, write_text
 
 TUNE_DIR_NAME = "tune"
 TRIALS_DIR = "trials"
@@ -86,10 +86,10 @@ def tune(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Run (or resume) a search; write DIR/results.csv, DIR/best/, DIR/summary.json; returns the summary."""
     import ray.tune
 
-    from dermaid.training.train import _absolute, _ensure_ray
+    from dermaid.training.train import _ensure_ray
 
     plain = to_plain(cfg)
-    out = _absolute(plain["out"])
+    out = absolute_url(plain["out"])
     resume = bool(plain.get("resume", False))
     tune_path = join(out, TUNE_DIR_NAME)
     if resume:
@@ -148,7 +148,6 @@ def _prepare_base(plain: dict[str, Any], out: str) -> dict[str, Any]:
     """The resolved config every trial starts from: data prepared once, local paths absolute."""
     from dermaid.data.loading import read_manifest
     from dermaid.data.prepare import ensure_prepared
-    from dermaid.training.train import _absolute
 
     search = plain["hparams_search"]
     base = json.loads(json.dumps(plain))  # a deep copy of plain values
@@ -156,9 +155,9 @@ def _prepare_base(plain: dict[str, Any], out: str) -> dict[str, Any]:
     data = base["data"]
     for key in ("root", "prepared_dir"):
         if data.get(key):
-            data[key] = _absolute(data[key])
+            data[key] = absolute_url(data[key])
     if base["train"].get("init_from"):
-        base["train"]["init_from"] = _absolute(base["train"]["init_from"])
+        base["train"]["init_from"] = absolute_url(base["train"]["init_from"])
     # Prepare (or resolve) the dataset version once, here: trials then only read it.
     version_url = ensure_prepared(data)
     data["version"] = read_manifest(version_url)["version"]

@@ -40,9 +40,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dermaid import __version__
 from dermaid.classes import AGE_RANGE, CLASS_CODES, DISCLAIMER, MALIGNANT_CODES, SEXES, SITES
-from dermaid.data.images import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, ImageTooLargeError
+from dermaid.data.images import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, ImageTooLargeError, sniff_format
 from dermaid.errors import DermaidError
-from dermaid.inference import CAM_METHODS, DEFAULT_TRIAGE, ImageShapeError, build_result
+from dermaid.inference import CAM_METHODS, DEFAULT_TRIAGE, ImageShapeError, build_result, saliency_png
+from dermaid.storage import absolute_url
 from serve.review import ReviewArgs, create_review_context, review_settings
 from serve.review import router as review_router
 
@@ -140,7 +141,7 @@ class AppArgs(BaseModel):
     @field_validator("checkpoint", "explainer_checkpoint")
     @classmethod
     def _absolute_checkpoint(cls, value: str | None) -> str | None:
-        return _absolute(value) if value else value
+        return absolute_url(value) if value else value
 
     @field_validator("malignant_codes")
     @classmethod
@@ -161,15 +162,8 @@ class AppArgs(BaseModel):
     @model_validator(mode="after")
     def _absolute_storage(self) -> "AppArgs":
         # Replicas may run in another working directory: pin local paths at build time.
-        self.storage.url = _absolute(self.storage.url)
+        self.storage.url = absolute_url(self.storage.url)
         return self
-
-
-def _absolute(url: str) -> str:
-    """Local relative paths -> absolute; URLs with a protocol (gs://, memory://, ...) unchanged."""
-    if "://" in url:
-        return url
-    return os.path.abspath(os.path.expanduser(url))
 
 
 # --- errors ------------------------------------------------------------------------------------------------
@@ -219,20 +213,10 @@ def describe_image_error(exc: Exception, data: bytes) -> dict[str, Any]:
         return {"status": 400, "code": "empty_image", "message": "the image is empty"}
     if isinstance(exc, ImageShapeError):
         return {"status": 400, "code": "invalid_image", "message": message}
-    if _sniff_format(data) not in ALLOWED_FORMATS:
+    if sniff_format(data) not in ALLOWED_FORMATS:
         return {"status": 415, "code": "unsupported_media_type",
                 "message": f"{message}; send {ALLOWED_VALUES['image']}"}
     return {"status": 400, "code": "undecodable_image", "message": message}
-
-
-def _sniff_format(data: bytes) -> str | None:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.format
-    except Exception:  # noqa: BLE001 - unknown bytes are simply "not an image"
-        return None
 
 
 # --- deployments -------------------------------------------------------------------------------------------
@@ -344,9 +328,11 @@ class Explainer:
                  torch_threads: int = 2, concurrency: int = 1) -> None:
         from dermaid.inference import Explainer as CamExplainer
         from dermaid.inference import Predictor, set_thread_torch_threads
+        from dermaid.models.card import float_weights_for
 
         set_thread_torch_threads(1)  # OpenMP teams only on the CAM threads (ForwardLanes says why)
-        self.explainer = CamExplainer(Predictor(checkpoint, device=device, max_pixels=max_pixels), concurrency)
+        weights = float_weights_for(checkpoint)  # a compressed classifier's float source: Grad-CAM needs gradients
+        self.explainer = CamExplainer(Predictor(weights, device=device, max_pixels=max_pixels), concurrency)
         self._pool = ThreadPoolExecutor(max(1, int(concurrency)), thread_name_prefix="cam",
                                         initializer=set_thread_torch_threads, initargs=(torch_threads,))
         self._pool.submit(self.explainer.warmup).result()
@@ -367,7 +353,7 @@ class Explainer:
     def _explain(self, data: bytes, age: Any, sex: Any, site: Any, target: str | None, method: str) -> dict:
         saliency = self.explainer.explain(data, age, sex, site, target=target, method=method)
         return {
-            "png": _png_bytes(saliency.overlay, 1),
+            "png": saliency_png(saliency, self.explainer.predictor.version, compress_level=1),
             "target": saliency.target,
             "probability": saliency.probability,
             "method": saliency.method,
@@ -649,7 +635,8 @@ class Ingress:
             raise ApiError(**out["error"])
         if format == "png":
             return Response(out["png"], media_type="image/png",
-                            headers={"X-DermAID-Target": out["target"], "X-DermAID-Probability": f"{out['probability']:.6f}"})
+                            headers={"X-DermAID-Target": out["target"], "X-DermAID-Probability": f"{out['probability']:.6f}",
+                                     "X-DermAID-Disclaimer": DISCLAIMER})
         import base64
 
         from dermaid.classes import BY_CODE

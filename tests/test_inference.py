@@ -42,6 +42,19 @@ def test_preprocessing_is_open_image_then_eval_transform(predictor):
     assert tuple(expected.shape) == (3, 64, 64)
 
 
+def test_a_16_bit_image_decodes_like_its_8_bit_twin():
+    """16-bit grey is put on the 8-bit scale (65535 -> 255), not stretched to its own brightest pixel."""
+    rng = np.random.default_rng(4)
+    grey8 = rng.integers(20, 120, (40, 50), dtype=np.uint8)  # a dim image: stretching would brighten it
+    encoded = {}
+    for name, array in (("8", grey8), ("16", grey8.astype(np.uint16) * 257)):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, "PNG")
+        encoded[name] = buf.getvalue()
+    assert Image.open(io.BytesIO(encoded["16"])).mode == "I;16"
+    assert np.array_equal(np.asarray(open_image(encoded["16"])), np.asarray(open_image(encoded["8"])))
+
+
 def test_predict_matches_manual_forward_with_temperature(predictor):
     data = _image(seed=2)
     probs = predictor.predict([(data, 60, "female", "lower extremity")])

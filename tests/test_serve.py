@@ -295,9 +295,13 @@ def test_saliency_png_has_the_input_size(server):
     data = _encode(Image.fromarray(_pixels(150, 100, seed=3)), "JPEG")
     response = requests.post(f"{base}/v1/saliency", files={"image": ("x.jpg", data)}, timeout=60)
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
-    assert Image.open(io.BytesIO(response.content)).size == (150, 100)
+    overlay = Image.open(io.BytesIO(response.content))
+    assert overlay.size == (150, 100)
     top = _classify(base, data).json()["top"]
     assert response.headers["x-dermaid-target"] == top["code"]
+    # whoever reads the overlay, from the response or from a saved file, is told what it is not
+    assert response.headers["x-dermaid-disclaimer"] == DISCLAIMER
+    assert overlay.text["Disclaimer"] == DISCLAIMER and top["code"] in overlay.text["Description"]
 
 
 def test_saliency_json_with_target_and_method(server):
@@ -403,6 +407,40 @@ def test_classify_equals_dermaid_evaluate(server, tiny_checkpoint, toy_prepared,
         served = {c["code"]: c["probability"] for c in body["probabilities"]}
         expected = predictions.loc[record.image_id, list(CLASS_CODES)].to_dict()
         assert served == pytest.approx(expected, abs=1e-5)
+
+
+# --- a compressed variant -------------------------------------------------------------------------------------
+
+def test_an_onnx_variant_classifies_and_gets_grad_cam_from_its_float_source(server, tiny_checkpoint, tmp_path):
+    """The classifier runs the ONNX export; the explainer finds the float checkpoint it was made from."""
+    from ray import serve
+
+    from dermaid.compress.export import run_export
+    from dermaid.config import compose
+    from serve.app import AppArgs, build_app
+
+    base, _ = server
+    onnx = str(tmp_path / "best-onnx")
+    run_export(compose("export", [f"checkpoint={tiny_checkpoint}", f"out={onnx}", "format=onnx"]))
+    args = AppArgs.model_validate({
+        "checkpoint": onnx, "storage": {"url": str(tmp_path / "uploads")},
+        "classifier": {"num_cpus": 0.25, "torch_threads": 1, "forward_lanes": 1},
+        "explainer": {"num_cpus": 0.25, "torch_threads": 1}, "ingress": {"num_cpus": 0.1},
+    })
+    serve.run(build_app(args), name="dermaid-onnx", route_prefix="/onnx")
+    try:
+        card = requests.get(f"{base}/onnx/v1/model", timeout=30).json()["card"]
+        assert card["kind"] == "onnx" and card["compression"]["source"] == tiny_checkpoint
+        images = _valid_images()
+        for kind in ("jpeg", "png", "rgba"):
+            data, size = images[kind]
+            served = {c["code"]: c["probability"] for c in _classify(f"{base}/onnx", data).json()["probabilities"]}
+            float_model = {c["code"]: c["probability"] for c in _classify(base, data).json()["probabilities"]}
+            assert served == pytest.approx(float_model, abs=1e-4)  # the export check's tolerance is on logits
+            response = requests.post(f"{base}/onnx/v1/saliency", files={"image": ("x", data)}, timeout=60)
+            assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).size == size
+    finally:
+        serve.delete("dermaid-onnx")
 
 
 # --- the demo's last step -------------------------------------------------------------------------------------

@@ -106,6 +106,31 @@ def test_dermaid_serve_with_a_missing_checkpoint_is_a_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_saliency_weights_of_a_compressed_checkpoint_are_its_float_source(tiny_checkpoint, tmp_path):
+    """An ONNX/int8 artifact names its float source; without one (or with it gone) the error says what to set."""
+    import json
+    import shutil
+
+    from dermaid.models.card import CheckpointError, float_weights_for
+
+    assert float_weights_for(tiny_checkpoint) == tiny_checkpoint
+    artifact = tmp_path / "best-onnx"
+    shutil.copytree(tiny_checkpoint, artifact)
+    card = json.loads((artifact / "card.json").read_text())
+    card.update(kind="onnx", compression={"source": tiny_checkpoint, "format": "onnx"})
+    (artifact / "card.json").write_text(json.dumps(card))
+    assert float_weights_for(str(artifact)) == tiny_checkpoint
+    card["compression"]["source"] = str(tmp_path / "gone")
+    (artifact / "card.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="explainer_checkpoint="):
+        float_weights_for(str(artifact))
+    env = {**os.environ, "DERMAID_HOME": str(tmp_path)}  # `dermaid serve` says so before it starts Ray
+    proc = subprocess.run([str(REPO / ".venv/bin/dermaid"), "serve", f"checkpoint={artifact}"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and "explainer_checkpoint=" in proc.stderr and "gone" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_forward_lanes_give_a_lone_forward_every_thread_and_keep_one_openmp_team(serve_app):
     import asyncio
     import threading

@@ -36,6 +36,7 @@ from dermaid.errors import DermaidError
 from dermaid.models.card import CARD_FILE, code_version, load_card, save_checkpoint
 from dermaid.models.metadata import encode_metadata, missing_metadata
 from dermaid.compress.runtime import IMAGES_INPUT, LOGITS_OUTPUT, METADATA_INPUT
+from dermaid.storage import absolute_url
 
 FORMATS = {"onnx": ("onnx", "model.onnx"), "torchscript": ("torchscript", "model.ts.pt")}
 
@@ -164,7 +165,7 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
     fmt = str(plain.get("format", "onnx"))
     if fmt not in FORMATS:
         raise DermaidError(f"format={fmt!r}: expected one of {sorted(FORMATS)}")
-    source = str(plain["checkpoint"])
+    source = absolute_url(str(plain["checkpoint"]))  # the card names it: saliency finds the float weights there
     model, card = load_float_source(source)
     uses_metadata = bool(card.get("metadata", {}).get("used", True))
     kind, artifact = FORMATS[fmt]

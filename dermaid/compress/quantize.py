@@ -39,6 +39,7 @@ from dermaid.classes import DISCLAIMER
 from dermaid.config import to_plain
 from dermaid.errors import DermaidError
 from dermaid.models.card import CARD_FILE, save_checkpoint
+from dermaid.storage import absolute_url
 
 METHODS = {"static": "quantized_static", "dynamic": "quantized_dynamic"}
 INT8_ARTIFACT = "model.int8.onnx"
@@ -155,7 +156,7 @@ def quantize_checkpoint(plain: dict[str, Any]) -> dict[str, Any]:
     calibrate_method = str(plain.get("calibrate_method", "minmax")).lower()
     if calibrate_method not in CALIBRATE_METHODS:
         raise DermaidError(f"calibrate_method={calibrate_method!r}: expected one of {sorted(CALIBRATE_METHODS)}")
-    source = str(plain["checkpoint"])
+    source = absolute_url(str(plain["checkpoint"]))  # the card names it: saliency finds the float weights there
     model, card = load_float_source(source)  # refuses an artifact that is already quantized / exported
     n_calib = int(plain.get("calibration_images", 256))
     evaluate = bool(plain.get("evaluate", True))

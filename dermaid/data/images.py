@@ -64,13 +64,24 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: in
         raise ImageDecodeError(f"image could not be decoded: {exc}") from None
 
 
+def sniff_format(data: bytes) -> str | None:
+    """The format PIL reads from the bytes' header ("JPEG", "PNG", ...), None for bytes it does not know."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format
+    except Exception:  # noqa: BLE001 - unknown bytes are simply "not an image"
+        return None
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grey -> 8-bit on the fixed scale (65535 -> 255), so a 16-bit image and its 8-bit twin give the
+        # same pixels; a 32-bit "I" image whose values stay within 0..255 is already on the 8-bit scale
         arr = np.asarray(img, dtype=np.float32)
-        top = arr.max() or 1.0
-        img = Image.fromarray((arr / top * 255.0).clip(0, 255).astype(np.uint8), mode="L")
+        scale = 257.0 if img.mode != "I" or arr.max() > 255 else 1.0
+        img = Image.fromarray((arr / scale).round().clip(0, 255).astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import posixpath
 from collections.abc import Callable, Iterable
 
@@ -31,7 +30,7 @@ from dermaid.classes import (
     CLASS_CODES, HAM10000_DX_TO_CODE, HAM10000_LOCALIZATION_TO_SITE, SEXES, SITES, UNKNOWN_CODE, AGE_RANGE,
 )
 from dermaid.errors import DermaidError
-from dermaid.storage import get_fs, join
+from dermaid.storage import absolute_url, get_fs, join
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +134,6 @@ def read_records(root: str, layout: str = "isic2019", source: str | None = None)
     if layout not in READERS:
         raise DatasetError(f"unknown dataset layout {layout!r}; known: {sorted(READERS)}")
     return READERS[layout](absolute_url(root), source=source or layout)
-
-
-def absolute_url(url: str) -> str:
-    """A local relative path made absolute (Ray workers may run elsewhere); other URLs unchanged."""
-    url = str(url).rstrip("/") or "/"
-    if "://" in url or url.startswith("file:"):
-        return url
-    return os.path.abspath(url)
 
 
 def raw_files(root: str, layout: str = "isic2019") -> list[str]:

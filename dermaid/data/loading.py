@@ -21,10 +21,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dermaid.data.isic import absolute_url
 from dermaid.data.shards import SHARD_SCHEMA
 from dermaid.errors import DermaidError
-from dermaid.storage import exists, get_fs, join, read_text, write_text
+from dermaid.storage import absolute_url, exists, get_fs, join, read_text, write_text
 
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"

@@ -40,14 +40,14 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from dermaid.config import to_plain
-from dermaid.data.isic import DatasetError, absolute_url, raw_files, read_records
+from dermaid.data.isic import DatasetError, raw_files, read_records
 from dermaid.data.loading import (
     CACHE_DIR, MANIFEST_FILE, SHARDS_DIR, read_manifest, resolve_version, validate_tag, write_tag,
 )
 from dermaid.data.shards import is_missing, prepare_shard, process_image  # noqa: F401  (process_image: re-exported)
 from dermaid.data.splits import assign_folds, split_counts
 from dermaid.errors import DermaidError
-from dermaid.storage import exists, get_fs, is_local, join, read_text, write_text
+from dermaid.storage import absolute_url, exists, get_fs, is_local, join, read_text, write_text
 
 log = logging.getLogger(__name__)
 

@@ -119,6 +119,27 @@ def load_card(url: str) -> dict[str, Any]:
     return card
 
 
+def float_weights_for(url: str) -> str:
+    """The checkpoint holding the float weights behind `url`: `url` itself, or, for a compressed artifact
+    (ONNX, TorchScript, int8), the float checkpoint it was made from (its card's compression.source).
+    Grad-CAM needs them (gradients flow through PyTorch modules only); clear errors when they are gone."""
+    card = load_card(url)
+    kind = card.get("kind", "float")
+    if kind == "float":
+        return url
+    source = (card.get("compression") or {}).get("source")
+    hint = "set explainer_checkpoint= to the float checkpoint it was made from"
+    if not source:
+        raise CheckpointError(f"{url}: a {kind} artifact that names no float source; Grad-CAM needs float weights: {hint}")
+    try:
+        source_kind = load_card(source).get("kind", "float")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{url}: a {kind} artifact whose float source is unusable ({exc}); {hint}") from None
+    if source_kind != "float":
+        raise CheckpointError(f"{url}: a {kind} artifact whose source {source} is a {source_kind} artifact too; {hint}")
+    return source
+
+
 def load_state_dict(url: str, card: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     card = card or load_card(url)
     weights_url = join(url, card.get("artifact", WEIGHTS_FILE))

@@ -32,7 +32,6 @@ import datetime as _dt
 import hashlib
 import io
 import json
-import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -45,7 +44,7 @@ from sqlalchemy.orm import sessionmaker
 
 from dermaid.classes import BY_CODE, CLASS_CODES, NOT_A_LESION, REVIEW_CODES, UNKNOWN_CODE
 from dermaid.errors import DermaidError
-from dermaid.storage import atomic_dir, exists as url_exists, is_local, join, write_bytes, write_text
+from dermaid.storage import absolute_url, atomic_dir, exists as url_exists, join, write_bytes, write_text
 from dermaid.store.db import Label, Upload
 from dermaid.store.uploads import UploadStore
 
@@ -517,8 +516,8 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
         raise DermaidError("out= is required: the directory (any fsspec URL) to write the ISIC 2019 layout to")
     plain = OmegaConf.to_container(cfg, resolve=True)
     storage = plain.get("storage") or {}
-    store = LabelStore.open(_absolute(storage.get("url") or "uploads"), storage.get("db_url"), must_exist=True)
-    summary = store.export_dataset(_absolute(plain["out"]), min_agreement=plain["min_agreement"],
+    store = LabelStore.open(absolute_url(storage.get("url") or "uploads"), storage.get("db_url"), must_exist=True)
+    summary = store.export_dataset(absolute_url(plain["out"]), min_agreement=plain["min_agreement"],
                                    min_reviewers=plain["min_reviewers"])
     print(f"labels export: {summary['count']} image(s) -> {summary['out']}")
     print("  per class: " + ", ".join(f"{code} {n}" for code, n in summary["counts"].items()))
@@ -603,11 +602,6 @@ def _csv(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
     writer.writerow(list(header))
     writer.writerows([list(row) for row in rows])
     return buf.getvalue()
-
-
-def _absolute(url: str) -> str:
-    url = str(url)
-    return os.path.abspath(os.path.expanduser(url)) if "://" not in url and is_local(url) else url
 
 
 __all__ = [

@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
 from dermaid.classes import CLASS_CODES, MALIGNANT_CODES, NUM_CLASSES
+from dermaid.data.images import sniff_format
 from dermaid.errors import DermaidError
 from dermaid.storage import get_fs, is_local, join, read_bytes, write_bytes
 from dermaid.store.db import Upload, create_db_engine, init_db
@@ -70,7 +69,7 @@ class UploadStore:
             raise ValueError(f"expected {NUM_CLASSES} probabilities, got {len(probabilities)}")
         upload_id = str(uuid.uuid4())
         created = _dt.datetime.now(_dt.timezone.utc)
-        image_format = _sniff_format(image)
+        image_format = sniff_format(image)
         probs = {code: float(probabilities[i]) for i, code in enumerate(CLASS_CODES)}
         top = max(probs, key=probs.__getitem__)
         score = float(malignancy_score if malignancy_score is not None
@@ -159,13 +158,3 @@ def entropy(probabilities: Sequence[float]) -> float:
     """Shannon entropy in nats (0 = certain, log(8) ~ 2.08 = uniform): the review queue's uncertainty."""
     p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)
     return float(-(p * np.log(p)).sum())
-
-
-def _sniff_format(data: bytes) -> str | None:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.format
-    except Exception:  # noqa: BLE001 - the format only names the blob's extension
-        return None
-
-

@@ -35,7 +35,7 @@ from dermaid.classes import DISCLAIMER, NUM_CLASSES
 from dermaid.config import to_plain
 from dermaid.errors import DermaidError
 from dermaid.processes import sigint_handler_kept
-from dermaid.storage import exists, is_local, join, read_text, write_text
+from dermaid.storage import absolute_url, exists, is_local, join, read_text, write_text
 from dermaid.training.history import format_epoch_line, write_history
 
 SCORE_METRIC = "val/balanced_accuracy"  # early stopping, best checkpoint and CheckpointConfig score
@@ -128,13 +128,6 @@ def _ensure_ray(run_cfg: dict[str, Any]) -> None:
     ensure_ray(run_cfg.get("ray_address"), run_cfg.get("num_cpus"), log_to_driver=True)
 
 
-def _absolute(url: str) -> str:
-    """Local paths become absolute (Ray workers do not share the driver's working directory)."""
-    from dermaid.data.isic import absolute_url
-
-    return absolute_url(url)
-
-
 def _prepare_run(plain: dict[str, Any]) -> dict[str, Any]:
     """Resolve the dataset version and a fine-tune source, check them, write DIR/config.yaml.
 
@@ -143,13 +136,13 @@ def _prepare_run(plain: dict[str, Any]) -> dict[str, Any]:
     from dermaid.data.loading import read_manifest, split_filter
     from dermaid.data.prepare import ensure_prepared
 
-    out = _absolute(plain["out"])
+    out = absolute_url(plain["out"])
     train_cfg = dict(plain["train"])
     model_cfg = dict(plain["model"])
     data_cfg = dict(plain["data"])
     fold = int(data_cfg.get("fold", 0))
 
-    version_url = _absolute(ensure_prepared(data_cfg))
+    version_url = absolute_url(ensure_prepared(data_cfg))
     manifest = read_manifest(version_url)
     split_filter("val", fold, manifest["settings"]["folds"])  # a clear error for a fold out of range
     _check_split_sizes(manifest, fold, int(plain["scaling"]["num_workers"]), version_url)
@@ -157,7 +150,7 @@ def _prepare_run(plain: dict[str, Any]) -> dict[str, Any]:
     dataset_versions = [manifest["version"]]
     init_from = train_cfg.get("init_from")
     if init_from:
-        init_from = _absolute(init_from)
+        init_from = absolute_url(init_from)
         model_cfg, source_versions, input_size = _fine_tune_source(init_from, model_cfg)
         dataset_versions = list(dict.fromkeys([*source_versions, manifest["version"]]))
         train_cfg["image_size"] = train_cfg.get("image_size") or input_size
@@ -165,7 +158,7 @@ def _prepare_run(plain: dict[str, Any]) -> dict[str, Any]:
 
     from dermaid.compress.distill import check_distill
 
-    distill = check_distill(plain.get("distill"), _absolute)  # None unless `dermaid distill`
+    distill = check_distill(plain.get("distill"), absolute_url)  # None unless `dermaid distill`
 
     _check_existing_run(out, model_cfg, manifest["version"])
     resolved = {**plain, "out": out, "model": model_cfg, "train": train_cfg, "dataset_version": manifest["version"]}
