@@ -28,7 +28,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Callable, Literal
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -171,9 +171,9 @@ class AppArgs(BaseModel):
 class ApiError(Exception):
     """A client-facing error: rendered as {"error": {"code", "message"}} with `status`."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, fields: list[dict[str, str]] | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.fields = status, code, message, fields
 
 
 class BodyTooLarge(HTTPException):
@@ -432,6 +432,21 @@ Sex = Annotated[Literal[SEXES] | None, Form(description="sex")]  # type: ignore[
 Site = Annotated[Literal[SITES] | None, Form(description="anatomical site (ISIC 2019)")]  # type: ignore[valid-type]
 ImageFile = Annotated[UploadFile, File(description=ALLOWED_VALUES["image"] + "; the content decides the format")]
 
+
+def _only_fields(*names: str) -> Any:
+    """A route dependency: 422 for a form field the route does not take. A misspelt field (`gender` for
+    `sex`) would otherwise be dropped without a word, and the prediction made without that metadata."""
+    allowed = ", ".join(names)
+
+    async def check(request: Request) -> None:
+        unknown = sorted(set((await request.form()).keys()) - set(names))  # parsed once, cached for the route
+        if unknown:
+            fields = [{"field": name, "message": "unknown field", "allowed": allowed} for name in unknown]
+            raise ApiError(422, "invalid_field", "; ".join(f"{name}: unknown field; allowed fields: {allowed}"
+                                                           for name in unknown), fields)
+
+    return Depends(check)
+
 api = FastAPI(
     title="DermAID",
     version=__version__,
@@ -508,7 +523,8 @@ api.add_middleware(BodyLimitMiddleware, max_bytes=_replica_upload_limit)
 
 @api.exception_handler(ApiError)
 async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status)
+    extra = {"fields": exc.fields} if exc.fields else {}
+    return JSONResponse(error_body(exc.code, exc.message, **extra), status_code=exc.status)
 
 
 @api.exception_handler(RequestValidationError)
@@ -605,7 +621,8 @@ class Ingress:
             self._model = await self.classifier.info.remote()
         return JSONResponse({**self._model, "disclaimer": DISCLAIMER})
 
-    @api.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS)
+    @api.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS,
+              dependencies=[_only_fields("image", "age", "sex", "site", "consent")])
     async def classify(self, image: ImageFile, age: Age = None, sex: Sex = None, site: Site = None,
                        consent: Annotated[bool, Form(description="store the upload for dermatologist review")] = False,
                        ) -> JSONResponse:
@@ -622,7 +639,8 @@ class Ingress:
         return JSONResponse({"upload_id": upload_id, "stored": upload_id is not None,
                              "model_version": out["model_version"], **result})
 
-    @api.post("/v1/saliency", responses={200: {"content": {"image/png": {}}}, **_ERRORS})
+    @api.post("/v1/saliency", responses={200: {"content": {"image/png": {}}}, **_ERRORS},
+              dependencies=[_only_fields("image", "age", "sex", "site", "target", "method", "format")])
     async def saliency(self, image: ImageFile, age: Age = None, sex: Sex = None, site: Site = None,
                        target: Annotated[Literal[CLASS_CODES] | None, Form(description="class code; default: top class")] = None,  # type: ignore[valid-type]  # noqa: E501
                        method: Annotated[Literal[CAM_METHODS], Form(description="CAM method")] = "gradcam",  # type: ignore[valid-type]  # noqa: E501

@@ -202,6 +202,7 @@ def test_bad_images_get_a_clear_4xx(server, kind, route):
     ({"sex": "x"}, "sex", "male, female"),
     ({"site": "toe"}, "site", SITES[0]),
     ({"consent": "maybe"}, "consent", "true or false"),
+    ({"gender": "male"}, "gender", "age, sex, site"),  # a misspelt field is not dropped without a word
 ])
 def test_bad_metadata_is_422_naming_field_and_allowed_values(server, fields, field, allowed):
     base, _ = server
@@ -220,6 +221,8 @@ def test_bad_saliency_options_are_422(server, fields, field):
     jpeg, _ = _valid_images()["jpeg"]
     response = requests.post(f"{base}/v1/saliency", files={"image": ("x.jpg", jpeg)}, data=fields, timeout=60)
     assert response.status_code == 422 and _error(response)["message"].startswith(f"{field}:")
+    response = requests.post(f"{base}/v1/saliency", files={"image": ("x.jpg", jpeg)}, data={"consent": "true"}, timeout=60)
+    assert response.status_code == 422 and _error(response)["fields"][0]["field"] == "consent"  # classify's, not this route's
 
 
 def test_missing_image_wrong_method_unknown_route(server):
@@ -352,6 +355,33 @@ def test_consent_stores_image_input_metadata_and_prediction(server):
     assert store.read_blob(row["blobs"]["image"]) == data
     assert Image.open(io.BytesIO(store.read_blob(row["blobs"]["input"]))).size == (64, 64)
     assert (Path(storage) / row["blobs"]["record"]).exists()
+
+
+def test_a_failing_store_still_answers_and_counts_nothing(server):
+    """Consent given but the blob store cannot be written: the prediction comes back with stored false,
+    and no row appears (blobs are written before the row)."""
+    from dermaid.store.uploads import BLOBS_DIR, UploadStore
+
+    base, storage = server
+    store = UploadStore(storage)
+    before = store.count()
+    blobs = Path(storage) / BLOBS_DIR
+    aside = Path(storage) / "blobs-aside"
+    if blobs.exists():
+        blobs.rename(aside)
+    blobs.write_bytes(b"a file where the blob directory belongs: every blob write fails")
+    try:
+        data, _ = _valid_images()["jpeg"]
+        response = _classify(base, data, consent="true")
+        assert response.status_code == 200
+        body = response.json()
+        assert body["stored"] is False and body["upload_id"] is None and body["top"]["code"] in CLASS_CODES
+        assert store.count() == before
+    finally:
+        blobs.unlink()
+        if aside.exists():
+            aside.rename(blobs)
+    assert _classify(base, data, consent="true").json()["stored"] is True and store.count() == before + 1
 
 
 def test_fifty_concurrent_consented_uploads_are_all_stored(server):
