@@ -93,13 +93,15 @@ def start(cfg: DictConfig | dict[str, Any]) -> str:
     from ray import serve
 
     from dermaid.models.card import float_weights_for, load_card
+    from dermaid.storage import absolute_url
     from dermaid.processes import free_port
     from dermaid.ray_runtime import ensure_ray
 
     plain = to_plain(cfg)
     args = build_app_args(plain)
     load_card(args.checkpoint)  # a missing or foreign checkpoint fails here, before Ray starts
-    float_weights_for(args.explainer_checkpoint or args.checkpoint)  # and so do Grad-CAM's weights (the Explainer's)
+    # and so do Grad-CAM's float weights; resolved here, where a relative source means what the user meant
+    args.explainer_checkpoint = absolute_url(float_weights_for(args.explainer_checkpoint or args.checkpoint))
     serve_app = _serve_app_module()
     host, port = str(plain.get("host", "127.0.0.1")), int(plain.get("port", 8000))
     ray_cfg = plain.get("ray") or {}

@@ -117,7 +117,7 @@ class StorageArgs(BaseModel):
     never sits in the app's arguments), else a SQLite file under a local `url`."""
 
     model_config = ConfigDict(extra="forbid")
-    url: str = "uploads"          # fsspec URL of the blobs (local dir, gs://bucket/prefix)
+    url: str = Field("uploads", min_length=1)  # fsspec URL of the blobs (local dir, gs://bucket/prefix)
     db_url: str | None = None     # SQLAlchemy URL (PostgreSQL in deployment)
 
 

@@ -41,6 +41,20 @@ def _save(store: UploadStore, seed: int = 0, **kwargs) -> str:
     return store.save(**args)
 
 
+def test_absolute_url_pins_local_paths_and_keeps_urls(tmp_path, monkeypatch):
+    from dermaid.storage import absolute_url
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert absolute_url("runs/toy/best/") == str(tmp_path / "runs/toy/best")
+    assert absolute_url("~/data") == str(tmp_path / "home/data")
+    assert absolute_url("/abs/x/") == "/abs/x"
+    assert absolute_url("gs://bucket/prefix/") == "gs://bucket/prefix"
+    assert absolute_url("gs://") == "gs://" and absolute_url("memory://") == "memory://"
+    assert absolute_url("file:///tmp/x/") == "file:///tmp/x" and absolute_url("file:///") == "file:///"
+    assert absolute_url("") == ""  # "not set" stays detectable (prepare's "no output directory")
+
+
 def test_save_then_read_back(tmp_path):
     store = UploadStore(str(tmp_path / "up"))
     upload_id = _save(store)

@@ -394,6 +394,8 @@ def test_browser_consumer_page_then_review_page(app, browser, tmp_path):
     overlay_width = page.locator("#overlay").evaluate("img => img.decode().then(() => img.naturalWidth)")
     photo_width = Image.open(toy["path"]).width
     assert overlay_width == photo_width  # the overlay is at the photo's size, beside it
+    top_name = page.locator("#triage strong").text_content().removeprefix("Most likely: ").rsplit(" (", 1)[0]
+    expect(page.locator("#overlay-caption")).to_have_text(f"Where the model looked for “{top_name}”")
     widths = page.locator("#bars .fill").evaluate_all("fills => fills.map(f => f.getBoundingClientRect().width)")
     assert widths == sorted(widths, reverse=True) and widths[0] > 0
     upload_id = page.locator("#reference-id").text_content()

@@ -202,7 +202,7 @@ def ensure_prepared(data_cfg: dict[str, Any]) -> str:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """`dermaid prepare data=... data.root=URL out=URL [tag=NAME] [force=true]`."""
     manifest = prepare_dataset(
-        to_plain(cfg.data), out=str(cfg.out), tag=cfg.tag, use_cache=not bool(cfg.force),
+        to_plain(cfg.data), out=str(cfg.out or ""), tag=cfg.tag, use_cache=not bool(cfg.force),
         ray_address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, shard_size=int(cfg.shard_size),
     )
     url = join(absolute_url(str(cfg.out)), manifest["version"])

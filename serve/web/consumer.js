@@ -73,12 +73,12 @@
     $("result").hidden = false;
   }
 
-  async function loadOverlay() {
+  async function loadOverlay(target) {  // the class the result shows: a compressed model's explainer may rank differently
     const caption = $("overlay-caption"), overlay = $("overlay");
     caption.textContent = "Where the model looked (loading…)";
     overlay.removeAttribute("src");
     try {
-      const response = await fetch("v1/saliency", { method: "POST", body: formData({ format: "json" }) });
+      const response = await fetch("v1/saliency", { method: "POST", body: formData({ format: "json", target }) });
       if (!response.ok) { caption.textContent = `Overlay unavailable: ${await errorMessage(response, true)}`; return; }
       const body = await response.json();
       const bytes = Uint8Array.from(atob(body.overlay_png_base64), (c) => c.charCodeAt(0));
@@ -103,9 +103,10 @@
     try {
       const response = await fetch("v1/classify", { method: "POST", body: formData({ consent: consent ? "true" : "false" }) });
       if (!response.ok) { showError(errorBox, `Could not check the photo. ${await errorMessage(response, true)}`); return; }
-      showResult(await response.json(), consent);
+      const result = await response.json();
+      showResult(result, consent);
       $("result").scrollIntoView({ block: "start", behavior: "smooth" });
-      await loadOverlay();
+      await loadOverlay(result.top.code);
     } catch (_) {
       showError(errorBox, networkMessage());
     } finally {
