@@ -51,8 +51,7 @@ def step_synth(state: State) -> None:
 def step_prepare(state: State) -> None:
     """Prepare the toy set into a tagged dataset version (cheap when nothing changed)."""
     from dermaid.data.prepare import prepare_dataset
-    from dermaid.storage import absolute_url
-    from dermaid.storage import join
+    from dermaid.storage import absolute_url, join
 
     cfg = compose("prepare", [*state["overrides"], f"data.root={state['toy_root']}",
                               f"data.image_size={DEMO_IMAGE_SIZE}", f"tag={DEMO_TAG}"])

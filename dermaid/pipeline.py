@@ -80,7 +80,8 @@ def run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
                                         lambda n=name, d=report_dir: _report(config, n, d, run_dir))
 
     # 5. register the best checkpoint with its card and test metrics
-    registered = storage.join(storage.absolute_url(config["registry"]["url"]), pipe["name"], f"{version[:8]}-{train_key}")
+    registry = storage.absolute_url(config["registry"]["url"])
+    registered = storage.join(registry, pipe["name"], f"{version[:8]}-{train_key}")
     steps["register"] = _step(registered, force,
                               lambda: _register(checkpoint, eval_dir, registered, version, train_key))
     return {"version": version, "steps": steps, "registered": registered}
@@ -169,6 +170,3 @@ def _load_primary(name: str, paths: dict[str, Any]) -> dict[str, Any]:
     for key in ("defaults", "hydra"):
         raw.pop(key, None)
     return to_plain(OmegaConf.merge(raw, {"paths": paths}))
-
-
-

@@ -93,9 +93,9 @@ def start(cfg: DictConfig | dict[str, Any]) -> str:
     from ray import serve
 
     from dermaid.models.card import float_weights_for, load_card
-    from dermaid.storage import absolute_url
     from dermaid.processes import free_port
     from dermaid.ray_runtime import ensure_ray
+    from dermaid.storage import absolute_url
 
     plain = to_plain(cfg)
     args = build_app_args(plain)

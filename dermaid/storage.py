@@ -24,7 +24,8 @@ def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def absolute_url(url: str) -> str:
     """A local path made absolute ("~" expanded): Ray workers and Serve replicas run in other working
-    directories. A URL with a protocol (gs://bucket/prefix, memory://, file:) loses trailing slashes only; "" stays ""."""
+    directories. A URL with a protocol (gs://bucket/prefix, memory://, file:) loses trailing slashes only;
+    "" stays ""."""
     url = str(url)
     if not url:
         return url

@@ -653,7 +653,8 @@ class Ingress:
             raise ApiError(**out["error"])
         if format == "png":
             return Response(out["png"], media_type="image/png",
-                            headers={"X-DermAID-Target": out["target"], "X-DermAID-Probability": f"{out['probability']:.6f}",
+                            headers={"X-DermAID-Target": out["target"],
+                                     "X-DermAID-Probability": f"{out['probability']:.6f}",
                                      "X-DermAID-Disclaimer": DISCLAIMER})
         import base64
 

@@ -221,8 +221,10 @@ def test_bad_saliency_options_are_422(server, fields, field):
     jpeg, _ = _valid_images()["jpeg"]
     response = requests.post(f"{base}/v1/saliency", files={"image": ("x.jpg", jpeg)}, data=fields, timeout=60)
     assert response.status_code == 422 and _error(response)["message"].startswith(f"{field}:")
-    response = requests.post(f"{base}/v1/saliency", files={"image": ("x.jpg", jpeg)}, data={"consent": "true"}, timeout=60)
-    assert response.status_code == 422 and _error(response)["fields"][0]["field"] == "consent"  # classify's, not this route's
+    response = requests.post(f"{base}/v1/saliency", files={"image": ("x.jpg", jpeg)}, data={"consent": "true"},
+                             timeout=60)
+    # consent is classify's field, not this route's
+    assert response.status_code == 422 and _error(response)["fields"][0]["field"] == "consent"
 
 
 def test_missing_image_wrong_method_unknown_route(server):

@@ -130,7 +130,8 @@ def float_weights_for(url: str) -> str:
     source = (card.get("compression") or {}).get("source")
     hint = "set explainer_checkpoint= to the float checkpoint it was made from"
     if not source:
-        raise CheckpointError(f"{url}: a {kind} artifact that names no float source; Grad-CAM needs float weights: {hint}")
+        raise CheckpointError(f"{url}: a {kind} artifact that names no float source; "
+                              f"Grad-CAM needs float weights: {hint}")
     try:
         source_kind = load_card(source).get("kind", "float")
     except CheckpointError as exc:

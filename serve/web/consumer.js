@@ -73,7 +73,8 @@
     $("result").hidden = false;
   }
 
-  async function loadOverlay(target) {  // the class the result shows: a compressed model's explainer may rank differently
+  // target: the class the result shows (a compressed model's float explainer may rank classes differently)
+  async function loadOverlay(target) {
     const caption = $("overlay-caption"), overlay = $("overlay");
     caption.textContent = "Where the model looked (loading…)";
     overlay.removeAttribute("src");
