@@ -35,7 +35,7 @@ import torch
 
 from dermaid.config import compose, to_plain
 from dermaid.errors import DermaidError
-from dermaid.storage import exists, join
+from dermaid.files import exists, join
 
 VARIANTS = {  # name -> (what builds it, its kind); "float" is the checkpoint itself
     "float": None,
@@ -99,7 +99,7 @@ def _parameters(card: dict[str, Any]) -> int:
 
 
 def _file_mb(url: str, card: dict[str, Any]) -> float:
-    from dermaid.storage import get_fs
+    from dermaid.files import get_fs
 
     fs, path = get_fs(join(url, card["artifact"]))
     return fs.size(path) / 1e6

@@ -17,7 +17,7 @@ What it measures (JPEG uploads from `dermaid synth`, 600x450 .. 1280x960 px, bou
 The bare throughput loop runs in fresh processes before and after the Serve measurements, with OpenMP's
 default wait policy (spin briefly, then sleep), ACTIVE (spin) and PASSIVE (sleep); before/after are
 averaged (a shared machine drifts) and the best policy is the baseline, so the ratio is conservative.
-The app is started by dermaid.serving.start, as `dermaid serve` starts it (direct ingress on the port).
+The app is started by serve.launcher.start, as `dermaid serve` starts it (direct ingress on the port).
 The load generator (16 threads on keep-alive connections) shares the machine's cores with the server.
 Results also go to benchmarks/results/serve_bench.json.
 """
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     from dermaid.config import compose
     from dermaid.processes import free_port
     from dermaid.ray_runtime import ensure_ray
-    from dermaid.serving import local_serve_env, start
+    from serve.launcher import local_serve_env, start
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="serve_bench_")
     checkpoint = create_bench_checkpoint(f"{workdir}/ckpt", args.model, args.img_size)

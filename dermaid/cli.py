@@ -28,9 +28,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "distill": ("dermaid.compress", "run_distill", "knowledge distillation into a smaller student"),
     "quantize": ("dermaid.compress", "run_quantize", "int8 post-training quantization"),
     "export": ("dermaid.compress", "run_export", "export a checkpoint to ONNX or TorchScript"),
-    "serve": ("dermaid.serving", "run", "serve a checkpoint over HTTP with Ray Serve"),
-    "labels-export": ("dermaid.store.labels", "run_export", "write reviewed uploads as an ISIC dataset"),
-    "report": ("dermaid.reports", "run", "execute a notebook report with papermill"),
+    "serve": ("serve.launcher", "run", "serve a checkpoint over HTTP with Ray Serve"),
+    "labels-export": ("dermaid.uploads.labels", "run_export", "write reviewed uploads as an ISIC dataset"),
+    "report": ("dermaid.reporting.runner", "run", "execute a notebook report with papermill"),
     "pipeline": ("dermaid.pipeline", "run", "prepare -> train -> evaluate -> reports -> register"),
 }
 

@@ -51,7 +51,7 @@ def step_synth(state: State) -> None:
 def step_prepare(state: State) -> None:
     """Prepare the toy set into a tagged dataset version (cheap when nothing changed)."""
     from dermaid.data.prepare import prepare_dataset
-    from dermaid.storage import absolute_url, join
+    from dermaid.files import absolute_url, join
 
     cfg = compose("prepare", [*state["overrides"], f"data.root={state['toy_root']}",
                               f"data.image_size={DEMO_IMAGE_SIZE}", f"tag={DEMO_TAG}"])
@@ -84,7 +84,7 @@ def step_evaluate(state: State) -> None:
     """`dermaid evaluate` of the best checkpoint on the held-out test part: predictions.csv, metrics.json, table."""
     from dermaid.evaluation.evaluate import evaluate
     from dermaid.evaluation.metrics import format_metrics_table
-    from dermaid.storage import join
+    from dermaid.files import join
 
     version = state["version_url"].rstrip("/").rsplit("/", 1)[-1]
     out = join(state["run_dir"], "eval-test")
@@ -103,8 +103,8 @@ DEMO_RUN_DIR = "${paths.runs_dir}/toy"  # the demo's training run (notebooks and
 def step_report(state: State) -> None:
     """`dermaid report eda` of the toy set and `dermaid report train-report` of the run: executed notebook,
     HTML and key_figures.json under reports/ (the same path as the CLI)."""
-    from dermaid.reports import HTML_FILE, build_report_from_config
-    from dermaid.storage import join
+    from dermaid.reporting.runner import HTML_FILE, build_report_from_config
+    from dermaid.files import join
 
     state["reports"] = {}
     for name, params in (("eda", {"data_root": state["toy_root"]}), ("train-report", {"run_dir": state["run_dir"]})):
@@ -120,7 +120,7 @@ def _demo_image(state: State) -> tuple[str, dict[str, Any]]:
     import math
 
     from dermaid.data.loading import load_records
-    from dermaid.storage import get_fs, join
+    from dermaid.files import get_fs, join
 
     record = load_records(state["version_url"], split="test", with_images=False).iloc[0]
     fs, path = get_fs(join(state["toy_root"], "ISIC_2019_Training_Input"))
@@ -136,7 +136,7 @@ def step_serve(state: State) -> None:
     import os
 
     from dermaid.auth import create_token, hash_token
-    from dermaid.storage import join, read_bytes, write_bytes
+    from dermaid.files import join, read_bytes, write_bytes
 
     checkpoint = join(state["run_dir"], "best")
     token = create_token()  # a fresh demo reviewer token each run; only its hash goes into the app's config
@@ -144,7 +144,7 @@ def step_serve(state: State) -> None:
                             f"+review.tokens.demo_reviewer={hash_token(token)}"])
     image, meta = _demo_image(state)
     if os.environ.get("DEMO_SERVE", "1") != "0":
-        from dermaid.serving import run as serve
+        from serve.launcher import run as serve
 
         url = f"http://{cfg.host}:{cfg.port}"
         print(f"[serve] {checkpoint} at {url} (Ctrl-C stops; DEMO_SERVE=0 skips serving)")

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dermaid import storage
+from dermaid import files
 from dermaid.classes import DISCLAIMER
 from dermaid.config import conf_dir, to_plain
 
@@ -49,7 +49,7 @@ def run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     from dermaid.ray_runtime import ensure_ray
 
     pipe = config["pipeline"]
-    out = storage.absolute_url(pipe["out"])
+    out = files.absolute_url(pipe["out"])
     force = bool(pipe.get("force", False))
     steps: dict[str, dict[str, Any]] = {}
     run_cfg = config.get("run", {})
@@ -65,23 +65,23 @@ def run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     # 2. train (or tune)
     train_key = _key(version, {k: config.get(k) for k in _TRAIN_KEYS}, search=pipe.get("search"),
                      space=pipe.get("hparams_search") if pipe.get("search") else None)
-    run_dir = storage.join(out, f"train-{train_key}")
+    run_dir = files.join(out, f"train-{train_key}")
     steps["train"] = _step(run_dir, force, lambda: _train(config, data, run_dir, pipe))
-    checkpoint = storage.join(run_dir, "best")
+    checkpoint = files.join(run_dir, "best")
 
     # 3. evaluate on the held-out split
-    eval_dir = storage.join(out, f"evaluate-{train_key}-{pipe['evaluate_split']}-tta{pipe.get('tta', 0)}")
+    eval_dir = files.join(out, f"evaluate-{train_key}-{pipe['evaluate_split']}-tta{pipe.get('tta', 0)}")
     steps["evaluate"] = _step(eval_dir, force, lambda: _evaluate(config, data, checkpoint, eval_dir, pipe))
 
     # 4. reports
     for name in pipe.get("reports") or []:
-        report_dir = storage.join(out, f"report-{name}-{train_key}")
+        report_dir = files.join(out, f"report-{name}-{train_key}")
         steps[f"report:{name}"] = _step(report_dir, force,
                                         lambda n=name, d=report_dir: _report(config, n, d, run_dir))
 
     # 5. register the best checkpoint with its card and test metrics
-    registry = storage.absolute_url(config["registry"]["url"])
-    registered = storage.join(registry, pipe["name"], f"{version[:8]}-{train_key}")
+    registry = files.absolute_url(config["registry"]["url"])
+    registered = files.join(registry, pipe["name"], f"{version[:8]}-{train_key}")
     steps["register"] = _step(registered, force,
                               lambda: _register(checkpoint, eval_dir, registered, version, train_key))
     return {"version": version, "steps": steps, "registered": registered}
@@ -89,13 +89,13 @@ def run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
 
 def _step(out: str, force: bool, action: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run `action` unless `out` holds a finished step; record the result in out/DONE_FILE."""
-    done = storage.join(out, DONE_FILE)
-    if not force and storage.exists(done):
-        return {"out": out, "skipped": True, "result": json.loads(storage.read_text(done))}
+    done = files.join(out, DONE_FILE)
+    if not force and files.exists(done):
+        return {"out": out, "skipped": True, "result": json.loads(files.read_text(done))}
     start = time.time()
     result = action() or {}
     result = {**result, "seconds": round(time.time() - start, 1)}
-    storage.write_text(done, json.dumps(result, indent=2, default=str))
+    files.write_text(done, json.dumps(result, indent=2, default=str))
     return {"out": out, "skipped": False, "result": result}
 
 
@@ -128,11 +128,11 @@ def _evaluate(config: dict[str, Any], data: dict[str, Any], checkpoint: str, out
 
 
 def _report(config: dict[str, Any], name: str, out: str, run_dir: str) -> dict[str, Any]:
-    from dermaid.reports import build_report_from_config
+    from dermaid.reporting.runner import build_report_from_config
 
     params = {"eda": {"data_root": config["data"]["root"]}, "train-report": {"run_dir": run_dir}}.get(name, {})
     report_cfg = _load_primary("report", config["paths"])
-    report_cfg.update({"name": name, "params": params, "out": storage.join(out, "report")})
+    report_cfg.update({"name": name, "params": params, "out": files.join(out, "report")})
     return {"report": build_report_from_config(report_cfg)}
 
 
@@ -140,17 +140,17 @@ def _register(checkpoint: str, eval_dir: str, target: str, version: str, train_k
     from dermaid.models.card import load_card
 
     card = load_card(checkpoint)  # a clear error when training left no usable checkpoint
-    fs, src = storage.get_fs(checkpoint)
-    with storage.atomic_dir(storage.join(target, "model")) as tmp:
+    fs, src = files.get_fs(checkpoint)
+    with files.atomic_dir(files.join(target, "model")) as tmp:
         for path in fs.ls(src, detail=False):
             name = path.rstrip("/").rsplit("/", 1)[-1]
-            storage.write_bytes(storage.join(tmp, name), fs.cat_file(path))
-    metrics = storage.join(eval_dir, "metrics.json")
-    if storage.exists(metrics):
-        storage.write_bytes(storage.join(target, "metrics.json"), storage.read_bytes(metrics))
+            files.write_bytes(files.join(tmp, name), fs.cat_file(path))
+    metrics = files.join(eval_dir, "metrics.json")
+    if files.exists(metrics):
+        files.write_bytes(files.join(target, "metrics.json"), files.read_bytes(metrics))
     entry = {"dataset_version": version, "config_key": train_key, "model": card["model"].get("name"),
-             "checkpoint": storage.join(target, "model"), "source": checkpoint}
-    storage.write_text(storage.join(target, "registry.json"), json.dumps(entry, indent=2))
+             "checkpoint": files.join(target, "model"), "source": checkpoint}
+    files.write_text(files.join(target, "registry.json"), json.dumps(entry, indent=2))
     return entry
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -27,7 +26,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **init_k
     if address == "local":
         if num_cpus:
             kwargs["num_cpus"] = int(num_cpus)
-        _put_checkout_on_path()
     log.info("starting or joining Ray (address=%s)", address)
     for attempt in range(_STARTUP_ATTEMPTS):
         try:
@@ -38,17 +36,3 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **init_k
                 raise
             log.warning("Ray start-up timed out (busy machine?); retrying")
             ray.shutdown()
-
-
-def _put_checkout_on_path() -> None:
-    """Workers of a private Ray import `serve.app` from this checkout, whatever the working directory.
-
-    Through the environment the new Ray inherits (its raylet, then every worker), not a job
-    runtime_env: workers with a runtime_env of their own are not the ones Ray prestarts, so each
-    first task would wait seconds for a fresh worker process."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "serve").is_dir():
-        return
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    if str(root) not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(root), *paths] if p)

@@ -42,7 +42,7 @@ from dermaid.classes import DISCLAIMER
 from dermaid.config import conf_dir, to_plain
 from dermaid.errors import DermaidError
 from dermaid.processes import sigint_handler_kept
-from dermaid.storage import absolute_url, atomic_dir, exists, join, read_bytes, read_text, write_bytes, write_text
+from dermaid.files import absolute_url, atomic_dir, exists, join, read_bytes, read_text, write_bytes, write_text
 
 TUNE_DIR_NAME = "tune"
 TRIALS_DIR = "trials"

@@ -43,7 +43,7 @@ from dermaid.classes import AGE_RANGE, CLASS_CODES, DISCLAIMER, MALIGNANT_CODES,
 from dermaid.data.images import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, ImageTooLargeError, sniff_format
 from dermaid.errors import DermaidError
 from dermaid.inference import CAM_METHODS, DEFAULT_TRIAGE, ImageShapeError, build_result, saliency_png
-from dermaid.storage import absolute_url
+from dermaid.files import absolute_url
 from serve.review import ReviewArgs, create_review_context, review_settings
 from serve.review import router as review_router
 
@@ -584,7 +584,7 @@ class Ingress:
     """HTTP routes: validation and limits here; model work in Classifier and Explainer; uploads store."""
 
     def __init__(self, classifier: DeploymentHandle, explainer: DeploymentHandle, settings: dict[str, Any]) -> None:
-        from dermaid.store.uploads import UploadStore
+        from dermaid.uploads.store import UploadStore
 
         self.classifier = classifier
         self.explainer = explainer

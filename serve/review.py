@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dermaid.auth import TOKENS_ENV, ReviewerTokens, parse_bearer
 from dermaid.classes import AGE_RANGE, CLASS_CODES, DISCLAIMER, NOT_A_LESION, REVIEW_CODES, SEXES, SITES, class_table
 from dermaid.errors import DermaidError
-from dermaid.store.labels import (
+from dermaid.uploads.labels import (
     LABELSTUDIO_CONFIG, MAX_COMMENT_CHARS, MAX_PAGE, InvalidUploadId, LabelStore, UnknownUpload, compute_agreement,
     parse_upload_id, public_upload,
 )

@@ -41,7 +41,7 @@ def toy_prepared(toy_raw, ray_session, tmp_path_factory) -> str:
     """toy_raw prepared at image_size 96 (on the session's Ray): the version directory URL."""
     from dermaid.config import compose, to_plain
     from dermaid.data.prepare import prepare_dataset
-    from dermaid.storage import join
+    from dermaid.files import join
 
     out = str(tmp_path_factory.mktemp("toy_prepared"))
     data_cfg = to_plain(compose("prepare", [f"data.root={toy_raw}", f"data.prepared_dir={out}", "data.image_size=96"]).data)

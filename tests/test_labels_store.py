@@ -1,4 +1,4 @@
-"""The labels store (dermaid.store.labels) against SQLite and PostgreSQL: queue order and filters, label history
+"""The labels store (dermaid.uploads.labels) against SQLite and PostgreSQL: queue order and filters, label history
 and agreement, bad input, concurrent labels, Label Studio export/import, the ISIC 2019 export (no Ray)."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from PIL import Image
 
 from dermaid.classes import CLASS_CODES, NOT_A_LESION
 from dermaid.errors import DermaidError
-from dermaid.store.labels import (
+from dermaid.uploads.labels import (
     EXPORT_MARKER, LABELSTUDIO_CONFIG, InvalidUploadId, LabelStore, UnknownUpload, compute_agreement,
     parse_upload_id, run_export,
 )
-from dermaid.store.uploads import UploadStore
+from dermaid.uploads.store import UploadStore
 
 REPO = Path(__file__).resolve().parent.parent
 

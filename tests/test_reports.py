@@ -18,7 +18,7 @@ import papermill as pm
 import pytest
 
 from dermaid.errors import DermaidError
-from dermaid.reports import (
+from dermaid.reporting.runner import (
     FIGURES_PARAM, KERNEL_NAME, build_report, hydra_args, notebooks_dir, record_figures, resolve_kernel_name,
 )
 

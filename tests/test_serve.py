@@ -35,7 +35,7 @@ def server(ray_session, tiny_checkpoint, tmp_path_factory):
     from ray import serve
 
     from dermaid.config import compose
-    from dermaid.serving import start
+    from serve.launcher import start
 
     storage = str(tmp_path_factory.mktemp("serve_uploads"))
     cfg = compose("serve", [
@@ -340,7 +340,7 @@ def test_concurrent_saliency_requests_are_independent(server):
 # --- uploads store -----------------------------------------------------------------------------------------
 
 def test_consent_stores_image_input_metadata_and_prediction(server):
-    from dermaid.store.uploads import UploadStore
+    from dermaid.uploads.store import UploadStore
 
     base, storage = server
     store = UploadStore(storage)
@@ -362,7 +362,7 @@ def test_consent_stores_image_input_metadata_and_prediction(server):
 def test_a_failing_store_still_answers_and_counts_nothing(server):
     """Consent given but the blob store cannot be written: the prediction comes back with stored false,
     and no row appears (blobs are written before the row)."""
-    from dermaid.store.uploads import BLOBS_DIR, UploadStore
+    from dermaid.uploads.store import BLOBS_DIR, UploadStore
 
     base, storage = server
     store = UploadStore(storage)
@@ -387,7 +387,7 @@ def test_a_failing_store_still_answers_and_counts_nothing(server):
 
 
 def test_fifty_concurrent_consented_uploads_are_all_stored(server):
-    from dermaid.store.uploads import UploadStore
+    from dermaid.uploads.store import UploadStore
 
     base, storage = server
     store = UploadStore(storage)

@@ -77,7 +77,7 @@ def test_bad_app_args_are_rejected(serve_app, bad, match):
 
 def test_conf_serve_yaml_is_app_args_plus_server_keys(serve_app, tmp_path):
     from dermaid.config import compose
-    from dermaid.serving import build_app_args
+    from serve.launcher import build_app_args
 
     cfg = compose("serve", [f"checkpoint={tmp_path}/ckpt", "classifier.max_batch_size=4", "port=9000"])
     server_keys = {"checkpoint", "host", "port", "app_name", "blocking", "direct_ingress", "ray", "paths"}

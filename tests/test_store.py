@@ -14,8 +14,8 @@ from PIL import Image
 
 from dermaid.classes import CLASS_CODES
 from dermaid.errors import DermaidError
-from dermaid.storage import exists
-from dermaid.store.uploads import UploadStore, default_db_url
+from dermaid.files import exists
+from dermaid.uploads.store import UploadStore, default_db_url
 
 
 def _jpeg(seed: int = 0, size: tuple[int, int] = (40, 30)) -> bytes:
@@ -42,7 +42,7 @@ def _save(store: UploadStore, seed: int = 0, **kwargs) -> str:
 
 
 def test_absolute_url_pins_local_paths_and_keeps_urls(tmp_path, monkeypatch):
-    from dermaid.storage import absolute_url
+    from dermaid.files import absolute_url
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -117,7 +117,7 @@ def test_crash_between_blobs_and_row_leaves_an_uncounted_orphan(tmp_path):
 
 def test_failed_blob_write_inserts_no_row(tmp_path, monkeypatch):
     store = UploadStore(str(tmp_path / "up"))
-    import dermaid.store.uploads as uploads
+    import dermaid.uploads.store as uploads
 
     calls = []
 

@@ -120,13 +120,12 @@ def app(ray_session, toy_prepared, toy_raw, toy_run, tmp_path_factory):
     {"base", "storage", "checkpoint", "version", "prepared_dir", "toy_raw", "toy_rows", "tmp"}."""
     from ray import serve
 
-    from dermaid.serving import _serve_app_module
+    from serve import app as serve_app
 
     tmp = tmp_path_factory.mktemp("web")
     prepared_dir, version = toy_prepared.rstrip("/").rsplit("/", 1)
     checkpoint = f"{toy_run}/best"  # read-only: served, and the fine-tune's starting point
 
-    serve_app = _serve_app_module()
     storage = str(tmp / "uploads")
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     port = _serve_http_port()  # the port Serve really listens on (an already running Serve keeps its own)
@@ -364,7 +363,7 @@ def browser():
 def test_browser_consumer_page_then_review_page(app, browser, tmp_path):
     from playwright.sync_api import expect
 
-    from dermaid.store.labels import LabelStore
+    from dermaid.uploads.labels import LabelStore
 
     base = app["base"]
     toy = next(row for row in app["toy_rows"] if row["age"] and row["sex"] and row["site"])
@@ -453,7 +452,7 @@ def test_loop_classify_label_export_prepare_finetune(app, tmp_path):
     from dermaid.data.loading import load_records, read_manifest
     from dermaid.data.prepare import prepare_dataset
     from dermaid.models.card import load_card
-    from dermaid.store.labels import run_export
+    from dermaid.uploads.labels import run_export
     from dermaid.training.train import train
 
     base = app["base"]

@@ -23,7 +23,7 @@ from torch import nn
 
 from dermaid.classes import CLASS_CODES
 from dermaid.errors import DermaidError
-from dermaid.storage import exists, join, read_text
+from dermaid.files import exists, join, read_text
 
 
 class DistillationLoss(nn.Module):

@@ -36,7 +36,7 @@ from dermaid.errors import DermaidError
 from dermaid.models.card import CARD_FILE, code_version, load_card, save_checkpoint
 from dermaid.models.metadata import encode_metadata, missing_metadata
 from dermaid.compress.runtime import IMAGES_INPUT, LOGITS_OUTPUT, METADATA_INPUT
-from dermaid.storage import absolute_url
+from dermaid.files import absolute_url
 
 FORMATS = {"onnx": ("onnx", "model.onnx"), "torchscript": ("torchscript", "model.ts.pt")}
 

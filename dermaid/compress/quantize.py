@@ -39,7 +39,7 @@ from dermaid.classes import DISCLAIMER
 from dermaid.config import to_plain
 from dermaid.errors import DermaidError
 from dermaid.models.card import CARD_FILE, save_checkpoint
-from dermaid.storage import absolute_url
+from dermaid.files import absolute_url
 
 METHODS = {"static": "quantized_static", "dynamic": "quantized_dynamic"}
 INT8_ARTIFACT = "model.int8.onnx"
@@ -108,7 +108,7 @@ def resolve_data_version(plain: dict[str, Any], card: dict[str, Any]) -> str:
     data.prepared_dir, else data.root prepared on demand."""
     from dermaid.data.loading import resolve_version
     from dermaid.data.prepare import ensure_prepared
-    from dermaid.storage import exists, join
+    from dermaid.files import exists, join
 
     data = dict(plain["data"])
     if not data.get("version") and card.get("dataset_version"):

@@ -17,7 +17,7 @@ import torch
 
 from dermaid.models.card import CheckpointError
 from dermaid.models.metadata import missing_metadata
-from dermaid.storage import exists, join, read_bytes
+from dermaid.files import exists, join, read_bytes
 
 IMAGES_INPUT = "images"
 METADATA_INPUT = "metadata"

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from dermaid.config import to_plain
 from dermaid.errors import DermaidError
-from dermaid.storage import exists, get_fs, is_local, join, read_text, write_text
+from dermaid.files import exists, get_fs, is_local, join, read_text, write_text
 
 log = logging.getLogger(__name__)
 

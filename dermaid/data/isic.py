@@ -30,7 +30,7 @@ from dermaid.classes import (
     CLASS_CODES, HAM10000_DX_TO_CODE, HAM10000_LOCALIZATION_TO_SITE, SEXES, SITES, UNKNOWN_CODE, AGE_RANGE,
 )
 from dermaid.errors import DermaidError
-from dermaid.storage import absolute_url, get_fs, join
+from dermaid.files import absolute_url, get_fs, join
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from dermaid.data.shards import SHARD_SCHEMA
 from dermaid.errors import DermaidError
-from dermaid.storage import absolute_url, exists, get_fs, join, read_text, write_text
+from dermaid.files import absolute_url, exists, get_fs, join, read_text, write_text
 
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"

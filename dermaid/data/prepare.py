@@ -47,7 +47,7 @@ from dermaid.data.loading import (
 from dermaid.data.shards import is_missing, prepare_shard, process_image  # noqa: F401  (process_image: re-exported)
 from dermaid.data.splits import assign_folds, split_counts
 from dermaid.errors import DermaidError
-from dermaid.storage import absolute_url, exists, get_fs, is_local, join, read_text, write_text
+from dermaid.files import absolute_url, exists, get_fs, is_local, join, read_text, write_text
 
 log = logging.getLogger(__name__)
 

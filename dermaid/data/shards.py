@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from dermaid.classes import CLASS_INDEX
 from dermaid.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image, resize_shorter_side
-from dermaid.storage import get_fs
+from dermaid.files import get_fs
 
 # Parquet schema of the shards (docs/interfaces.md).
 SHARD_SCHEMA = pa.schema([

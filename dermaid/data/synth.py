@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from dermaid.classes import CLASS_CODES, SEXES, SITES, SUBMISSION_CODES
 from dermaid.errors import DermaidError
-from dermaid.storage import exists, get_fs, join, read_text, write_bytes, write_text
+from dermaid.files import exists, get_fs, join, read_text, write_bytes, write_text
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from dermaid.data.images import open_image
 from dermaid.data.transforms import create_eval_transform
 from dermaid.errors import DermaidError
 from dermaid.models.metadata import METADATA_DIM, encode_metadata
-from dermaid.storage import get_fs, join
+from dermaid.files import get_fs, join
 
 IMAGE_COLUMN = "image"
 

@@ -26,7 +26,7 @@ from dermaid.config import to_plain
 from dermaid.errors import DermaidError
 from dermaid.evaluation.calibration import calibration_report
 from dermaid.evaluation.metrics import compute_metrics, format_metrics_table, json_safe
-from dermaid.storage import join, write_text
+from dermaid.files import join, write_text
 from dermaid.training.loop import TTA_CHOICES, predict_logits, probabilities_from_logits, resolve_device
 
 PREDICTIONS_FILE = "predictions.csv"

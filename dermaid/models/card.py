@@ -28,7 +28,7 @@ from dermaid import __version__
 from dermaid.errors import DermaidError
 from dermaid.classes import CLASS_CODES, SEXES, SITES, class_table
 from dermaid.models.metadata import AGE_SCALE, METADATA_DIM
-from dermaid.storage import atomic_dir, exists, join, read_bytes, read_text, write_bytes, write_text
+from dermaid.files import atomic_dir, exists, join, read_bytes, read_text, write_bytes, write_text
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "model.pt"

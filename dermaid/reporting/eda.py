@@ -22,7 +22,7 @@ from dermaid.classes import BY_CODE, CLASS_CODES, SEXES, SITES
 from dermaid.data.images import open_image, resize_shorter_side
 from dermaid.data.splits import TEST_FOLD, assign_folds, lesion_groups
 from dermaid.reporting.figures import create_figure, heatmap, image_grid
-from dermaid.storage import get_fs, read_bytes
+from dermaid.files import get_fs, read_bytes
 
 MISSING = "missing"
 AGE_BANDS: tuple[int, ...] = (0, 30, 45, 60, 75, 121)  # band edges: ISIC ages cluster 30-75

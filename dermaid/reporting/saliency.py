@@ -22,7 +22,7 @@ from dermaid.data.images import resize_shorter_side
 from dermaid.errors import DermaidError
 from dermaid.inference import CAM_METHODS, Explainer
 from dermaid.reporting.figures import image_grid
-from dermaid.storage import read_bytes
+from dermaid.files import read_bytes
 
 THUMB = 160  # pixels (shorter side) of each overlay in a gallery: detail enough, small HTML
 

@@ -25,7 +25,7 @@ from dermaid.evaluation.calibration import calibration_report, softmax_with_temp
 from dermaid.evaluation.metrics import compute_metrics, predicted_labels
 from dermaid.reporting.eda import MISSING, age_band
 from dermaid.reporting.figures import create_figure, heatmap, image_grid
-from dermaid.storage import exists, join, read_text
+from dermaid.files import exists, join, read_text
 
 RELIABILITY_BINS = 10  # bins of the reliability diagram (ECE itself uses calibration's default)
 SUBGROUP_COLUMNS = ("sex", "age_band", "site")
@@ -93,7 +93,7 @@ def load_run(run_dir: str, checkpoint: str = "best") -> Run:
 
 def resolve_version_url(run: Run, prepared_dir: str = "") -> str:
     """The prepared dataset version the run trained on: <prepared_dir>/<dataset_version>."""
-    from dermaid.reports import project_path
+    from dermaid.reporting.runner import project_path
 
     version = run.card.get("dataset_version") or run.config.get("dataset_version")
     prepared = prepared_dir or (run.config.get("data") or {}).get("prepared_dir")

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from dermaid.errors import DermaidError
 from dermaid.reporting.figures import create_figure
-from dermaid.storage import exists, join, read_text
+from dermaid.files import exists, join, read_text
 from dermaid.tuning import CONFIG_PREFIX, RESULTS_FILE
 
 

@@ -14,7 +14,7 @@ import io
 import math
 from typing import Any
 
-from dermaid.storage import exists, join, read_text, write_text
+from dermaid.files import exists, join, read_text, write_text
 
 HISTORY_FILE = "history.csv"
 _LEAD = ("epoch", "attempt", "train/loss", "val/loss", "val/balanced_accuracy", "val/auc_macro", "lr", "seconds")

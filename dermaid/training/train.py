@@ -35,7 +35,7 @@ from dermaid.classes import DISCLAIMER, NUM_CLASSES
 from dermaid.config import to_plain
 from dermaid.errors import DermaidError
 from dermaid.processes import sigint_handler_kept
-from dermaid.storage import absolute_url, exists, is_local, join, read_text, write_text
+from dermaid.files import absolute_url, exists, is_local, join, read_text, write_text
 from dermaid.training.history import format_epoch_line, write_history
 
 SCORE_METRIC = "val/balanced_accuracy"  # early stopping, best checkpoint and CheckpointConfig score

@@ -12,9 +12,7 @@ diagnosis.
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -24,28 +22,11 @@ from dermaid.config import to_plain
 from dermaid.errors import DermaidError
 
 
-def repo_root() -> Path:
-    """The checkout holding serve/app.py (beside the dermaid package)."""
-    return Path(__file__).resolve().parent.parent
-
-
-def _serve_app_module():
-    """Import serve/app.py (the Serve application lives beside the package, not inside it)."""
-    root = str(repo_root())
-    if not (repo_root() / "serve" / "app.py").exists():
-        raise DermaidError(f"{root}/serve/app.py not found: `dermaid serve` runs from a DermAID checkout")
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import serve.app as serve_app
-
-    return serve_app
-
-
 def build_app_args(cfg: DictConfig | dict[str, Any]):
     """conf/serve.yaml -> serve.app.AppArgs (validated; a DermaidError names the bad key)."""
     from pydantic import ValidationError
 
-    serve_app = _serve_app_module()
+    from serve import app as serve_app
     plain = to_plain(cfg)
     try:
         return serve_app.AppArgs.model_validate({k: plain[k] for k in serve_app.AppArgs.model_fields if k in plain})
@@ -95,14 +76,14 @@ def start(cfg: DictConfig | dict[str, Any]) -> str:
     from dermaid.models.card import float_weights_for, load_card
     from dermaid.processes import free_port
     from dermaid.ray_runtime import ensure_ray
-    from dermaid.storage import absolute_url
+    from dermaid.files import absolute_url
 
     plain = to_plain(cfg)
     args = build_app_args(plain)
     load_card(args.checkpoint)  # a missing or foreign checkpoint fails here, before Ray starts
     # and so do Grad-CAM's float weights; resolved here, where a relative source means what the user meant
     args.explainer_checkpoint = absolute_url(float_weights_for(args.explainer_checkpoint or args.checkpoint))
-    serve_app = _serve_app_module()
+    from serve import app as serve_app
     host, port = str(plain.get("host", "127.0.0.1")), int(plain.get("port", 8000))
     ray_cfg = plain.get("ray") or {}
     address = ray_cfg.get("address", "local")

@@ -1,4 +1,4 @@
-"""Consented uploads: blobs through fsspec, one row per upload in SQL (dermaid.store.db).
+"""Consented uploads: blobs through fsspec, one row per upload in SQL (dermaid.uploads.db).
 
     store = UploadStore("uploads")                       # local dir; SQLite at uploads/uploads.db
     store = UploadStore("gs://bucket/uploads", "postgresql+psycopg2://dermaid@db/dermaid")
@@ -32,8 +32,8 @@ from sqlalchemy.orm import sessionmaker
 from dermaid.classes import CLASS_CODES, MALIGNANT_CODES, NUM_CLASSES
 from dermaid.data.images import sniff_format
 from dermaid.errors import DermaidError
-from dermaid.storage import get_fs, is_local, join, read_bytes, write_bytes
-from dermaid.store.db import Upload, create_db_engine, init_db
+from dermaid.files import get_fs, is_local, join, read_bytes, write_bytes
+from dermaid.uploads.db import Upload, create_db_engine, init_db
 
 BLOBS_DIR = "blobs"
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}

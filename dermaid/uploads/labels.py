@@ -44,9 +44,9 @@ from sqlalchemy.orm import sessionmaker
 
 from dermaid.classes import BY_CODE, CLASS_CODES, NOT_A_LESION, REVIEW_CODES, UNKNOWN_CODE
 from dermaid.errors import DermaidError
-from dermaid.storage import absolute_url, atomic_dir, exists as url_exists, join, write_bytes, write_text
-from dermaid.store.db import Label, Upload
-from dermaid.store.uploads import UploadStore
+from dermaid.files import absolute_url, atomic_dir, exists as url_exists, join, write_bytes, write_text
+from dermaid.uploads.db import Label, Upload
+from dermaid.uploads.store import UploadStore
 
 UPLOAD_ID_PATTERN = re.compile(r"^[0-9a-f]{8}-?[0-9a-f]{4}-?4[0-9a-f]{3}-?[89ab][0-9a-f]{3}-?[0-9a-f]{12}$")
 MAX_COMMENT_CHARS = 2000       # a paragraph; longer text belongs in the clinical record, not a label
@@ -530,7 +530,7 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _require_database(storage_url: str, db_url: str | None) -> None:
-    from dermaid.store.uploads import default_db_url
+    from dermaid.uploads.store import default_db_url
 
     url = make_url(db_url or default_db_url(storage_url))
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):

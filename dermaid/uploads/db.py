@@ -4,7 +4,7 @@
     init_db(engine)                                              # creates missing tables (idempotent)
 
 Tables:
-    uploads   one row per consented upload (written by dermaid.store.uploads after its blobs exist)
+    uploads   one row per consented upload (written by dermaid.uploads.store after its blobs exist)
 A review step adds its tables here (e.g. `labels`: several labels per upload with reviewer, time and
 comment, referencing uploads.id) so `init_db` creates them all.
 
@@ -110,7 +110,7 @@ def init_db(engine: Engine) -> None:
     Base.metadata.create_all(engine)
 
 
-# --- labels (dermatologist review; written by dermaid.store.labels) ------------------------------------------
+# --- labels (dermatologist review; written by dermaid.uploads.labels) ------------------------------------------
 from sqlalchemy import ForeignKey, Text  # noqa: E402 - kept beside the table that needs them
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dermaid import storage
+from dermaid import files
 from dermaid.config import conf_dir, to_plain
 from dermaid.errors import DermaidError
 
@@ -157,8 +157,8 @@ def validate_parameters(notebook: str | Path, params: dict[str, Any], path_param
         values = value if isinstance(value, (list, tuple)) else [value]
         resolved = []
         for item in values:
-            item = storage.absolute_url(str(item))
-            if not item or not storage.exists(item):
+            item = files.absolute_url(str(item))
+            if not item or not files.exists(item):
                 raise DermaidError(f"report {label}: {key}={item!r} does not exist")
             resolved.append(item)
         checked[key] = resolved if isinstance(value, (list, tuple)) else resolved[0]
@@ -251,8 +251,8 @@ def build_report(
 
     params = validate_parameters(notebook, params, path_params, label=name)
     kernel = resolve_kernel_name(kernel_name)
-    reports_dir = storage.absolute_url(str(reports_dir))
-    final = storage.absolute_url(str(out)) if out else _unique_dir(reports_dir, name)
+    reports_dir = files.absolute_url(str(reports_dir))
+    final = files.absolute_url(str(out)) if out else _unique_dir(reports_dir, name)
     work = Path(tempfile.mkdtemp(prefix=f"dermaid-report-{name}-"))
     try:
         executed = work / NOTEBOOK_FILE
@@ -268,11 +268,11 @@ def build_report(
             kept = _keep_failed(executed, final)
             raise DermaidError(_describe_failure(name, Path(notebook).name, exc, executed, kept)) from None
         html = export_html(executed)
-        with storage.atomic_dir(final) as tmp:
-            storage.write_bytes(storage.join(tmp, NOTEBOOK_FILE), executed.read_bytes())
-            storage.write_text(storage.join(tmp, HTML_FILE), html)
+        with files.atomic_dir(final) as tmp:
+            files.write_bytes(files.join(tmp, NOTEBOOK_FILE), executed.read_bytes())
+            files.write_text(files.join(tmp, HTML_FILE), html)
             figures_json = figures.read_text() if figures.exists() else "{}\n"
-            storage.write_text(storage.join(tmp, FIGURES_FILE), figures_json)
+            files.write_text(files.join(tmp, FIGURES_FILE), figures_json)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
@@ -287,10 +287,10 @@ def _kernel_config():
 
 def _unique_dir(reports_dir: str, name: str) -> str:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    url = storage.join(reports_dir, f"{name}-{stamp}")
+    url = files.join(reports_dir, f"{name}-{stamp}")
     n = 2
-    while storage.exists(url):
-        url = storage.join(reports_dir, f"{name}-{stamp}-{n}")
+    while files.exists(url):
+        url = files.join(reports_dir, f"{name}-{stamp}-{n}")
         n += 1
     return url
 
@@ -300,7 +300,7 @@ def _keep_failed(executed: Path, final: str) -> str | None:
         return None
     kept = f"{final.rstrip('/')}-FAILED.ipynb"
     try:
-        storage.write_bytes(kept, executed.read_bytes())
+        files.write_bytes(kept, executed.read_bytes())
     except OSError:
         return None
     return kept
@@ -348,10 +348,10 @@ def record_figures(figures: dict[str, Any], path: str = "") -> dict[str, Any]:
     if not path:
         return clean
     current: dict[str, Any] = {}
-    if storage.exists(path):
-        current = json.loads(storage.read_text(path) or "{}")
+    if files.exists(path):
+        current = json.loads(files.read_text(path) or "{}")
     current.update(clean)
-    storage.write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+    files.write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
     return clean
 
 
