@@ -458,18 +458,18 @@ def release_orphaned_placement_groups() -> int:
     machine; this reads the GCS placement-group table directly (creator_actor_dead).
     """
     import ray
-    from ray._private.state import state as global_state
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    from dermaid.ray_compat import placement_group_table
 
     job_id = ray.get_runtime_context().get_job_id()
     removed = 0
     try:
-        table = global_state._connect_and_get_accessor().get_placement_group_table()
+        table = placement_group_table()
     except Exception:  # a private API: never let bookkeeping break a search
         return 0
-    for blob in table:
-        data = gcs_pb2.PlacementGroupTableData.FromString(blob)
+    for data in table:
         creator_is_actor = bool(data.creator_actor_id.strip(b"\x00")) and bool(data.creator_actor_id.strip(b"\xff"))
         if (data.state == gcs_pb2.PlacementGroupTableData.REMOVED or data.is_detached or not creator_is_actor
                 or not data.creator_actor_dead or data.creator_job_id.hex() != job_id):

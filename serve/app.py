@@ -44,6 +44,7 @@ from dermaid.data.images import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, ImageTooLar
 from dermaid.errors import DermaidError
 from dermaid.inference import CAM_METHODS, DEFAULT_TRIAGE, ImageShapeError, build_result, saliency_png
 from dermaid.files import absolute_url
+from dermaid.ray_compat import by_value_handle
 from serve.review import ReviewArgs, create_review_context, review_settings
 from serve.review import router as review_router
 
@@ -568,11 +569,10 @@ async def _read_image(upload: UploadFile) -> bytes:
 
 def _grpc_handle(handle: DeploymentHandle) -> DeploymentHandle | None:
     """The same deployment called over Serve's gRPC transport; None where this Ray has no such option."""
-    try:
-        return handle.options(_by_reference=False)
-    except TypeError:
+    grpc = by_value_handle(handle)
+    if grpc is None:
         logger.warning("this Ray Serve has no gRPC handle transport; the Ingress uses actor calls")
-        return None
+    return grpc
 
 
 api.include_router(review_router)  # GET / and /review (pages), /v1/review/... (serve/review.py)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from dermaid.classes import DISCLAIMER
 from dermaid.config import to_plain
 from dermaid.errors import DermaidError
+from dermaid.ray_compat import DIRECT_INGRESS_FLAG, DIRECT_INGRESS_MIN_PORT, direct_ingress_env
 
 
 def build_app_args(cfg: DictConfig | dict[str, Any]):
@@ -36,32 +37,14 @@ def build_app_args(cfg: DictConfig | dict[str, Any]):
 
 
 def local_serve_env(port: int) -> dict[str, str]:
-    """The environment of a private Ray started to serve on `port` (read by Ray's raylet, Serve's
-    controller and the replicas when they start, so only a Ray started after it is set has it).
-
-    Direct ingress, pinned to `port`: the Ingress replica runs the HTTP server itself. Without it every
-    request crosses Serve's proxy actor first (HTTP there, then the body relayed to the replica through
-    actor calls); on 2 cores that relay cost ~20 ms of CPU per upload, as much as the whole ingress.
-    Worker niceness 0: Ray starts workers at nice 15 below its own daemons, so the replicas' forwards
-    lost ~10 ms to them at concurrency 1. The two RUN_ settings are from Serve's throughput-optimized
-    profile; our replicas never block their event loop (the work runs in thread pools)."""
-    return {
-        "RAY_worker_niceness": "0",
-        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),   # the range is [min, max): exactly `port`
-        "RAY_SERVE_PORT_QUARANTINE_S": "0",              # a restarted ingress replica takes the port back at once
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",   # Ctrl-C stops in about a second, not 30
-        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",       # replica code on the actor's event loop: one
-        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",            # thread hop less per call, and the same for handles
-    }
+    """The environment of a private Ray started to serve on `port` (dermaid.ray_compat.direct_ingress_env)."""
+    return direct_ingress_env(port)
 
 
 def _serves_directly(port: int) -> bool:
     """True when the Ray this process runs was started with direct ingress pinned to `port`."""
     env = local_serve_env(port)
-    return all(os.environ.get(key) == env[key] for key in ("RAY_SERVE_ENABLE_DIRECT_INGRESS",
-                                                             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"))
+    return all(os.environ.get(key) == env[key] for key in (DIRECT_INGRESS_FLAG, DIRECT_INGRESS_MIN_PORT))
 
 
 def start(cfg: DictConfig | dict[str, Any]) -> str:

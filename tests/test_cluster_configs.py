@@ -258,16 +258,12 @@ def test_serve_config_validates_against_serves_schema():
 
 def _build_serve_app(monkeypatch) -> tuple[Any, list[Any]]:
     """What `serve deploy` / KubeRay do with import_path + args, short of deploying: -> (app, DeploymentSchemas)."""
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
-    from ray.serve._private.build_app import build_app
-    from ray.serve.deployment import deployment_to_schema
+    from dermaid.ray_compat import build_serve_app
 
-    monkeypatch.syspath_prepend(str(REPO))  # serve/ sits beside the package, as on the image's PYTHONPATH
     (app_cfg,) = _serve_config()["applications"]
     module_name, attr = app_cfg["import_path"].split(":")
     builder = getattr(importlib.import_module(module_name), attr)
-    app = call_user_app_builder_with_args_if_necessary(builder, copy.deepcopy(app_cfg.get("args", {})))
-    return app, [deployment_to_schema(d) for d in build_app(app, name=app_cfg["name"]).deployments]
+    return build_serve_app(builder, copy.deepcopy(app_cfg.get("args", {})), app_cfg["name"])
 
 
 def test_rayservice_import_path_and_args_build_the_app(monkeypatch):
@@ -309,7 +305,7 @@ def test_rayservice_replicas_fit_its_worker_groups(monkeypatch):
 
 
 def test_gcp_launcher_config_passes_rays_validation():
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from dermaid.ray_compat import validate_cluster_launcher
 
     config = yaml.safe_load(_render(CLUSTER / "gcp.yaml"))
     assert {"cluster_name", "provider", "available_node_types", "head_node_type", "max_workers"} <= config.keys()
@@ -317,7 +313,7 @@ def test_gcp_launcher_config_passes_rays_validation():
     assert config["provider"]["project_id"] == "test-project"
     assert config["docker"]["image"] == PROJECT_IMAGE and config["docker"]["container_name"]
     assert config["idle_timeout_minutes"] > 0
-    validate_config(prepare_config(copy.deepcopy(config)))  # Ray's own schema + consistency checks
+    validate_cluster_launcher(copy.deepcopy(config))  # Ray's own schema + consistency checks
 
     types = config["available_node_types"]
     assert config["head_node_type"] in types

@@ -34,8 +34,9 @@ from omegaconf import DictConfig, OmegaConf
 from dermaid.classes import DISCLAIMER, NUM_CLASSES
 from dermaid.config import to_plain
 from dermaid.errors import DermaidError
-from dermaid.processes import sigint_handler_kept
 from dermaid.files import absolute_url, exists, is_local, join, read_text, write_text
+from dermaid.processes import sigint_handler_kept
+from dermaid.ray_compat import quiet_train_report_log
 from dermaid.training.history import format_epoch_line, write_history
 
 SCORE_METRIC = "val/balanced_accuracy"  # early stopping, best checkpoint and CheckpointConfig score
@@ -305,7 +306,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    _quiet_report_log(config.get("log_level", "WARNING"))
+    quiet_train_report_log(config.get("log_level", "WARNING"))
     # intra-op threads: the config's, else the worker's whole CPUs (never more threads than cores reserved)
     torch.set_num_threads(int(train_cfg.get("torch_threads") or max(1, int(config.get("cpus_per_worker", 1)))))
     device = ray.train.torch.get_device()
@@ -428,19 +429,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             break
     if run is not None:
         run.finish()
-
-
-def _quiet_report_log(level: str) -> None:
-    """Ray Train V2 logs every report (the whole metrics dict) through a logger named after its file,
-    which LoggingConfig does not reach; hold it to run.log_level. Best effort: a private module."""
-    try:
-        import logging
-
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(getattr(logging, str(level).upper(), logging.WARNING))
-    except Exception:  # another Ray version: its default logging stays
-        pass
 
 
 def _console(line: str) -> None:
