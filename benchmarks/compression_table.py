@@ -36,6 +36,7 @@ import torch
 from dermaid.config import compose, to_plain
 from dermaid.errors import DermaidError
 from dermaid.files import exists, join
+from dermaid.models.card import ModelCard
 
 VARIANTS = {  # name -> (what builds it, its kind); "float" is the checkpoint itself
     "float": None,
@@ -85,23 +86,23 @@ def build_variant(source: str, name: str, work: Path, data_overrides: list[str])
 
 
 def _load(url: str):
-    from dermaid.inference import LOADERS
+    from dermaid.inference import create_model_fn
     from dermaid.models.card import load_card
 
     card = load_card(url)
-    return LOADERS[card.get("kind", "float")](url, card, torch.device("cpu")), card
+    return create_model_fn(url, card, torch.device("cpu")), card
 
 
-def _parameters(card: dict[str, Any]) -> int:
+def _parameters(card: ModelCard) -> int:
     from dermaid.models.classifier import create_classifier
 
-    return sum(p.numel() for p in create_classifier({**card["model"], "pretrained": False}).parameters())
+    return sum(p.numel() for p in create_classifier({**card.model, "pretrained": False}).parameters())
 
 
-def _file_mb(url: str, card: dict[str, Any]) -> float:
+def _file_mb(url: str, card: ModelCard) -> float:
     from dermaid.files import get_fs
 
-    fs, path = get_fs(join(url, card["artifact"]))
+    fs, path = get_fs(join(url, card.artifact))
     return fs.size(path) / 1e6
 
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     data_plain = to_plain(compose("quantize", [f"checkpoint={teacher_url}", *args["data"]]))
     version_url = resolve_data_version(data_plain, teacher_card)
-    val = load_records(version_url, split="val", fold=int(data_plain["data"].get("fold", 0)))
+    val = load_records(version_url, split="val", fold=int(data_plain["data"]["fold"]))
     if args.get("val_limit"):
         val = val.head(int(args["val_limit"]))
     if val.empty:
@@ -161,14 +162,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         for name in names:
             url = build_variant(source, name, out / "artifacts" / role, args["data"])
             model, card = _load(url)
-            rows.append({"model": f"{role} {name}", "backbone": card["model"]["name"], "kind": card.get("kind"),
+            rows.append({"model": f"{role} {name}", "backbone": card.model_name, "kind": card.kind,
                          "parameters": params, "file MB": _file_mb(url, card), "_model": model, "_card": card,
                          "url": url})
 
     # accuracy: every model on the same validation images, through its own card's preprocessing
     teacher_logits = None
     for row in rows:
-        loader = create_eval_loader(val, row["_card"]["input"], batch_size=32)
+        loader = create_eval_loader(val, row["_card"].input, batch_size=32)
         logits, labels = predict_logits(row["_model"], loader)
         labelled = labels >= 0
         probs = torch.softmax(torch.as_tensor(logits), dim=1).numpy()
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     # latency at each model's own input size
     for row in rows:
-        _, h, w = (int(v) for v in row["_card"]["input"]["input_size"])
+        _, h, w = row["_card"].input_size
         generator = torch.Generator().manual_seed(0)
         row["_batches"] = {b: (torch.randn(b, 3, h, w, generator=generator), missing_metadata(b)) for b in (1, 8)}
     samples: dict[tuple[int, int], list[float]] = {}

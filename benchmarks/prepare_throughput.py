@@ -28,9 +28,10 @@ import ray
 
 from dermaid.config import compose, to_plain
 from dermaid.data.isic import read_records
-from dermaid.data.prepare import init_ray, prepare_dataset
+from dermaid.data.prepare import prepare_dataset
 from dermaid.data.shards import process_image
 from dermaid.data.synth import generate
+from dermaid.ray_runtime import ensure_ray
 
 
 def _bare_rate(urls: list[str], image_size: int, quality: int) -> float:
@@ -81,7 +82,7 @@ def main() -> None:
     urls = read_records(str(raw))["image_url"].tolist()
     _bare_rate(urls[:10], args.image_size, data_cfg["quality"])  # warm the page cache and the imports
 
-    init_ray("local", args.num_cpus)
+    ensure_ray("local", args.num_cpus)
     cores = int(ray.cluster_resources()["CPU"])
     parallel = _bare_parallel_rate(urls, args.image_size, data_cfg["quality"], cores)
     before = _bare_rate(urls, args.image_size, data_cfg["quality"])

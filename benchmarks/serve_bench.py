@@ -58,11 +58,18 @@ def create_bench_checkpoint(out: str, model: str, img_size: int) -> str:
     return out
 
 
+def synth_image_dir(workdir: str) -> str:
+    """Where load_images' toy JPEGs are (the ISIC 2019 input folder of a synth set)."""
+    from dermaid.data.isic import ISIC2019_INPUT_DIR
+
+    return f"{workdir}/synth/{ISIC2019_INPUT_DIR}"
+
+
 def load_images(workdir: str, n: int) -> list[bytes]:
-    from dermaid.data.synth import INPUT_DIR, generate
+    from dermaid.data.synth import generate
 
     generate(f"{workdir}/synth", n=n, seed=0)
-    files = sorted(Path(f"{workdir}/synth/{INPUT_DIR}").glob("*.jpg"))
+    files = sorted(Path(synth_image_dir(workdir)).glob("*.jpg"))
     return [f.read_bytes() for f in files[:n]]
 
 
@@ -290,11 +297,11 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     from ray import serve
 
-    sys.path.insert(0, str(REPO))
     from dermaid.config import compose
     from dermaid.processes import free_port
+    from dermaid.ray_compat import direct_ingress_env
     from dermaid.ray_runtime import ensure_ray
-    from serve.launcher import local_serve_env, start
+    from serve.launcher import start
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="serve_bench_")
     checkpoint = create_bench_checkpoint(f"{workdir}/ckpt", args.model, args.img_size)
@@ -305,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results: dict = {"model": args.model, "img_size": args.img_size, "batch": args.batch,
                      "concurrency": args.concurrency, "requests": args.requests, "cpus": os.cpu_count()}
-    image_dir = f"{workdir}/synth/ISIC_2019_Training_Input"
+    image_dir = synth_image_dir(workdir)
     policies = (DEFAULT_POLICY, "ACTIVE", "PASSIVE")
     bare_runs: dict[str, list[dict]] = {p: [] for p in policies}
     for policy in policies:
@@ -321,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     predictor.warmup()
     port = free_port()
     if not args.via_proxy:
-        os.environ.update(local_serve_env(port))  # as `dermaid serve` starts its private Ray
+        os.environ.update(direct_ingress_env(port))  # as `dermaid serve` starts its private Ray
     ensure_ray("local", os.cpu_count(), log_to_driver=False)  # retries a start-up timeout itself
     overrides = [f"checkpoint={checkpoint}", f"port={port}", f"storage.url={workdir}/uploads", "app_name=bench",
                  "blocking=false", f"direct_ingress={str(not args.via_proxy).lower()}",

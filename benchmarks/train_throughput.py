@@ -15,6 +15,7 @@ Target: Ray's wrapping costs under 5% (ray_over_plain >= 0.95).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -61,7 +62,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
     model = LesionClassifier(args.model, pretrained=False, use_metadata=True).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    try:  # inside Ray Train: the same model, prepared the way train.py prepares it
+    try:  # inside Ray Train: the same model, prepared the way training/worker.py prepares it
         import ray.train.torch
 
         if ray.train.get_context() is not None:
@@ -94,8 +95,6 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
 def _ray_worker(config: dict) -> None:
     """Runs in the Ray Train worker: loads this script as a module (a function defined in __main__
     would be pickled by value, with torch's modules) and reports its measurement."""
-    import importlib.util
-
     import ray.train
     import ray.train.torch
 
@@ -134,12 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.threads:  # one thread count for both sides, or the comparison measures threads, not Ray
         cores = os.cpu_count() or 1
         args.threads = cores if device.type == "cpu" else max(1, min(cores, 8) - 1)
-    try:
-        import ray  # noqa: F401
-
-        have_ray = not args.no_ray
-    except ImportError:
-        have_ray = False
+    have_ray = not args.no_ray and importlib.util.find_spec("ray") is not None
     plain_runs, ray_runs = [], []
     for _ in range(max(1, args.repeats if have_ray else 1)):
         plain_runs.append(measure(args, device))

@@ -6,7 +6,9 @@ vocabularies from here; nothing else spells them out.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,16 @@ SITES: tuple[str, ...] = (
 )
 
 AGE_RANGE: tuple[int, int] = (0, 120)
+
+
+def is_missing(value: Any) -> bool:
+    """True for a metadata value that counts as missing: None, NaN, or empty / blank text."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip() == ""
+
 
 # HAM10000 `dx` codes -> ISIC 2019 classes.
 HAM10000_DX_TO_CODE: dict[str, str] = {

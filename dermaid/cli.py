@@ -6,14 +6,16 @@
     dermaid train experiment=toy
     dermaid <cmd> --help | --cfg job | key=value ...
 
-A DermaidError (bad input the user can fix) is printed as one line and exits with status 2; Ctrl-C
-before a command has finished is one line too, status 130.
+A DermaidError (bad input the user can fix) and a required `???` key left unset (`dermaid serve` without
+`checkpoint=`) are printed as one line and exit with status 2; Ctrl-C before a command has finished is one
+line too, status 130.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from typing import Callable
 
@@ -22,14 +24,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "synth": ("dermaid.data.synth", "run", "generate a toy dataset in the ISIC 2019 layout"),
     "download": ("dermaid.data.download", "run", "download the official ISIC 2019 archives"),
     "prepare": ("dermaid.data.prepare", "run", "decode, resize and shard a dataset into a version"),
-    "train": ("dermaid.training.train", "run", "train a classifier on Ray Train"),
+    "train": ("dermaid.training.driver", "run", "train a classifier on Ray Train"),
     "evaluate": ("dermaid.evaluation.evaluate", "run", "predictions.csv + metrics.json for a checkpoint"),
     "tune": ("dermaid.tuning", "run", "hyperparameter search with Ray Tune"),
     "distill": ("dermaid.compress", "run_distill", "knowledge distillation into a smaller student"),
     "quantize": ("dermaid.compress", "run_quantize", "int8 post-training quantization"),
     "export": ("dermaid.compress", "run_export", "export a checkpoint to ONNX or TorchScript"),
     "serve": ("serve.launcher", "run", "serve a checkpoint over HTTP with Ray Serve"),
-    "labels-export": ("dermaid.uploads.labels", "run_export", "write reviewed uploads as an ISIC dataset"),
+    "labels-export": ("dermaid.uploads.export", "run", "write reviewed uploads as an ISIC dataset"),
     "report": ("dermaid.reporting.runner", "run", "execute a notebook report with papermill"),
     "pipeline": ("dermaid.pipeline", "run", "prepare -> train -> evaluate -> reports -> register"),
 }
@@ -60,15 +62,42 @@ def _exit_after_interrupt(status: int) -> None:
     os._exit(status)
 
 
-def _guarded(fn: Callable) -> Callable:
+def _fail(message: str) -> None:
+    """The one-line answer to a mistake the user can fix: `error: ...` on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _required_message(command: str, key: str) -> str:
+    """`checkpoint= is required (a checkpoint directory ...)`: the why is the key's comment in conf/<command>.yaml."""
+    from dermaid.config import conf_dir
+
+    leaf = key.rsplit(".", 1)[-1]
+    primary = conf_dir() / f"{command}.yaml"
+    text = primary.read_text() if primary.exists() else ""
+    found = re.search(rf"^\s*{re.escape(leaf)}:\s*\?\?\?\s*#\s*(?:required:\s*)?(.+)$", text, re.MULTILINE)
+    why = found.group(1).strip() if found else f"see `dermaid {command} --help`"
+    return f"{key}= is required ({why})"
+
+
+def _guarded(fn: Callable, command: str) -> Callable:
+    """Run a command on its composed config: every `???` key checked first (one rule for all commands),
+    user errors and Ctrl-C as one line."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
     from dermaid.errors import DermaidError
 
     def wrapper(cfg):
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            _fail(_required_message(command, missing[0]))
         try:
             return fn(cfg)
         except DermaidError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            _fail(str(exc))
+        except MissingMandatoryValue as exc:  # a `???` reached through an interpolation
+            _fail(_required_message(command, str(exc.full_key)))
         except KeyboardInterrupt:
             print("interrupted (Ctrl-C)", file=sys.stderr)
             _exit_after_interrupt(130)
@@ -86,8 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"unknown command {name!r}\n\n{_usage()}")
     import hydra
 
     from dermaid.config import conf_dir
@@ -98,8 +126,13 @@ def main(argv: list[str] | None = None) -> None:
     # A command module may accept shorthand (`dermaid report eda k=v`): its optional
     # `hydra_args(argv) -> argv` rewrites the arguments into Hydra overrides.
     if hasattr(module, "hydra_args"):
-        rest = module.hydra_args(rest)
-    app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=name)(_guarded(fn))
+        from dermaid.errors import DermaidError
+
+        try:
+            rest = module.hydra_args(rest)
+        except DermaidError as exc:
+            _fail(str(exc))
+    app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=name)(_guarded(fn, name))
     sys.argv = [f"dermaid {name}", *rest]
     app()
 

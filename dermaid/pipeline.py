@@ -5,10 +5,16 @@
         registry.url=gs://bucket/registry
     ray job submit --address http://HEAD:8265 --working-dir . -- dermaid pipeline experiment=toy
 
-Each step's output lives under `pipeline.out/<step>-<key>/`, where the key hashes the step's inputs
-(the dataset version and the config that matters to that step). A step whose output exists is
-skipped, so re-running an unchanged pipeline only re-prints where everything is. Inside a Ray Job
-the driver joins the job's cluster ($RAY_ADDRESS); locally it starts a private Ray.
+Each step is one function of the plain `pipeline` config (`prepare_data`, `train_model`, `evaluate_model`,
+`write_report`, `register_model`); `make demo` (dermaid/demo.py) calls the same functions with its own
+output folders. Here each step's output lives under `pipeline.out/<step>-<key>/`, where the key hashes
+the step's inputs (the dataset version and the config that matters to that step). A step whose output
+exists is skipped, so re-running an unchanged pipeline only re-prints where everything is. Inside a Ray
+Job the driver joins the job's cluster ($RAY_ADDRESS); locally it starts a private Ray.
+
+With `pipeline.search=true` the model comes from `dermaid tune`: its best checkpoint is evaluated and
+registered, and the training report reads the best trial's run directory (the tuning directory itself
+is what `tune-report` reads).
 """
 
 from __future__ import annotations
@@ -23,13 +29,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from dermaid import files
 from dermaid.classes import DISCLAIMER
-from dermaid.config import conf_dir, to_plain
+from dermaid.config import compose, to_plain
 
 DONE_FILE = "pipeline_step.json"  # written last into a step folder: its presence means the step finished
 
 # train-config keys whose values change the trained model (not where it is written or how it is logged)
 _TRAIN_KEYS = ("model", "optim", "augment", "train", "seed")
 _IGNORED_TRAIN_KEYS = ("fail_at_epoch", "loader_workers", "torch_threads")
+# keys of the tune config taken from the pipeline's own (train) config
+_TUNE_KEYS = ("paths", "model", "optim", "augment", "train", "scaling", "run", "ray", "logger", "seed")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -45,46 +53,147 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     """A plain `pipeline` config -> {steps: {name: {out, skipped, result}}, registered, version}."""
-    from dermaid.data.prepare import ensure_prepared
-    from dermaid.ray_runtime import ensure_ray
-
     pipe = config["pipeline"]
     out = files.absolute_url(pipe["out"])
-    force = bool(pipe.get("force", False))
+    force = bool(pipe["force"])
     steps: dict[str, dict[str, Any]] = {}
-    run_cfg = config.get("run", {})
-    ensure_ray(run_cfg.get("ray_address"), run_cfg.get("num_cpus"), log_to_driver=True)
 
     # 1. prepare: content-addressed already (the version is the hash), so ensure_prepared is the skip
     start = time.time()
-    version_url = ensure_prepared(config["data"])
+    version_url = prepare_data(config)
     version = version_url.rstrip("/").rsplit("/", 1)[-1]
     steps["prepare"] = {"out": version_url, "skipped": False, "seconds": round(time.time() - start, 1)}
-    data = {**config["data"], "version": version}
+    config = with_version(config, version_url)
 
     # 2. train (or tune)
-    train_key = _key(version, {k: config.get(k) for k in _TRAIN_KEYS}, search=pipe.get("search"),
-                     space=pipe.get("hparams_search") if pipe.get("search") else None)
-    run_dir = files.join(out, f"train-{train_key}")
-    steps["train"] = _step(run_dir, force, lambda: _train(config, data, run_dir, pipe))
-    checkpoint = files.join(run_dir, "best")
+    train_key = _key(version, {k: config[k] for k in _TRAIN_KEYS}, search=pipe["search"],
+                     space=pipe["hparams_search"] if pipe["search"] else None)
+    train_dir = files.join(out, f"train-{train_key}")
+    steps["train"] = _step(train_dir, force, lambda: train_model(config, train_dir))
+    trained = _trained(steps["train"]["result"], train_dir)
 
     # 3. evaluate on the held-out split
-    eval_dir = files.join(out, f"evaluate-{train_key}-{pipe['evaluate_split']}-tta{pipe.get('tta', 0)}")
-    steps["evaluate"] = _step(eval_dir, force, lambda: _evaluate(config, data, checkpoint, eval_dir, pipe))
+    eval_dir = files.join(out, f"evaluate-{train_key}-{pipe['evaluate_split']}-tta{pipe['tta']}")
+    steps["evaluate"] = _step(eval_dir, force, lambda: _evaluation_record(
+        evaluate_model(config, trained["checkpoint"], eval_dir)))
 
     # 4. reports
-    for name in pipe.get("reports") or []:
+    for name in pipe["reports"] or []:
         report_dir = files.join(out, f"report-{name}-{train_key}")
-        steps[f"report:{name}"] = _step(report_dir, force,
-                                        lambda n=name, d=report_dir: _report(config, n, d, run_dir))
+        steps[f"report:{name}"] = _step(report_dir, force, lambda n=name, d=report_dir: {
+            "report": write_report(config, n, trained, out=files.join(d, "report"))})
 
     # 5. register the best checkpoint with its card and test metrics
     registry = files.absolute_url(config["registry"]["url"])
     registered = files.join(registry, pipe["name"], f"{version[:8]}-{train_key}")
-    steps["register"] = _step(registered, force,
-                              lambda: _register(checkpoint, eval_dir, registered, version, train_key))
+    steps["register"] = _step(registered, force, lambda: register_model(
+        trained["checkpoint"], eval_dir, registered, version, train_key))
     return {"version": version, "steps": steps, "registered": registered}
+
+
+# --------------------------------------------------------------------------- the steps
+
+def prepare_data(config: dict[str, Any]) -> str:
+    """Join or start Ray (`ray.*`), prepare `data` (cached by content); returns the dataset version URL."""
+    from dermaid.data.prepare import ensure_prepared
+    from dermaid.ray_runtime import ensure_ray_for
+
+    ensure_ray_for(config, log_to_driver=True)
+    return ensure_prepared(config["data"], config["ray"]["address"], config["ray"]["num_cpus"])
+
+
+def with_version(config: dict[str, Any], version_url: str) -> dict[str, Any]:
+    """The config with `data` pinned to a prepared version (later steps read it, never prepare again)."""
+    prepared_dir, version = version_url.rstrip("/").rsplit("/", 1)
+    return {**config, "data": {**config["data"], "prepared_dir": prepared_dir, "version": version}}
+
+
+def train_model(config: dict[str, Any], out: str) -> dict[str, Any]:
+    """Train into `out` (a `dermaid train` run directory), or with `pipeline.search` tune into it.
+
+    Returns the training summary (or the tuning summary) with `run_dir`, the run directory of the model
+    (for a search: the best trial's), `checkpoint` (its best checkpoint) and `tune_dir` (a search only)."""
+    if config["pipeline"]["search"]:
+        return _tune_model(config, out)
+    from dermaid.training.driver import train
+
+    summary = train({**config, "out": out})
+    return {**summary, "run_dir": out, "checkpoint": files.join(out, "best")}
+
+
+def _tune_model(config: dict[str, Any], out: str) -> dict[str, Any]:
+    from dermaid.tuning import tune
+
+    tune_cfg = to_plain(compose("tune", [f"hparams_search={config['pipeline']['hparams_search']}"]))
+    tune_cfg.update({k: v for k, v in config.items() if k in _TUNE_KEYS})
+    tune_cfg.update({"data": config["data"], "out": out})
+    summary = tune(tune_cfg)
+    best = summary["best"]  # tune raises a DermaidError when no trial produced a checkpoint
+    return {**summary, "run_dir": best["trial_dir"], "checkpoint": files.join(out, "best"), "tune_dir": out}
+
+
+def evaluate_model(config: dict[str, Any], checkpoint: str, out: str) -> dict[str, Any]:
+    """`dermaid evaluate` of `checkpoint` on `pipeline.evaluate_split` of the config's data, into `out`."""
+    from dermaid.evaluation.evaluate import evaluate
+
+    pipe = config["pipeline"]
+    return evaluate(_command_config("evaluate", config, checkpoint=checkpoint, split=pipe["evaluate_split"],
+                                    tta=pipe["tta"], out=out))
+
+
+def write_report(config: dict[str, Any], name: str, trained: dict[str, Any], out: str | None = None) -> str:
+    """`dermaid report NAME` on the config's data and the trained model (run_dir, checkpoint, tune_dir: whichever
+    parameters the report takes); `out` None: a new folder under paths.reports_dir. Returns the report folder."""
+    from dermaid.reporting.runner import build_report_from_config
+
+    report_cfg = _command_config("report", config, [f"report={name}"], out=out)
+    wanted = report_cfg["report"]["params"]
+    report_cfg["params"] = {key: trained[key] for key in ("run_dir", "checkpoint", "tune_dir")
+                            if key in wanted and trained.get(key)}
+    return build_report_from_config(report_cfg)
+
+
+def register_model(checkpoint: str, eval_dir: str, target: str, version: str, train_key: str) -> dict[str, Any]:
+    """Copy the checkpoint (with its card) and the evaluation's metrics.json into the registry at `target`."""
+    from dermaid.models.card import load_card
+
+    card = load_card(checkpoint)  # a clear error when training left no usable checkpoint
+    fs, src = files.get_fs(checkpoint)
+    with files.atomic_dir(files.join(target, "model")) as tmp:
+        for path in fs.ls(src, detail=False):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            files.write_bytes(files.join(tmp, name), fs.cat_file(path))
+    metrics = files.join(eval_dir, "metrics.json")
+    if files.exists(metrics):
+        files.write_bytes(files.join(target, "metrics.json"), files.read_bytes(metrics))
+    entry = {"dataset_version": version, "config_key": train_key, "model": card.model_name,
+             "checkpoint": files.join(target, "model"), "source": checkpoint}
+    files.write_text(files.join(target, "registry.json"), json.dumps(entry, indent=2))
+    return entry
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _command_config(name: str, config: dict[str, Any], overrides: list[str] = (), **values: Any) -> dict[str, Any]:
+    """conf/<name>.yaml composed, with this pipeline's `paths` and `data` and the given values set."""
+    cfg = compose(name, list(overrides))
+    OmegaConf.update(cfg, "paths", config["paths"], merge=True)
+    OmegaConf.update(cfg, "data", config["data"], merge=True)
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return to_plain(cfg)
+
+
+def _trained(record: dict[str, Any], train_dir: str) -> dict[str, Any]:
+    """What later steps need from a train step's record; a record written before `run_dir` was recorded
+    (an older pipeline version) means a plain training run in train_dir."""
+    return {"run_dir": record.get("run_dir", train_dir),
+            "checkpoint": record.get("checkpoint", files.join(train_dir, "best")),
+            "tune_dir": record.get("tune_dir")}
+
+
+def _evaluation_record(result: dict[str, Any]) -> dict[str, Any]:
+    return {"balanced_accuracy": result["metrics"]["balanced_accuracy"], "num_images": result["num_images"]}
 
 
 def _step(out: str, force: bool, action: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -99,61 +208,6 @@ def _step(out: str, force: bool, action: Callable[[], dict[str, Any]]) -> dict[s
     return {"out": out, "skipped": False, "result": result}
 
 
-def _train(config: dict[str, Any], data: dict[str, Any], run_dir: str, pipe: dict[str, Any]) -> dict[str, Any]:
-    if pipe.get("search"):
-        from dermaid.config import compose
-        from dermaid.tuning import tune
-
-        tune_cfg = to_plain(compose("tune", [f"hparams_search={pipe['hparams_search']}"]))
-        tune_cfg.update({k: v for k, v in config.items() if k in ("paths", "model", "optim", "augment", "train",
-                                                                   "scaling", "run", "logger", "seed")})
-        tune_cfg["data"] = data
-        tune_cfg["out"] = run_dir
-        result = tune(tune_cfg)
-        return {"tuned": True, "best": result.get("best") if isinstance(result, dict) else None}
-    from dermaid.training.train import train
-
-    summary = train({**config, "data": data, "out": run_dir})
-    return {"best_epoch": summary.get("best_epoch"), "best_metrics": summary.get("best_metrics")}
-
-
-def _evaluate(config: dict[str, Any], data: dict[str, Any], checkpoint: str, out: str,
-              pipe: dict[str, Any]) -> dict[str, Any]:
-    from dermaid.evaluation.evaluate import evaluate
-
-    result = evaluate({"paths": config["paths"], "data": data, "checkpoint": checkpoint,
-                       "split": pipe["evaluate_split"], "tta": int(pipe.get("tta", 0)), "calibrated": True,
-                       "device": "auto", "batch_size": 64, "out": out})
-    return {"balanced_accuracy": result["metrics"].get("balanced_accuracy"), "num_images": result["num_images"]}
-
-
-def _report(config: dict[str, Any], name: str, out: str, run_dir: str) -> dict[str, Any]:
-    from dermaid.reporting.runner import build_report_from_config
-
-    params = {"eda": {"data_root": config["data"]["root"]}, "train-report": {"run_dir": run_dir}}.get(name, {})
-    report_cfg = _load_primary("report", config["paths"])
-    report_cfg.update({"name": name, "params": params, "out": files.join(out, "report")})
-    return {"report": build_report_from_config(report_cfg)}
-
-
-def _register(checkpoint: str, eval_dir: str, target: str, version: str, train_key: str) -> dict[str, Any]:
-    from dermaid.models.card import load_card
-
-    card = load_card(checkpoint)  # a clear error when training left no usable checkpoint
-    fs, src = files.get_fs(checkpoint)
-    with files.atomic_dir(files.join(target, "model")) as tmp:
-        for path in fs.ls(src, detail=False):
-            name = path.rstrip("/").rsplit("/", 1)[-1]
-            files.write_bytes(files.join(tmp, name), fs.cat_file(path))
-    metrics = files.join(eval_dir, "metrics.json")
-    if files.exists(metrics):
-        files.write_bytes(files.join(target, "metrics.json"), files.read_bytes(metrics))
-    entry = {"dataset_version": version, "config_key": train_key, "model": card["model"].get("name"),
-             "checkpoint": files.join(target, "model"), "source": checkpoint}
-    files.write_text(files.join(target, "registry.json"), json.dumps(entry, indent=2))
-    return entry
-
-
 def _key(version: str, *parts: Any, **named: Any) -> str:
     """A short stable hash of a step's inputs (ignoring knobs that only change speed or tests)."""
     clean = json.loads(json.dumps([version, parts, named], sort_keys=True, default=str))
@@ -162,11 +216,3 @@ def _key(version: str, *parts: Any, **named: Any) -> str:
             for k in _IGNORED_TRAIN_KEYS:
                 part["train"].pop(k, None)
     return hashlib.sha256(json.dumps(clean, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _load_primary(name: str, paths: dict[str, Any]) -> dict[str, Any]:
-    """conf/<name>.yaml resolved against this run's `paths` (no Hydra compose inside a Hydra app)."""
-    raw = OmegaConf.load(conf_dir() / f"{name}.yaml")
-    for key in ("defaults", "hydra"):
-        raw.pop(key, None)
-    return to_plain(OmegaConf.merge(raw, {"paths": paths}))

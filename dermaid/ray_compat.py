@@ -9,6 +9,7 @@ keyword argument or environment variable of Ray's.
     placement_group_table()               the GCS placement-group table (ray._private.state)
     by_value_handle(handle)               Serve's gRPC handle transport (handle.options(_by_reference=False))
     direct_ingress_env(port)              Serve's direct-ingress and throughput environment variables
+    worker_setup_hook_env(hook)           the worker setup hook's environment variable (ray._private.ray_constants)
     build_serve_app(builder, args, name)  what `serve deploy` does with import_path + args, short of deploying
     deployment_schemas(app, name)         the deployments Serve would create for an Application
     validate_cluster_launcher(config)     the cluster launcher's own schema check
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 PRIVATE_APIS = {
     "train_report_logger": "ray.train.v2._internal.execution.context",
     "placement_group_table": "ray._private.state",
+    "worker_setup_hook_env": "ray._private.ray_constants",
     "serve_build_app": "ray.serve._private.build_app",
     "serve_app_builder_args": "ray.serve._private.api",
     "cluster_launcher_validation": "ray.autoscaler._private.util",
@@ -86,6 +88,16 @@ def direct_ingress_env(port: int) -> dict[str, str]:
         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",       # replica code on the actor's event loop: one
         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",            # thread hop less per call, and the same for handles
     }
+
+
+def worker_setup_hook_env(hook: str) -> dict[str, str]:
+    """Environment that makes every worker of a Ray started afterwards from this process call `hook`
+    ("module.function") when it starts: what `runtime_env={"worker_process_setup_hook": ...}` does, but
+    without a job runtime_env, so the workers Ray prestarts with the default environment still serve
+    the job (a runtime_env would make every task and actor wait for a fresh worker)."""
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+    return {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: hook}
 
 
 def build_serve_app(builder: Any, args: dict[str, Any], name: str) -> tuple[Any, list[Any]]:

@@ -1,1 +1,2 @@
-"""Ray Serve application of DermAID (serve/app.py) and its Serve config (serve/config.yaml)."""
+"""DermAID on Ray Serve: `build_app` (serve/app.py, which maps the modules), its Serve config (serve/config.yaml),
+the `dermaid serve` launcher (serve/launcher.py) and the web pages (serve/web/)."""

@@ -1,8 +1,8 @@
 """The web pages and the dermatologist review API: one FastAPI APIRouter the ingress includes with one line.
 
-    api.include_router(review.router)       # serve/app.py, before the @serve.ingress class freezes `api`
+    api.include_router(review.router)       # serve/ingress.py, before the @serve.ingress class freezes `api`
     settings["review"] = review_settings(args.review)                     # in build_app (token hashes only)
-    self.review = create_review_context(self.store, settings["review"])   # in the ingress __init__
+    self.review = create_review_context(self.store, settings["review"])   # in the Ingress __init__
 
 Pages (plain HTML, CSS and JavaScript in serve/web/; no build step):
     GET /                 the consumer page: photo -> probabilities, saliency overlay, triage, disclaimer
@@ -36,15 +36,16 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path as PathParam, Query, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from dermaid.auth import TOKENS_ENV, ReviewerTokens, parse_bearer
+from dermaid.auth import ReviewerTokens, parse_bearer
 from dermaid.classes import AGE_RANGE, CLASS_CODES, DISCLAIMER, NOT_A_LESION, REVIEW_CODES, SEXES, SITES, class_table
 from dermaid.errors import DermaidError
-from dermaid.uploads.labels import (
-    LABELSTUDIO_CONFIG, MAX_COMMENT_CHARS, MAX_PAGE, InvalidUploadId, LabelStore, UnknownUpload, compute_agreement,
-    parse_upload_id, public_upload,
-)
+from dermaid.uploads.agreement import compute_agreement
+from dermaid.uploads.labels import MAX_PAGE, LabelStore, public_upload
+from dermaid.uploads.labelstudio import LABELSTUDIO_CONFIG
+from dermaid.uploads.validation import MAX_COMMENT_CHARS, InvalidUploadId, UnknownUpload, parse_upload_id
+from serve.args import ReviewArgs
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 STATIC_FILES = {"app.css": "text/css", "common.js": "text/javascript", "consumer.js": "text/javascript",
@@ -59,21 +60,11 @@ PAGE_HEADERS = {
 REVIEW_HEADERS = {"Cache-Control": "no-store"}  # review data never lands in a shared cache
 
 
-class ReviewArgs(BaseModel):
-    """`review` in the app args (conf/serve.yaml, serve/config.yaml): who may use the review routes."""
-
-    model_config = ConfigDict(extra="forbid")
-    tokens: dict[str, str] = Field(default_factory=dict,
-                                   description="reviewer -> token HASH (`python -m dermaid.auth new NAME`)")
-    tokens_env: str = Field(TOKENS_ENV, description="environment variable with plain 'name:token,...' (hashed on load)")
-
-
-def review_settings(args: ReviewArgs | dict[str, Any] | None) -> dict[str, Any]:
+def review_settings(args: ReviewArgs) -> dict[str, Any]:
     """Resolve the tokens where the app is built: config hashes + the environment's tokens, hashed.
 
     Only hashes cross into the replicas; a malformed entry fails here, before anything is deployed.
     """
-    args = args if isinstance(args, ReviewArgs) else ReviewArgs.model_validate(args or {})
     return {"tokens": ReviewerTokens.from_settings(args.model_dump()).hashes(), "tokens_env": args.tokens_env}
 
 
@@ -85,10 +76,9 @@ class ReviewContext:
     tokens: ReviewerTokens
 
 
-def create_review_context(upload_store: Any, settings: dict[str, Any] | None = None) -> ReviewContext:
+def create_review_context(upload_store: Any, settings: dict[str, Any]) -> ReviewContext:
     """Labels on the ingress' UploadStore (same database) + the token hashes of `review_settings(...)`."""
-    settings = dict(settings or {})
-    return ReviewContext(LabelStore(upload_store), ReviewerTokens(settings.get("tokens") or {}))
+    return ReviewContext(LabelStore(upload_store), ReviewerTokens(settings["tokens"]))
 
 
 def get_review_context() -> ReviewContext:

@@ -1,29 +1,68 @@
-"""Shared pytest fixtures: one Ray cluster per session, toy data generated and prepared once.
+"""Shared pytest fixtures and the automatic `integration` mark.
+
+    make test-fast      # pytest -m "not integration": no Ray cluster, no Serve, no browser, no PostgreSQL
+    make test           # everything
+
+A test is marked `integration` when its fixtures reach something expensive (INTEGRATION_FIXTURES:
+a Ray cluster, the Ray-trained toy run, a Serve app, a browser, PostgreSQL); nobody has to remember
+the mark. A test that starts such a thing without one of these fixtures carries the mark itself,
+with a reason: `@pytest.mark.integration(reason="...")`.
+
+Fast fixtures: toy_raw (synthetic ISIC layout), toy_prepared (prepared in this process),
+trained_run (a few epochs in this process: Ray Train's local mode, no cluster), tiny_checkpoint
+(untrained), dermaid_cli (the `dermaid` command run in this process). Expensive ones, shared once
+per session: ray_session (one local Ray cluster), toy_run (trained on that cluster), postgres_url.
 
 Append fixtures here; keep edits small (several engineers share this file).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
 import pytest
 
+# fixture name -> what it reaches (a test whose fixture closure holds one is marked `integration`)
+INTEGRATION_FIXTURES = {
+    "ray_session": "a Ray cluster",
+    "ray_head": "a Ray cluster started by `ray start` (test_pipeline.py)",
+    "toy_run": "a run trained on Ray Train",
+    "server": "a Serve app (test_serve.py)",
+    "app": "a Serve app (test_web.py)",
+    "browser": "a browser",
+    "postgres_url": "a PostgreSQL server",
+}
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray cluster (2 CPUs) for the whole session; shut down at the end."""
-    import ray
 
-    for attempt in range(3):  # a busy machine can miss Ray's fixed 30 s raylet start-up window
-        if ray.is_initialized():
-            break
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-        except Exception as exc:  # ray raises a bare Exception for this
-            if "timed out during startup" not in str(exc) or attempt == 2:
-                raise
-            ray.shutdown()
-    yield ray
-    ray.shutdown()
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test whose fixtures reach an INTEGRATION_FIXTURES entry as `integration`."""
+    for item in items:
+        reached = [name for name in INTEGRATION_FIXTURES if name in getattr(item, "fixturenames", ())]
+        if reached and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration(reason=", ".join(INTEGRATION_FIXTURES[n] for n in reached)))
+
+
+def _ray_is_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_ray(request: pytest.FixtureRequest):
+    """A test without the `integration` mark that starts Ray in this process fails: it needs ray_session."""
+    running_before = request.node.get_closest_marker("integration") is not None or _ray_is_running()
+    yield
+    if not running_before and _ray_is_running():
+        pytest.fail(f"{request.node.nodeid} started Ray without an integration fixture: take ray_session "
+                    "(or mark it @pytest.mark.integration(reason=...))", pytrace=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast: in this process, no Ray cluster
 
 
 @pytest.fixture(scope="session")
@@ -37,39 +76,51 @@ def toy_raw(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def toy_prepared(toy_raw, ray_session, tmp_path_factory) -> str:
-    """toy_raw prepared at image_size 96 (on the session's Ray): the version directory URL."""
+def toy_prepared(toy_raw, tmp_path_factory) -> str:
+    """toy_raw prepared at image_size 96 in this process (no Ray; the same version Ray tasks give),
+    tagged "toy": the version directory URL."""
     from dermaid.config import compose, to_plain
     from dermaid.data.prepare import prepare_dataset
     from dermaid.files import join
 
     out = str(tmp_path_factory.mktemp("toy_prepared"))
-    data_cfg = to_plain(compose("prepare", [f"data.root={toy_raw}", f"data.prepared_dir={out}", "data.image_size=96"]).data)
-    manifest = prepare_dataset(data_cfg, out=out, tag="toy")
+    overrides = [f"data.root={toy_raw}", f"data.prepared_dir={out}", "data.image_size=96"]
+    data_cfg = to_plain(compose("prepare", overrides).data)
+    manifest = prepare_dataset(data_cfg, out=out, tag="toy", in_process=True)
     return join(out, manifest["version"])
 
 
+def _toy_train_overrides(toy_prepared: str, out: Path | str, *extra: str) -> list[str]:
+    """The toy experiment with resnet10t at 64 px on toy_prepared, written to out.
+
+    resnet10t rather than the toy default (mobilenetv3_small_050): it leaves chance within 2-3 epochs, where the
+    MobileNet needs about 5, so tests that need a model which learned something stay short."""
+    prepared_dir, version = toy_prepared.rstrip("/").rsplit("/", 1)
+    return ["experiment=toy", f"data.prepared_dir={prepared_dir}", f"data.version={version}", f"out={out}",
+            "model.name=resnet10t", "train.epochs=3", "train.image_size=64", "logger=none", *extra]
+
+
 @pytest.fixture(scope="session")
-def postgres_url():
-    """A fresh PostgreSQL database for this session on $DERMAID_TEST_POSTGRES_URL's server (dropped at the end).
+def trained_run(toy_prepared, tmp_path_factory) -> str:
+    """A real 3-epoch `dermaid train` run in this process (scaling.num_workers=0: Ray Train's local mode runs the
+    same worker code here, no Ray cluster) on toy_prepared: the run directory (best/, last/, history.csv,
+    config.yaml, summary.json), whose best model is well above chance. Read-only for tests: copy it first.
 
-    Skips when the variable is unset (CI sets it: .ci/run starts PostgreSQL on loopback)."""
-    import os
-    import uuid
+    For tests that need *a* trained checkpoint (evaluate, reports, compression, Serve, web); Ray Train itself is
+    tested with toy_run. The project's own worker rather than a second training loop written for the tests."""
+    import torch
 
-    import sqlalchemy as sa
+    from dermaid.config import compose
+    from dermaid.training.driver import train
 
-    server = os.environ.get("DERMAID_TEST_POSTGRES_URL")
-    if not server:
-        pytest.skip("DERMAID_TEST_POSTGRES_URL is not set (no PostgreSQL server for this run)")
-    name = f"dermaid_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    out = tmp_path_factory.mktemp("trained_run") / "run"
+    threads = torch.get_num_threads()  # the worker sets this process's torch thread count: give it back after
+    try:
+        train(compose("train", _toy_train_overrides(
+            toy_prepared, out, "scaling.num_workers=0", f"train.torch_threads={max(1, min(2, os.cpu_count() or 1))}")))
+    finally:
+        torch.set_num_threads(threads)
+    return str(out)
 
 
 @pytest.fixture(scope="session")
@@ -88,20 +139,89 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     return url
 
 
-@pytest.fixture(scope="session")
-def toy_run(toy_prepared, tmp_path_factory) -> str:
-    """A real 3-epoch `dermaid train` run (toy experiment with resnet10t, 1 worker, 64 px) on toy_prepared: the
-    run directory (best/, last/, history.csv, config.yaml, summary.json). Read-only for tests: copy it first.
+@dataclass
+class CliResult:
+    """What a `dermaid ...` call left: like subprocess.CompletedProcess's fields."""
 
-    resnet10t rather than the toy default (mobilenetv3_small_050): it leaves chance within 2-3 epochs, where the
-    MobileNet needs about 5, so tests that need a model which learned something stay short."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def dermaid_cli(capsys, monkeypatch) -> Callable[..., CliResult]:
+    """Run `dermaid <args>` in this process through dermaid.cli.main: run(*args, cwd=None) -> CliResult.
+
+    cwd (default: the test's current directory) is where Hydra's outputs/ and relative paths land."""
+    from dermaid.cli import main
+
+    def run(*args: str, cwd: str | Path | None = None) -> CliResult:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() points sys.argv at the command for Hydra
+        capsys.readouterr()
+        code, message = 0, ""
+        try:
+            main(list(args))
+        except SystemExit as exc:  # sys.exit(2) for a user error, as the command line sees it
+            if isinstance(exc.code, int) or exc.code is None:
+                code = exc.code or 0
+            else:
+                code, message = 1, f"{exc.code}\n"
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err + message)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Integration: shared once per session
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster (2 CPUs) for the whole session, started the one way DermAID starts Ray; shut down
+    at the end."""
+    import ray
+
+    from dermaid.ray_runtime import ensure_ray
+
+    ensure_ray("local", 2, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def toy_run(toy_prepared, ray_session, tmp_path_factory) -> str:
+    """A real 3-epoch `dermaid train` run on Ray Train (toy experiment, 1 worker, resnet10t, 64 px) on
+    toy_prepared: the run directory (best/, last/, history.csv, config.yaml, summary.json). Read-only for
+    tests: copy it first. Only for tests of Ray Train itself (training, resume, fine-tuning); others take
+    trained_run."""
     from dermaid.config import compose
-    from dermaid.training.train import train
+    from dermaid.training.driver import train
 
     out = tmp_path_factory.mktemp("toy_run") / "run"
-    prepared_dir, version = toy_prepared.rstrip("/").rsplit("/", 1)
-    train(compose("train", [
-        "experiment=toy", f"data.prepared_dir={prepared_dir}", f"data.version={version}", f"out={out}",
-        "model.name=resnet10t", "train.epochs=3", "train.image_size=64", "scaling.num_workers=1", "logger=none",
-    ]))
+    train(compose("train", _toy_train_overrides(toy_prepared, out, "scaling.num_workers=1")))
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh PostgreSQL database for this session on $DERMAID_TEST_POSTGRES_URL's server (dropped at the end).
+
+    Skips when the variable is unset (CI sets it: .ci/run starts PostgreSQL on loopback)."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    server = os.environ.get("DERMAID_TEST_POSTGRES_URL")
+    if not server:
+        pytest.skip("DERMAID_TEST_POSTGRES_URL is not set (no PostgreSQL server for this run)")
+    name = f"dermaid_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

@@ -2,7 +2,7 @@
 
 No cloud is reachable from the tests, so they check what can be checked here: every manifest
 parses and names the project's Ray version and image; the GCP launcher config passes Ray's own
-schema validation; each RayJob entrypoint composes as a Hydra command; the RayService's
+schema validation; each RayJob entrypoint composes as a Hydra command (run in-process); the RayService's
 `import_path` + `args` build the Serve application (without starting Ray); the Dockerfile pins the
 same Ray and copies files that exist; the workflows and the conda environment do what the README
 says.
@@ -15,11 +15,9 @@ from __future__ import annotations
 import copy
 import importlib
 import math
-import os
 import re
 import shlex
 import string
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -219,7 +217,7 @@ def test_readme_render_fills_every_placeholder():
 
 
 @pytest.mark.parametrize("path", [p for p in MANIFESTS if p.name.startswith("rayjob-")], ids=lambda p: p.name)
-def test_rayjob_spec_and_entrypoint_composes(path: Path):
+def test_rayjob_spec_and_entrypoint_composes(path: Path, tmp_path, monkeypatch, dermaid_cli):
     (job,) = [doc for doc in _load_all(path) if doc["kind"] == "RayJob"]
     spec = job["spec"]
     assert spec["submissionMode"] == "K8sJobMode"
@@ -227,13 +225,10 @@ def test_rayjob_spec_and_entrypoint_composes(path: Path):
     assert job["metadata"]["generateName"].startswith("dermaid-")
     argv = shlex.split(spec["entrypoint"])
     assert argv[0] == "dermaid" and not ({";", "&&", "||", "|"} & set(argv)), "one dermaid command, no shell chains"
-    dermaid = Path(sys.executable).with_name("dermaid")
-    cmd = [str(dermaid)] if dermaid.exists() else [sys.executable, "-m", "dermaid.cli"]
-    env = {**os.environ, "DERMAID_HOME": "gs://test-bucket", "HYDRA_FULL_ERROR": "1"}
-    env.pop("DERMAID_CONF", None)
-    done = subprocess.run(
-        [*cmd, *argv[1:], "--cfg", "job", "--resolve"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    monkeypatch.setenv("DERMAID_HOME", "gs://test-bucket")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.delenv("DERMAID_CONF", raising=False)
+    done = dermaid_cli(*argv[1:], "--cfg", "job", "--resolve", cwd=tmp_path)  # the command, in this process
     assert done.returncode == 0, f"{spec['entrypoint']!r} does not compose:\n{done.stderr[-3000:]}"
     cfg = yaml.safe_load(done.stdout)
     assert "gs://test-bucket" in yaml.safe_dump(cfg), "the job must write to the bucket (DERMAID_HOME)"
@@ -410,7 +405,7 @@ def test_conda_environment_installs_this_package_with_dev_extras():
     deps = env["dependencies"]
     assert "python=3.11" in deps and "pip" in deps
     (pip,) = [d["pip"] for d in deps if isinstance(d, dict)]
-    assert "-e .[dev]" in pip
+    assert "-e .[dev,postgres,lab]" in pip and "-c constraints.txt" in pip, pip  # what `make setup` installs
 
 
 def test_readme_walks_through_every_step_and_names_existing_files():

@@ -1,8 +1,8 @@
 """dermaid.compress: distillation on Ray Train, ONNX Runtime int8 quantization, ONNX/TorchScript export,
 the Predictor loaders for every artifact kind, and the compression table script (tiny settings).
 
-The teacher is a real resnet10t trained for a few epochs in-process (dermaid.training.loop, no Ray) on
-the session's toy set at 64 px, so its predictions are decisive enough to compare artifacts on.
+The teacher is conftest's trained_run: a real resnet10t trained for a few epochs in-process (no Ray cluster)
+on the session's toy set at 64 px, so its predictions are decisive enough to compare artifacts on.
 """
 
 from __future__ import annotations
@@ -16,41 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from dermaid.config import compose, to_plain
+from dermaid.config import compose
 from dermaid.errors import DermaidError
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def teacher(toy_prepared, tmp_path_factory) -> str:
-    """A trained resnet10t checkpoint (64 px, metadata branch) whose card names the toy version."""
-    from dermaid.data.loading import load_records, read_manifest
-    from dermaid.data.torch_dataset import LesionDataset, create_train_loader
-    from dermaid.data.transforms import create_train_transform
-    from dermaid.models.card import build_card, save_checkpoint
-    from dermaid.models.classifier import create_classifier, resolve_input_spec
-    from dermaid.training import loop
-
-    loop.set_seed(0)
-    model_cfg = {"name": "resnet10t", "pretrained": False, "use_metadata": True, "drop_rate": 0.0}
-    model = create_classifier(model_cfg)
-    spec = resolve_input_spec(model, 64)
-    train = load_records(toy_prepared, split="train", fold=0)
-    augment = to_plain(compose("train", ["augment=light"]).augment)
-    counts = np.bincount(train["label_idx"], minlength=8).tolist()
-    loader = create_train_loader(LesionDataset(train, create_train_transform(spec, augment)), 16, "shuffle",
-                                 counts, seed=0)
-    optimizer = loop.create_optimizer(model, 3e-3, 0.01)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=loop.compute_class_weights(counts, 0.5))
-    for epoch in range(6):
-        loader.sampler.set_epoch(epoch)
-        loop.train_one_epoch(model, loader, optimizer, None, loss_fn, torch.device("cpu"))
-    url = str(tmp_path_factory.mktemp("teacher") / "best")
-    version = read_manifest(toy_prepared)["version"]
-    save_checkpoint(url, build_card(model_cfg, spec, dataset_version=version, temperature=1.0),
-                    model.eval().state_dict())
-    return url
+def teacher(trained_run) -> str:
+    """A trained resnet10t checkpoint (64 px, metadata branch) whose card names the toy version: conftest's
+    trained_run (read-only; artifacts go elsewhere)."""
+    return f"{trained_run}/best"
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +86,8 @@ def test_distillation_loss_and_teacher_adapter():
     torch.testing.assert_close(adapter(student_view), model(teacher_view), atol=1e-4, rtol=1e-4)
 
 
-def test_distill_refuses_a_teacher_with_other_classes(teacher, toy_prepared, tmp_path, ray_session):
-    from dermaid.training.train import train
+def test_distill_refuses_a_teacher_with_other_classes(teacher, toy_prepared, tmp_path):  # before Ray starts
+    from dermaid.training.driver import train
 
     bad = tmp_path / "other-classes"
     shutil.copytree(teacher, bad)
@@ -125,7 +101,6 @@ def test_distill_refuses_a_teacher_with_other_classes(teacher, toy_prepared, tmp
     assert not (tmp_path / "student" / "best").exists()
 
 
-@pytest.mark.slow
 def test_one_epoch_distillation_gives_a_working_student(teacher, toy_prepared, work, ray_session):
     from dermaid.compress.distill import run_distill
     from dermaid.inference import Predictor
@@ -137,8 +112,8 @@ def test_one_epoch_distillation_gives_a_working_student(teacher, toy_prepared, w
         "train.epochs=1", "train.image_size=64", "train.batch_size=16", "distill.alpha=0.7",
         *_data_overrides(toy_prepared)]))
     card = load_card(str(out / "best"))
-    assert card["teacher"] == teacher and card["model"]["name"] == "mobilenetv3_small_050"
-    assert card["config"]["distill"]["alpha"] == 0.7 and card["kind"] == "float"
+    assert card.teacher == teacher and card.model_name == "mobilenetv3_small_050"
+    assert card.config["distill"]["alpha"] == 0.7 and card.kind == "float"
     assert summary["best_metrics"]["val/balanced_accuracy"] >= 0.0 and np.isfinite(summary["best_metrics"]["val/loss"])
     probs = Predictor(str(out / "best")).forward(torch.randn(3, 3, 64, 64))
     assert probs.shape == (3, 8) and np.allclose(probs.sum(1), 1.0)
@@ -148,7 +123,6 @@ def test_one_epoch_distillation_gives_a_working_student(teacher, toy_prepared, w
 # Quantization and export: every artifact loads through Predictor and agrees with the float model
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["int8_static", "int8_dynamic", "onnx", "torchscript"])
 def test_artifacts_load_and_agree_with_the_float_model(variant, teacher, toy_prepared, work, capsys):
     from dermaid.compress.export import run_export
@@ -168,14 +142,13 @@ def test_artifacts_load_and_agree_with_the_float_model(variant, teacher, toy_pre
         kind = variant
         assert "max abs logit difference" in capsys.readouterr().out and result["max_abs_diff"] < 1e-3
     card = load_card(str(out))
-    assert card["kind"] == kind and card["compression"]["source"] == teacher
-    assert card["input"] == load_card(teacher)["input"]
+    assert card.kind == kind and card.compression_source == teacher
+    assert card.input == load_card(teacher).input
 
     agreement = float((_val_top1(str(out), toy_prepared) == _val_top1(teacher, toy_prepared)).mean())
     assert agreement >= 0.95, f"{variant}: top-1 agreement {agreement:.3f}"
 
 
-@pytest.mark.slow
 def test_compressing_an_artifact_again_is_refused(teacher, work, toy_prepared):
     from dermaid.compress.export import run_export
     from dermaid.compress.quantize import run_quantize
@@ -209,7 +182,6 @@ def test_quantize_and_export_reject_bad_options(teacher, tmp_path):
 # The trade-off table
 
 
-@pytest.mark.slow
 def test_compression_table_script_runs(teacher, toy_prepared, work):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:

@@ -1,11 +1,12 @@
-"""prepare on Ray: shards + manifest, deterministic versions, tags, cache, errors, ensure_prepared."""
+"""prepare: shards + manifest, deterministic versions, tags, cache, errors, ensure_prepared.
+
+Every test prepares in this process (in_process=True, the same code per shard); one integration test
+prepares on the session's Ray and checks Ray tasks give the very same version."""
 
 from __future__ import annotations
 
 import io
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +35,11 @@ def small_raw(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small") / "raw"
     generate(str(root), n=24, seed=3)
     return root
+
+
+def _prepare(data_cfg: dict, out, **kwargs) -> dict:
+    """prepare_dataset in this process (no Ray)."""
+    return prepare_dataset(data_cfg, out=str(out), in_process=True, **kwargs)
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -83,10 +89,10 @@ def test_resolve_version_by_hash_tag_latest(toy_prepared):
         resolve_version(prepared_dir, "0123456789abcdef")
 
 
-def test_prepare_is_deterministic_and_cached(toy_raw, toy_prepared, ray_session, tmp_path, monkeypatch):
+def test_prepare_is_deterministic_and_cached(toy_raw, toy_prepared, tmp_path, monkeypatch):
     version = read_manifest(toy_prepared)["version"]
     out = tmp_path / "again"
-    again = prepare_dataset(_data_cfg(toy_raw, out, image_size=96), out=str(out), use_cache=False)
+    again = _prepare(_data_cfg(toy_raw, out, image_size=96), out, use_cache=False)
     assert again["version"] == version  # same input, same settings -> same version
     a = load_records(toy_prepared).drop(columns=["image"])
     b = load_records(str(out / version)).drop(columns=["image"])
@@ -94,24 +100,34 @@ def test_prepare_is_deterministic_and_cached(toy_raw, toy_prepared, ray_session,
 
     # an unchanged root is recognised from its listing: nothing is decoded again
     monkeypatch.setattr(prepare_mod, "_run_shards", lambda *a, **k: pytest.fail("decoded again"))
-    cached = prepare_dataset(_data_cfg(toy_raw, out, image_size=96), out=str(out), tag="again")
+    cached = _prepare(_data_cfg(toy_raw, out, image_size=96), out, tag="again")
     assert cached["version"] == version and cached["tags"] == ["again"]
     assert resolve_version(str(out), "again").endswith(version)
     # a different setting is a different version
     monkeypatch.undo()
-    other = prepare_dataset(_data_cfg(toy_raw, out, image_size=96, seed=1), out=str(out))
+    other = _prepare(_data_cfg(toy_raw, out, image_size=96, seed=1), out)
     assert other["version"] != version
     assert {m["version"] for m in list_versions(str(out))} == {version, other["version"]}
 
 
-def test_changed_image_or_label_gives_new_version(small_raw, ray_session, tmp_path):
+def test_prepare_on_ray_gives_the_in_process_version(toy_raw, toy_prepared, ray_session, tmp_path):
+    version = read_manifest(toy_prepared)["version"]
+    out = tmp_path / "on_ray"
+    on_ray = prepare_dataset(_data_cfg(toy_raw, out, image_size=96), out=str(out), use_cache=False, shard_size=64)
+    assert on_ray["version"] == version and len(on_ray["shards"]) >= 4  # several Ray tasks, one version
+    a = load_records(toy_prepared).drop(columns=["image"])
+    b = load_records(str(out / version)).drop(columns=["image"])
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_changed_image_or_label_gives_new_version(small_raw, tmp_path):
     out = tmp_path / "prepared"
-    base = prepare_dataset(_data_cfg(small_raw, out), out=str(out))["version"]
+    base = _prepare(_data_cfg(small_raw, out), out)["version"]
 
     changed_image = _copy(small_raw, tmp_path / "img")
     first = sorted((changed_image / "ISIC_2019_Training_Input").glob("*.jpg"))[0]
     Image.new("RGB", (500, 450), (200, 30, 30)).save(first, quality=90)
-    v_image = prepare_dataset(_data_cfg(changed_image, out), out=str(out))["version"]
+    v_image = _prepare(_data_cfg(changed_image, out), out)["version"]
 
     changed_label = _copy(small_raw, tmp_path / "label")
     gt = changed_label / "ISIC_2019_Training_GroundTruth.csv"
@@ -120,41 +136,42 @@ def test_changed_image_or_label_gives_new_version(small_raw, ray_session, tmp_pa
     old, new = ("MEL", "NV") if row["MEL"] == "1.0" else (next(c for c in CLASS_CODES if row[c] == "1.0"), "MEL")
     table.loc[0, old], table.loc[0, new] = "0.0", "1.0"
     table.to_csv(gt, index=False)
-    v_label = prepare_dataset(_data_cfg(changed_label, out), out=str(out))["version"]
+    v_label = _prepare(_data_cfg(changed_label, out), out)["version"]
 
     assert len({base, v_image, v_label}) == 3
     assert {m["version"] for m in list_versions(str(out))} == {base, v_image, v_label}
 
 
-def test_corrupt_image_is_a_clear_error_and_writes_nothing(small_raw, ray_session, tmp_path):
+def test_corrupt_image_is_a_clear_error_and_writes_nothing(small_raw, tmp_path):
     raw = _copy(small_raw, tmp_path / "raw")
     victim = sorted((raw / "ISIC_2019_Training_Input").glob("*.jpg"))[3]
     victim.write_bytes(victim.read_bytes()[:400])  # truncated JPEG
     out = tmp_path / "prepared"
     with pytest.raises(DermaidError, match=victim.name):
-        prepare_dataset(_data_cfg(raw, out), out=str(out))
+        _prepare(_data_cfg(raw, out), out)
     assert list_versions(str(out)) == []
     assert [p.name for p in out.iterdir()] == []  # no temporary leftovers, nothing that looks like a version
 
 
-@pytest.mark.slow
-def test_prepare_cli_corrupt_image_exit_2(small_raw, ray_session, tmp_path):
-    raw = _copy(small_raw, tmp_path / "raw")
-    victim = sorted((raw / "ISIC_2019_Training_Input").glob("*.jpg"))[5]
-    victim.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    address = ray_session.get_runtime_context().gcs_address  # join the session's cluster: no second Ray start
-    proc = subprocess.run(
-        [sys.executable, "-m", "dermaid.cli", "prepare", f"data.root={raw}", f"out={tmp_path / 'prepared'}",
-         f"ray.address={address}", f"paths.root={tmp_path}"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "error:" in proc.stderr and victim.name in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not list_versions(str(tmp_path / "prepared"))
+def test_prepare_cli_corrupt_image_exit_2(small_raw, tmp_path, dermaid_cli):
+    import fsspec
+
+    root, out = "memory://prep-cli/raw", "memory://prep-cli/prepared"  # memory:// is prepared in this process
+    memory = fsspec.filesystem("memory")
+    memory.put(str(small_raw), "/prep-cli/raw", recursive=True)
+    victim = sorted(p for p in memory.find("/prep-cli/raw/ISIC_2019_Training_Input") if p.endswith(".jpg"))[5]
+    memory.pipe_file(victim, b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    try:
+        result = dermaid_cli("prepare", f"data.root={root}", f"out={out}", f"paths.root={tmp_path}", cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "error:" in result.stderr and victim.rsplit("/", 1)[-1] in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not list_versions(out)
+    finally:
+        memory.rm("/prep-cli", recursive=True)
 
 
-def test_ensure_prepared(toy_raw, toy_prepared, ray_session, tmp_path):
+def test_ensure_prepared(toy_raw, toy_prepared, tmp_path):
     prepared_dir, version = toy_prepared.rsplit("/", 1)
     cfg = _data_cfg(toy_raw, prepared_dir, image_size=96)
     assert ensure_prepared(cfg) == toy_prepared  # cheap: the raw listing is cached
@@ -176,7 +193,7 @@ def test_prepare_memory_url_in_process(tmp_path):
     fsspec.filesystem("memory").rm("/prep-test", recursive=True)
 
 
-def test_extra_roots_are_merged_with_source(small_raw, ray_session, tmp_path):
+def test_extra_roots_are_merged_with_source(small_raw, tmp_path):
     other = tmp_path / "uploads"
     generate(str(other), n=12, seed=9)
     # rename the ids so the two roots do not share image ids
@@ -188,11 +205,11 @@ def test_extra_roots_are_merged_with_source(small_raw, ray_session, tmp_path):
     out = tmp_path / "prepared"
     cfg = _data_cfg(small_raw, out)
     cfg["extra"] = [str(other)]
-    manifest = prepare_dataset(cfg, out=str(out))
+    manifest = _prepare(cfg, out)
     frame = load_records(str(out / manifest["version"]), with_images=False)
     assert frame["source"].value_counts().to_dict() == {"isic2019": 24, "uploads": 12}
     assert manifest["source"]["extra"][0]["source"] == "uploads"
 
     cfg["extra"] = [str(small_raw)]  # the same images twice would leak between folds
     with pytest.raises(DermaidError, match="more than one source"):
-        prepare_dataset({**cfg, "source": "a", "extra": [{"root": str(small_raw), "source": "b"}]}, out=str(out))
+        _prepare({**cfg, "source": "a", "extra": [{"root": str(small_raw), "source": "b"}]}, out)

@@ -1,4 +1,4 @@
-"""Readers of the ISIC 2019 and HAM10000 layouts (with their real quirks) and the toy generator."""
+"""Readers of the ISIC 2019 and HAM10000 layouts (with their real quirks), the ISIC 2019 writer, the toy generator."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from dermaid.classes import CLASS_CODES, SITES
-from dermaid.data.isic import RECORD_COLUMNS, read_ham10000, read_isic2019, read_records
+from dermaid.data.isic import (
+    RECORD_COLUMNS, IsicRow, read_ham10000, read_isic2019, read_records, write_isic2019,
+)
 from dermaid.data.synth import class_counts, generate
 from dermaid.errors import DermaidError
 
@@ -142,6 +144,25 @@ def test_isic2019_reader_on_memory_url():
         fs.rm("/reader-test", recursive=True)
 
 
+def test_isic2019_writer_round_trips_through_the_reader():
+    fs = fsspec.filesystem("memory")
+    rows = [IsicRow("W_1", "MEL", "55.0", "head/neck", "L_1", "female"),
+            IsicRow("W_2", "NV", None, None, None, None)]
+    try:
+        write_isic2019("memory://writer-test/isic", rows, lambda i: (_jpeg(size=(12 + i, 9)), "jpg"), workers=2)
+        assert fs.cat("/writer-test/isic/ISIC_2019_Training_Metadata.csv").decode().splitlines() == [
+            META_HEADER, "W_1,55.0,head/neck,L_1,female", "W_2,,,,"]
+        assert fs.cat("/writer-test/isic/ISIC_2019_Training_GroundTruth.csv").decode().splitlines() == [
+            GT_HEADER, f"W_1,{_one_hot('MEL')}", f"W_2,{_one_hot('NV')}"]
+        records = read_isic2019("memory://writer-test/isic")
+        assert records["label"].tolist() == ["MEL", "NV"] and records["age"][0] == 55.0
+        assert records["sex"].tolist() == ["female", None] and records["lesion_id"].tolist() == ["L_1", None]
+        with fsspec.open(records["image_url"][1], "rb") as f:
+            assert Image.open(f).size == (13, 9)
+    finally:
+        fs.rm("/writer-test", recursive=True)
+
+
 HAM_ROWS = [
     "HAM_0000118,ISIC_0027419,bkl,histo,80.0,male,scalp,vidir_modern",
     "HAM_0000118,ISIC_0025030,bkl,histo,80.0,male,scalp,vidir_modern",
@@ -228,16 +249,11 @@ def test_synth_toy_raw_reads_back(toy_raw):
     assert np.isfinite(age).all()
 
 
-def test_synth_cli(tmp_path):
-    import subprocess
-    import sys
-
+def test_synth_cli(tmp_path, dermaid_cli):
     out = tmp_path / "toy"
-    proc = subprocess.run([sys.executable, "-m", "dermaid.cli", "synth", f"out={out}", "n=16", "seed=2",
-                           f"paths.root={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = dermaid_cli("synth", f"out={out}", "n=16", "seed=2", f"paths.root={tmp_path}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "not real lesions" in proc.stdout
     assert len(read_isic2019(str(out))) == 16
-    again = subprocess.run([sys.executable, "-m", "dermaid.cli", "synth", f"out={out}", "n=17", "seed=2",
-                            f"paths.root={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    again = dermaid_cli("synth", f"out={out}", "n=17", "seed=2", f"paths.root={tmp_path}", cwd=tmp_path)
     assert again.returncode == 2 and "error:" in again.stderr and "overwrite" in again.stderr

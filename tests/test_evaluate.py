@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +22,9 @@ from dermaid.data.transforms import create_eval_transform
 from dermaid.errors import DermaidError
 from dermaid.evaluation.evaluate import _check_labels, evaluate
 from dermaid.evaluation.metrics import compute_metrics
-from dermaid.models.card import CheckpointError, load_float_model
+from dermaid.models.card import CheckpointError, load_card, load_float_model
 from dermaid.models.metadata import encode_metadata
 from dermaid.training.loop import predict_probabilities
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _data_overrides(toy_prepared: str) -> list[str]:
@@ -36,14 +32,15 @@ def _data_overrides(toy_prepared: str) -> list[str]:
     return [f"data.prepared_dir={prepared_dir}", f"data.version={version}"]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dermaid.cli", "evaluate", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+@pytest.fixture
+def evaluate_cli(dermaid_cli, tmp_path):
+    """`dermaid evaluate <args>` in this process (conftest's dermaid_cli), Hydra's outputs under tmp_path."""
+    return lambda *args: dermaid_cli("evaluate", *args, cwd=tmp_path)
 
 
-def test_evaluate_cli_writes_predictions_the_official_scorer_accepts(toy_run, toy_prepared, tmp_path):
+def test_evaluate_cli_writes_predictions_the_official_scorer_accepts(trained_run, toy_prepared, tmp_path, evaluate_cli):
     out = tmp_path / "eval"
-    proc = _cli(f"checkpoint={toy_run}/best", *_data_overrides(toy_prepared), f"out={out}", "split=val")
+    proc = evaluate_cli(f"checkpoint={trained_run}/best", *_data_overrides(toy_prepared), f"out={out}", "split=val")
     assert proc.returncode == 0, proc.stderr
     assert "balanced accuracy" in proc.stdout and "not a diagnosis" in proc.stdout
     predictions = pd.read_csv(out / "predictions.csv")
@@ -75,11 +72,11 @@ def test_evaluate_cli_writes_predictions_the_official_scorer_accepts(toy_run, to
     assert metrics["balanced_accuracy"] > 0.2  # the toy run learned something
     assert metrics["num_images"] == len(val) and metrics["split"] == "val"
     assert metrics["calibration"]["temperature"] == pytest.approx(json.loads(
-        (Path(toy_run) / "best" / "card.json").read_text())["calibration"]["temperature"])
+        (Path(trained_run) / "best" / "card.json").read_text())["calibration"]["temperature"])
 
 
-def test_evaluate_test_split_with_tta_and_the_one_prediction_path(toy_run, toy_prepared, tmp_path):
-    cfg = compose("evaluate", [f"checkpoint={toy_run}/best", *_data_overrides(toy_prepared), f"out={tmp_path}",
+def test_evaluate_test_split_with_tta_and_the_one_prediction_path(trained_run, toy_prepared, tmp_path):
+    cfg = compose("evaluate", [f"checkpoint={trained_run}/best", *_data_overrides(toy_prepared), f"out={tmp_path}",
                                "split=test", "tta=8", "device=cpu"])
     result = evaluate(cfg)
     test = load_records(toy_prepared, "test", 0)
@@ -87,12 +84,12 @@ def test_evaluate_test_split_with_tta_and_the_one_prediction_path(toy_run, toy_p
     predictions = pd.read_csv(tmp_path / "predictions.csv").set_index("image")
 
     # without TTA, predict_probabilities equals the documented path step by step:
-    # open_image -> create_eval_transform(card["input"]) -> model -> softmax(logits / T)
-    model, card = load_float_model(f"{toy_run}/best")
-    temperature = card["calibration"]["temperature"]
+    # open_image -> create_eval_transform(card.input) -> model -> softmax(logits / T)
+    model, card = load_float_model(f"{trained_run}/best")
+    temperature = card.temperature
     rows = test.head(4).to_dict("records")
-    probs = predict_probabilities(model, rows, temperature=temperature, input_spec=card["input"])
-    transform = create_eval_transform(card["input"])
+    probs = predict_probabilities(model, rows, temperature=temperature, input_spec=card.input)
+    transform = create_eval_transform(card.input)
     images = torch.stack([transform(open_image(r["image"])) for r in rows])  # (4, 3, H, W)
     metadata = torch.stack([encode_metadata(r["age"], r["sex"], r["site"]) for r in rows])  # (4, 14)
     with torch.no_grad():
@@ -103,22 +100,22 @@ def test_evaluate_test_split_with_tta_and_the_one_prediction_path(toy_run, toy_p
     assert np.allclose(tta.sum(1), 1.0) and not np.allclose(tta, probs, atol=1e-6)
 
 
-def test_bad_checkpoints_are_clear_errors(toy_run, toy_prepared, tmp_path):
+def test_bad_checkpoints_are_clear_errors(trained_run, toy_prepared, tmp_path, evaluate_cli):
     data = _data_overrides(toy_prepared)
-    proc = _cli(f"checkpoint={tmp_path}/missing", *data, f"out={tmp_path}/o1")
+    proc = evaluate_cli(f"checkpoint={tmp_path}/missing", *data, f"out={tmp_path}/o1")
     assert proc.returncode == 2 and "not a DermAID checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
     other = tmp_path / "other_arch"
-    shutil.copytree(Path(toy_run) / "best", other)
+    shutil.copytree(Path(trained_run) / "best", other)
     card = json.loads((other / "card.json").read_text())
     card["model"]["name"] = "test_resnet"  # the weights are resnet10t's
     (other / "card.json").write_text(json.dumps(card))
-    proc = _cli(f"checkpoint={other}", *data, f"out={tmp_path}/o2")
+    proc = evaluate_cli(f"checkpoint={other}", *data, f"out={tmp_path}/o2")
     assert proc.returncode == 2 and "do not fit architecture 'test_resnet'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
     broken = tmp_path / "broken"
-    shutil.copytree(Path(toy_run) / "best", broken)
+    shutil.copytree(Path(trained_run) / "best", broken)
     (broken / "model.pt").write_bytes(b"\x00truncated")
     with pytest.raises(CheckpointError, match="unreadable weights"):
         evaluate(compose("evaluate", [f"checkpoint={broken}", *data, f"out={tmp_path}/o3"]))
@@ -135,8 +132,8 @@ def test_bad_split_and_tta_are_clear_errors(tiny_checkpoint, toy_prepared, tmp_p
         evaluate(compose("evaluate", [f"checkpoint={tiny_checkpoint}", *data, f"out={tmp_path}", "tta=3"]))
 
 
-def test_a_class_the_model_does_not_know_is_a_clear_error(tiny_checkpoint, toy_raw, tmp_path):
-    card = json.loads((Path(tiny_checkpoint) / "card.json").read_text())
+def test_a_class_the_model_does_not_know_is_a_clear_error(tiny_checkpoint, toy_raw, tmp_path, evaluate_cli):
+    card = load_card(tiny_checkpoint)
     records = pd.DataFrame({"label": ["MEL", "XYZ", None, "XYZ"]})
     with pytest.raises(DermaidError, match=r"2 image\(s\) labelled \['XYZ'\], a class the model does not know"):
         _check_labels(records, card, "memory://v")
@@ -148,7 +145,7 @@ def test_a_class_the_model_does_not_know_is_a_clear_error(tiny_checkpoint, toy_r
     gt.loc[0, list(CLASS_CODES)] = 0.0
     gt.loc[0, "XYZ"] = 1.0
     gt.to_csv(root / "ISIC_2019_Training_GroundTruth.csv", index=False)
-    proc = _cli(f"checkpoint={tiny_checkpoint}", f"data.root={root}", f"data.prepared_dir={tmp_path}/prepared",
-                f"out={tmp_path}/o", "split=all")
+    proc = evaluate_cli(f"checkpoint={tiny_checkpoint}", f"data.root={root}",
+                        f"data.prepared_dir={tmp_path}/prepared", f"out={tmp_path}/o", "split=all")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "ISIC_2019_Training_GroundTruth.csv" in proc.stderr and "unknown class column(s) ['XYZ']" in proc.stderr

@@ -17,7 +17,7 @@ from dermaid.data.transforms import create_eval_transform
 from dermaid.errors import DermaidError
 from dermaid.inference import (CAM_METHODS, LOADERS, Explainer, ImageShapeError, Predictor, build_result,
                                find_cam_target, set_thread_torch_threads)
-from dermaid.models.card import CheckpointError, build_card, save_checkpoint
+from dermaid.models.card import CheckpointError, ModelCard, build_card, save_checkpoint
 from dermaid.models.classifier import create_classifier, resolve_input_spec
 
 
@@ -37,7 +37,7 @@ def predictor(tiny_checkpoint) -> Predictor:
 
 def test_preprocessing_is_open_image_then_eval_transform(predictor):
     data = _image(seed=1)
-    expected = create_eval_transform(predictor.card["input"])(open_image(data))  # (3, 64, 64)
+    expected = create_eval_transform(predictor.card.input)(open_image(data))  # (3, 64, 64)
     assert torch.equal(predictor.preprocess(data), expected)
     assert tuple(expected.shape) == (3, 64, 64)
 
@@ -76,7 +76,7 @@ def test_metadata_reaches_the_model(predictor):
 def test_unknown_artifact_kind_names_the_loaders(tmp_path, tiny_checkpoint):
     card = json.loads((__import__("pathlib").Path(tiny_checkpoint) / "card.json").read_text())
     card["kind"] = "tensorrt"
-    save_checkpoint(str(tmp_path / "ckpt"), card, artifact_bytes=b"x")
+    save_checkpoint(str(tmp_path / "ckpt"), ModelCard.from_dict(card), artifact_bytes=b"x")
     with pytest.raises(CheckpointError, match="tensorrt.*float"):
         Predictor(str(tmp_path / "ckpt"))
     assert "float" in LOADERS

@@ -1,12 +1,11 @@
-"""The labels store (dermaid.uploads.labels) against SQLite and PostgreSQL: queue order and filters, label history
-and agreement, bad input, concurrent labels, Label Studio export/import, the ISIC 2019 export (no Ray)."""
+"""The labels store (dermaid.uploads: labels, agreement, labelstudio, export) against SQLite and PostgreSQL: queue
+order and filters, label history and agreement, bad input, concurrent labels, Label Studio export/import, the
+ISIC 2019 export (no Ray)."""
 
 from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import threading
 import uuid
 from pathlib import Path
@@ -18,16 +17,18 @@ from PIL import Image
 
 from dermaid.classes import CLASS_CODES, NOT_A_LESION
 from dermaid.errors import DermaidError
-from dermaid.uploads.labels import (
-    EXPORT_MARKER, LABELSTUDIO_CONFIG, InvalidUploadId, LabelStore, UnknownUpload, compute_agreement,
-    parse_upload_id, run_export,
-)
+from dermaid.uploads.agreement import compute_agreement
+from dermaid.uploads.export import EXPORT_MARKER, export_dataset
+from dermaid.uploads.export import run as run_export
+from dermaid.uploads.labels import LabelStore
+from dermaid.uploads.labelstudio import LABELSTUDIO_CONFIG
+from dermaid.uploads.validation import InvalidUploadId, UnknownUpload, parse_upload_id
 from dermaid.uploads.store import UploadStore
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration(reason="PostgreSQL"))])
 def store(request, tmp_path) -> LabelStore:
     """A LabelStore on an empty database: a SQLite file, or a fresh schema in the session's PostgreSQL database."""
     db_url = None
@@ -240,7 +241,7 @@ def test_export_writes_the_isic_layout_the_reader_takes(store, tmp_path):
     store.add(unusable, "dr_a", NOT_A_LESION)
 
     out = str(tmp_path / "export")
-    summary = store.export_dataset(out, min_agreement=0.6)
+    summary = export_dataset(store, out, min_agreement=0.6)
     assert summary["count"] == 2 and summary["counts"] == {"MEL": 1, "NV": 1}
     assert summary["excluded_not_a_lesion"] == 1
     records = read_records(out).set_index("image_id")
@@ -257,16 +258,16 @@ def test_export_writes_the_isic_layout_the_reader_takes(store, tmp_path):
     agreements = {i["upload_id"]: i["agreement"] for i in provenance["images"]}
     assert agreements == {agreed: 1.0, majority: pytest.approx(2 / 3)}
 
-    assert store.export_dataset(out, min_agreement=1.0)["count"] == 1  # a stricter export replaces the earlier one
+    assert export_dataset(store, out, min_agreement=1.0)["count"] == 1  # a stricter export replaces the earlier one
     assert len(read_records(out)) == 1
     with pytest.raises(DermaidError, match="nothing written"):
-        store.export_dataset(str(tmp_path / "none"), min_agreement=0.6, min_reviewers=4)
+        export_dataset(store, str(tmp_path / "none"), min_agreement=0.6, min_reviewers=4)
     assert not (tmp_path / "none").exists()
     keep = tmp_path / "precious"
     keep.mkdir()
     (keep / "notes.txt").write_text("mine")
     with pytest.raises(DermaidError, match="not a labels export"):
-        store.export_dataset(str(keep), min_agreement=0.6)
+        export_dataset(store, str(keep), min_agreement=0.6)
     assert (keep / "notes.txt").read_text() == "mine" and len(list(keep.iterdir())) == 1
 
 
@@ -298,10 +299,8 @@ def test_run_export_from_the_composed_config(tmp_path, capsys):
     assert not (tmp_path / "nowhere").exists()  # a wrong path does not create an empty store
 
 
-def test_labels_export_cli_reports_bad_input_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "dermaid.cli", "labels-export", f"out={tmp_path / 'x'}",
-         f"storage.url={tmp_path / 'nowhere'}", "min_agreement=2"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+def test_labels_export_cli_reports_bad_input_in_one_line(tmp_path, dermaid_cli):
+    result = dermaid_cli("labels-export", f"out={tmp_path / 'x'}", f"storage.url={tmp_path / 'nowhere'}",
+                         "min_agreement=2", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: storage: no uploads database at") and "Traceback" not in result.stderr

@@ -80,7 +80,6 @@ def _wait(client, job_id: str, timeout_s: float) -> str:
     return "TIMEOUT"
 
 
-@pytest.mark.slow
 def test_pipeline_runs_as_a_ray_job_and_skips_existing_steps(ray_head, toy_raw, tmp_path):
     from ray.job_submission import JobSubmissionClient
 
@@ -127,10 +126,48 @@ def test_pipeline_runs_as_a_ray_job_and_skips_existing_steps(ray_head, toy_raw, 
         assert any(line.split()[:1] == [step] and "skipped (exists)" in line for line in again.splitlines()), again[-3000:]
 
 
-def test_pipeline_config_composes_with_cluster_overrides():
-    out = subprocess.run([DERMAID, "pipeline", "experiment=toy", "scaling=gpu4", "pipeline.search=true",
-                          "registry.url=gs://bucket/registry", "--cfg", "job", "--resolve"],
-                         capture_output=True, text=True, timeout=120, cwd=REPO,
-                         env={**os.environ, "DERMAID_HOME": "gs://bucket"})
+def test_pipeline_config_composes_with_cluster_overrides(tmp_path, monkeypatch, dermaid_cli):
+    monkeypatch.setenv("DERMAID_HOME", "gs://bucket")
+    out = dermaid_cli("pipeline", "experiment=toy", "scaling=gpu4", "pipeline.search=true",
+                      "registry.url=gs://bucket/registry", "--cfg", "job", "--resolve", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "gs://bucket/registry" in out.stdout and "num_workers: 4" in out.stdout
+
+
+def test_search_pipeline_reports_on_the_best_trial_run_dir(tmp_path, monkeypatch):
+    """pipeline.search=true: tune writes into the train step's folder, and the training report reads the best
+    trial's run directory (the tuning directory has no history.csv / summary.json of its own)."""
+    import dermaid.pipeline as pipeline
+    import dermaid.reporting.runner as runner
+    import dermaid.tuning as tuning
+    from dermaid.config import compose, to_plain
+
+    config = to_plain(compose("pipeline", ["experiment=toy", f"paths.root={tmp_path}", "pipeline.search=true",
+                                           "pipeline.reports=[train-report,tune-report]"]))
+    seen: dict = {}
+
+    def fake_tune(cfg):
+        seen["tune_out"] = cfg["out"]
+        seen["tune_ray"] = cfg["ray"]
+        return {"out": cfg["out"], "best": {"trial_id": "t1", "trial_dir": f"{cfg['out']}/trials/t1"}}
+
+    def fake_report(cfg):
+        seen.setdefault("reports", {})[cfg["report"]["name"]] = cfg["params"]
+        return cfg["out"]
+
+    monkeypatch.setattr(pipeline, "prepare_data", lambda config: f"{tmp_path}/prepared/v1")
+    monkeypatch.setattr(tuning, "tune", fake_tune)
+    monkeypatch.setattr(pipeline, "evaluate_model", lambda config, checkpoint, out: {
+        "metrics": {"balanced_accuracy": 0.5}, "num_images": 3, "checkpoint": checkpoint})
+    monkeypatch.setattr(runner, "build_report_from_config", fake_report)
+    monkeypatch.setattr(pipeline, "register_model", lambda checkpoint, *args: {"source": checkpoint})
+
+    summary = pipeline.run_pipeline(config)
+    train_dir = summary["steps"]["train"]["out"]
+    assert seen["tune_out"] == train_dir and seen["tune_ray"] == config["ray"]
+    assert seen["reports"]["train-report"] == {"run_dir": f"{train_dir}/trials/t1"}
+    assert seen["reports"]["tune-report"] == {"tune_dir": train_dir}
+    assert summary["steps"]["register"]["result"]["source"] == f"{train_dir}/best"
+
+    again = pipeline.run_pipeline(config)  # every step's output exists: the recorded run_dir is reused
+    assert again["steps"]["train"]["skipped"] and again["steps"]["report:train-report"]["skipped"]

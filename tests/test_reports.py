@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,18 +16,15 @@ import pandas as pd
 import papermill as pm
 import pytest
 
+from dermaid.config import compose, to_plain
 from dermaid.errors import DermaidError
 from dermaid.reporting.runner import (
-    FIGURES_PARAM, KERNEL_NAME, build_report, hydra_args, notebooks_dir, record_figures, resolve_kernel_name,
+    FIGURES_PARAM, KERNEL_NAME, build_report, hydra_args, notebooks_dir, record_figures, report_names,
+    resolve_kernel_name,
 )
 
 NOTEBOOKS = sorted(p.name for p in notebooks_dir().glob("*.ipynb"))
 FIGURE_TAG = re.compile(r'<img[^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{200,}')
-
-
-def _dermaid(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dermaid.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
 
 
 def _report_files(folder: str | Path) -> tuple[str, dict]:
@@ -54,10 +50,25 @@ def _no_partial_reports(reports_dir: Path) -> None:
 # --------------------------------------------------------------------------- unit
 
 def test_hydra_args_rewrites_the_shorthand():
-    argv = ["eda", "data_root=data/x", "seed=3", "paths.reports_dir=/r", "out=/o", "--cfg", "job", "+hydra.x=1"]
-    assert hydra_args(argv) == ["name=eda", "++params.data_root=data/x", "++params.seed=3", "paths.reports_dir=/r",
-                                "out=/o", "--cfg", "job", "+hydra.x=1"]
+    argv = ["eda", "data_root=data/x", "seed=3", "paths.reports_dir=/r", "data.root=/d", "out=/o", "--cfg", "job",
+            "+hydra.x=1"]
+    assert hydra_args(argv) == ["report=eda", "++params.data_root=data/x", "++params.seed=3", "paths.reports_dir=/r",
+                                "data.root=/d", "out=/o", "--cfg", "job", "+hydra.x=1"]
     assert hydra_args(["--help"]) == ["--help"]
+    with pytest.raises(DermaidError, match="unknown report 'summary'.*train-report"):
+        hydra_args(["summary"])
+
+
+def test_reports_take_the_keys_of_every_command():
+    """`dermaid report eda data.root=...` (as for prepare and train) feeds the notebook's data_root; a bare
+    notebook parameter (`data_root=`, `samples_per_class=`) still wins."""
+    spec = to_plain(compose("report", hydra_args(["eda", "data.root=/data/isic", "data=ham10000"])))
+    assert spec["report"]["params"]["data_root"] == "/data/isic" and spec["report"]["params"]["layout"] == "ham10000"
+    plain = to_plain(compose("report", hydra_args(["eda", "data_root=/x", "samples_per_class=2"])))
+    assert plain["params"] == {"data_root": "/x", "samples_per_class": 2}
+    gallery = to_plain(compose("report", hydra_args(["saliency-gallery", "data.root=/d", "checkpoint=/c"])))
+    assert gallery["report"]["params"]["data_root"] == "/d" and gallery["params"] == {"checkpoint": "/c"}
+    assert sorted(report_names()) == ["eda", "saliency-gallery", "train-report", "tune-report"]
 
 
 def test_record_figures_merges_and_writes_strict_json(tmp_path):
@@ -101,29 +112,28 @@ def test_notebooks_are_stripped_and_parameterized(notebook):
 
 # --------------------------------------------------------------------------- command line
 
-def test_cli_rejects_bad_input_before_running(tmp_path, toy_raw):
+def test_cli_rejects_bad_input_before_running(tmp_path, toy_raw, dermaid_cli):
     reports = tmp_path / "reports"
-    unknown = _dermaid("report", "eda", f"data_root={toy_raw}", "colour=red", f"paths.reports_dir={reports}",
-                       cwd=tmp_path)
+    unknown = dermaid_cli("report", "eda", f"data_root={toy_raw}", "colour=red", f"paths.reports_dir={reports}",
+                          cwd=tmp_path)
     assert unknown.returncode == 2, unknown.stderr
     assert "error: report eda: unknown parameter(s) colour" in unknown.stderr and "data_root" in unknown.stderr
-    missing = _dermaid("report", "train-report", "run_dir=runs/nowhere", f"paths.reports_dir={reports}",
-                       cwd=tmp_path)
+    missing = dermaid_cli("report", "train-report", "run_dir=runs/nowhere", f"paths.reports_dir={reports}",
+                          cwd=tmp_path)
     assert missing.returncode == 2 and "run_dir=" in missing.stderr and "nowhere' does not exist" in missing.stderr
-    typed = _dermaid("report", "eda", f"data_root={toy_raw}", "folds=many", f"paths.reports_dir={reports}",
-                     cwd=tmp_path)
+    typed = dermaid_cli("report", "eda", f"data_root={toy_raw}", "folds=many", f"paths.reports_dir={reports}",
+                        cwd=tmp_path)
     assert typed.returncode == 2 and "folds='many' should be int" in typed.stderr
-    name = _dermaid("report", "summary", cwd=tmp_path)
+    name = dermaid_cli("report", "summary", cwd=tmp_path)
     assert name.returncode == 2 and "unknown report 'summary'" in name.stderr and "train-report" in name.stderr
     assert "Traceback" not in unknown.stderr + missing.stderr + typed.stderr + name.stderr
     assert not reports.exists()
 
 
-@pytest.mark.slow
-def test_eda_report_from_the_command_line(tmp_path, toy_raw):
+def test_eda_report_from_the_command_line(tmp_path, toy_raw, dermaid_cli):
     reports = tmp_path / "reports"
-    result = _dermaid("report", "eda", f"data_root={toy_raw}", "samples_per_class=2", "max_size_images=40",
-                      f"paths.reports_dir={reports}", cwd=tmp_path)
+    result = dermaid_cli("report", "eda", f"data.root={toy_raw}", "samples_per_class=2", "max_size_images=40",
+                         f"paths.reports_dir={reports}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = result.stdout.strip().splitlines()[-1]
     assert Path(folder).parent == reports and Path(folder).name.startswith("eda-")
@@ -138,7 +148,6 @@ def test_eda_report_from_the_command_line(tmp_path, toy_raw):
     _no_partial_reports(reports)
 
 
-@pytest.mark.slow
 def test_failing_cell_fails_the_report_and_names_the_cell(tmp_path, toy_raw):
     reports = tmp_path / "reports"
     with pytest.raises(DermaidError) as info:  # an ISIC layout read as HAM10000: the reader fails in cell 3
@@ -154,15 +163,14 @@ def test_failing_cell_fails_the_report_and_names_the_cell(tmp_path, toy_raw):
 
 # --------------------------------------------------------------------------- the other notebooks
 
-@pytest.mark.slow
-def test_train_report(tmp_path, toy_run):
+def test_train_report(tmp_path, trained_run):
     folder = build_report("train-report", notebooks_dir() / "02-train-report.ipynb",
-                          {"run_dir": toy_run, "num_errors": 3}, str(tmp_path), path_params=["run_dir"])
+                          {"run_dir": trained_run, "num_errors": 3}, str(tmp_path), path_params=["run_dir"])
     html, figures = _report_files(folder)
     _assert_sections(html, ["Learning curves", "Confusion matrix", "Per-class ISIC metrics", "ROC curves per class",
                             "Calibration: reliability before and after temperature scaling", "Subgroup metrics",
                             "Most confident errors"], min_figures=6)
-    summary = json.loads((Path(toy_run) / "summary.json").read_text())
+    summary = json.loads((Path(trained_run) / "summary.json").read_text())
     # the report re-predicts the best checkpoint on the run's validation fold: training's number comes back
     assert figures["val/balanced_accuracy"] == pytest.approx(summary["best_metrics"]["val/balanced_accuracy"], abs=1e-6)
     assert figures["best_epoch"] == summary["best_epoch"]
@@ -172,10 +180,9 @@ def test_train_report(tmp_path, toy_run):
     assert {"val/worst_balanced_accuracy/sex", "val/worst_balanced_accuracy/site"} <= set(figures)
 
 
-@pytest.mark.slow
-def test_saliency_gallery(tmp_path, toy_run, toy_raw):
+def test_saliency_gallery(tmp_path, trained_run, toy_raw):
     folder = build_report("saliency-gallery", notebooks_dir() / "04-saliency-gallery.ipynb",
-                          {"checkpoint": f"{toy_run}/best", "data_root": toy_raw, "per_class": 1,
+                          {"checkpoint": f"{trained_run}/best", "data_root": toy_raw, "per_class": 1,
                            "methods": ["gradcam", "eigencam"], "target_images": 1},
                           str(tmp_path), path_params=["checkpoint", "images|data_root"])
     html, figures = _report_files(folder)
@@ -202,7 +209,6 @@ def toy_tune(toy_prepared, ray_session, tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.mark.slow
 def test_tune_report(tmp_path, toy_tune):
     folder = build_report("tune-report", notebooks_dir() / "03-tune-report.ipynb", {"tune_dir": toy_tune},
                           str(tmp_path), path_params=["tune_dir"])

@@ -23,8 +23,6 @@ from PIL import Image
 from dermaid.classes import CLASS_CODES, DISCLAIMER, SITES
 from dermaid.processes import free_port
 
-pytestmark = pytest.mark.slow
-
 MAX_UPLOAD_MB = 1  # small here, so the streamed over-limit body stays small
 GRPC_MAX_UPLOAD_MB = 0.01  # PNGs of the test pixels (~7 KB) reach the classifier over gRPC, BMPs (~21 KB) over actor calls
 
@@ -449,7 +447,8 @@ def test_an_onnx_variant_classifies_and_gets_grad_cam_from_its_float_source(serv
 
     from dermaid.compress.export import run_export
     from dermaid.config import compose
-    from serve.app import AppArgs, build_app
+    from serve.app import build_app
+    from serve.args import AppArgs
 
     base, _ = server
     onnx = str(tmp_path / "best-onnx")
@@ -478,11 +477,13 @@ def test_an_onnx_variant_classifies_and_gets_grad_cam_from_its_float_source(serv
 # --- the demo's last step -------------------------------------------------------------------------------------
 
 def test_demo_serve_step_with_demo_serve_0(tiny_checkpoint, toy_raw, toy_prepared, tmp_path, monkeypatch, capsys):
+    from dermaid.config import compose, to_plain
     from dermaid.demo import step_serve
 
     monkeypatch.setenv("DEMO_SERVE", "0")
-    state = {"overrides": [f"paths.root={tmp_path}"], "run_dir": str(Path(tiny_checkpoint).parent),
-             "toy_root": toy_raw, "version_url": toy_prepared}
+    config = to_plain(compose("demo", [f"paths.root={tmp_path}", f"data.root={toy_raw}"]))  # the demo's own config
+    state = {"overrides": [f"paths.root={tmp_path}"], "config": config, "trained": {"checkpoint": tiny_checkpoint},
+             "version_url": toy_prepared}
     step_serve(state)
     out = capsys.readouterr().out
     assert state["saliency_png"].startswith(str(tmp_path)) and Path(state["saliency_png"]).exists()
@@ -522,6 +523,7 @@ def _launch_dermaid_serve(checkpoint: str, tmp_path: Path, port: int, *overrides
     return proc, log_path
 
 
+@pytest.mark.integration(reason="`dermaid serve` in a subprocess: its own Ray and Serve")
 def test_dermaid_serve_command_answers_on_its_port_from_the_ingress_replica(tiny_checkpoint, tmp_path):
     """The CLI path: its own Ray; the Ingress replica itself listens on `port` (direct ingress, no proxy hop);
     good and bad requests answered there; Ctrl-C stops everything."""
@@ -561,6 +563,7 @@ def test_dermaid_serve_command_answers_on_its_port_from_the_ingress_replica(tiny
         requests.get(f"{base}/healthz", timeout=5)
 
 
+@pytest.mark.integration(reason="`dermaid serve` in a subprocess: its own Ray")
 def test_ctrl_c_while_dermaid_serve_starts_is_one_line(tiny_checkpoint, tmp_path):
     """Ctrl-C (SIGINT to the command's process group, as a terminal sends it) once Ray is up but before
     the app is: the command says so in one line and exits 130, no traceback."""

@@ -36,38 +36,39 @@ def test_toy_run_writes_checkpoints_cards_history_and_summary(toy_run, toy_prepa
     for name in ("best", "last"):
         assert (run / name / "card.json").exists() and (run / name / "model.pt").exists()
     card = load_card(str(run / "best"))
-    assert [c["code"] for c in card["classes"]] == list(CLASS_CODES)
-    assert card["input"]["input_size"] == [3, 64, 64] and len(card["input"]["mean"]) == 3
-    assert card["metadata"]["used"] is True and card["model"]["name"] == "resnet10t"
-    assert card["dataset_version"] == toy_prepared.rstrip("/").rsplit("/", 1)[-1]
-    assert card["dataset_versions"] == [card["dataset_version"]]
-    assert 0.05 <= card["calibration"]["temperature"] <= 20.0
-    assert card["metrics"]["val/balanced_accuracy"] is not None and "confusion_matrix" in card["metrics"]["val"]
-    assert card["config"]["train"]["epochs"] == 3 and card["code_version"]
+    assert card.class_codes == CLASS_CODES
+    assert card.input["input_size"] == [3, 64, 64] and len(card.input["mean"]) == 3
+    assert card.uses_metadata is True and card.model_name == "resnet10t"
+    assert card.dataset_version == toy_prepared.rstrip("/").rsplit("/", 1)[-1]
+    assert card.dataset_versions == [card.dataset_version]
+    assert 0.05 <= card.temperature <= 20.0
+    assert card.metrics["val/balanced_accuracy"] is not None and "confusion_matrix" in card.metrics["val"]
+    assert card.config["train"]["epochs"] == 3 and card.code_version
     history = read_history(toy_run)
     assert history["epoch"].tolist() == [1, 2, 3]
     for column in ("train/loss", "val/loss", "val/balanced_accuracy", "val/auc_macro", "val/ece", "val/nll",
                    "val/nll_calibrated", "val/temperature", "lr", "seconds"):
         assert column in history and history[column].notna().all(), column
-    assert load_card(str(run / "last"))["epoch"] == 3
+    assert load_card(str(run / "last")).epoch == 3
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["best_epoch"] == card["epoch"] and summary["dataset_version"] == card["dataset_version"]
+    assert summary["best_epoch"] == card.epoch and summary["dataset_version"] == card.dataset_version
     assert (run / "config.yaml").exists()
     # the best card is the epoch with the highest val/balanced_accuracy
-    assert card["metrics"]["val/balanced_accuracy"] == pytest.approx(history["val/balanced_accuracy"].max(), abs=1e-5)
+    assert card.metrics["val/balanced_accuracy"] == pytest.approx(history["val/balanced_accuracy"].max(), abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
 # 2 Ray workers (DDP over gloo) learn; a worker failure resumes from the saved epoch
 
 
-@pytest.mark.slow
 def test_two_workers_learn_and_resume_after_a_worker_failure(ray_session, toy_prepared, tmp_path):
-    from dermaid.training.train import FAIL_MARKER, train
+    from dermaid.training.driver import train
+    from dermaid.training.worker import FAIL_MARKER
 
     out = tmp_path / "run"
     summary = train(compose("train", _train_overrides(
-        toy_prepared, out, "train.epochs=4", "train.batch_size=8", "train.fail_at_epoch=3", "run.max_failures=1",
+        toy_prepared, out, "model.name=resnet10t", "train.epochs=4", "train.batch_size=8", "train.fail_at_epoch=3",
+        "run.max_failures=1",
         "scaling.num_workers=2", "logger=wandb", "logger.mode=offline")))
     assert (out / FAIL_MARKER).exists()  # the failure really happened
     history = read_history(str(out))
@@ -85,9 +86,8 @@ def test_two_workers_learn_and_resume_after_a_worker_failure(ray_session, toy_pr
     assert list((out / "wandb").glob("offline-run-*")), "W&B offline run kept under the run directory"
 
 
-@pytest.mark.slow
 def test_fine_tune_from_a_checkpoint_lists_both_dataset_versions(ray_session, toy_run, toy_prepared, tmp_path):
-    from dermaid.training.train import train
+    from dermaid.training.driver import train
 
     source = tmp_path / "source"
     shutil.copytree(Path(toy_run) / "best", source)
@@ -101,9 +101,9 @@ def test_fine_tune_from_a_checkpoint_lists_both_dataset_versions(ray_session, to
         "optim.warmup_epochs=0", "scaling.num_workers=1", "logger=none")))
     assert signal.getsignal(signal.SIGINT) is ctrl_c_handler  # Ray Train's own Ctrl-C handler is gone again
     new_card = load_card(str(out / "last"))
-    assert new_card["dataset_versions"] == ["00000000000000aa", card["dataset_version"]]
-    assert new_card["model"]["name"] == card["model"]["name"] and new_card["input"] == card["input"]
-    assert summary["dataset_versions"] == new_card["dataset_versions"]
+    assert new_card.dataset_versions == ["00000000000000aa", card["dataset_version"]]
+    assert new_card.model_name == card["model"]["name"] and new_card.input == card["input"]
+    assert summary["dataset_versions"] == new_card.dataset_versions
     # it started from the checkpoint's weights (a near-zero learning rate leaves them in place)
     before, after = load_state_dict(str(source)), load_state_dict(str(out / "last"))
     weights = [k for k in before if "running_" not in k and "num_batches" not in k]
@@ -115,7 +115,7 @@ def test_fine_tune_from_a_checkpoint_lists_both_dataset_versions(ray_session, to
 
 
 def test_missing_or_misfit_fine_tune_checkpoint_is_a_clear_error(toy_prepared, tmp_path):
-    from dermaid.training.train import build_trainer
+    from dermaid.training.driver import build_trainer
 
     with pytest.raises(CheckpointError, match="not a DermAID checkpoint"):
         build_trainer(compose("train", _train_overrides(toy_prepared, tmp_path / "a", f"train.init_from={tmp_path}/nope")))
@@ -132,20 +132,79 @@ def test_missing_or_misfit_fine_tune_checkpoint_is_a_clear_error(toy_prepared, t
         build_trainer(compose("train", _train_overrides(toy_prepared, tmp_path / "c", f"train.init_from={wrong}")))
 
 
-def test_an_out_dir_holding_another_model_is_refused(toy_run, toy_prepared):
-    from dermaid.training.train import build_trainer
+def test_an_out_dir_holding_another_model_is_refused(trained_run, toy_prepared):
+    from dermaid.training.driver import build_trainer
 
     with pytest.raises(DermaidError, match="holds a run of model 'resnet10t'"):
-        build_trainer(compose("train", _train_overrides(toy_prepared, toy_run, "model.name=test_resnet")))
+        build_trainer(compose("train", _train_overrides(toy_prepared, trained_run, "model.name=test_resnet")))
 
 
 def test_bad_fold_and_bad_version_are_clear_errors(toy_prepared, tmp_path):
-    from dermaid.training.train import build_trainer
+    from dermaid.training.driver import build_trainer
 
     with pytest.raises(DermaidError, match="fold 7 is out of range"):
         build_trainer(compose("train", _train_overrides(toy_prepared, tmp_path / "a", "data.fold=7")))
     with pytest.raises(DermaidError, match="no dataset version or tag named 'nope'"):
         build_trainer(compose("train", _train_overrides(toy_prepared, tmp_path / "b", "data.version=nope")))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.root={tmp}/nonexistent", "raw data folder does not exist"),
+    ("data.version=0123456789abcdef", "has no manifest.json"),
+])
+def test_missing_data_is_a_fast_error_before_ray_starts(override, message, tmp_path, monkeypatch):
+    import time
+
+    import dermaid.ray_runtime
+    from dermaid.training import driver
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the inputs were checked")
+
+    monkeypatch.setattr(dermaid.ray_runtime, "ensure_ray", no_ray)  # what a prepare would start Ray with
+    monkeypatch.setattr(driver, "ensure_ray", no_ray)
+    started = time.perf_counter()
+    with pytest.raises(DermaidError, match=message):
+        driver.train(compose("train", ["experiment=toy", override.format(tmp=tmp_path),
+                                       f"data.prepared_dir={tmp_path}/prepared", f"out={tmp_path}/run"]))
+    assert time.perf_counter() - started < 20  # no local Ray start (tens of seconds on a busy machine)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_wrong_or_missing_config_key_fails_at_start_with_its_name(tmp_path):
+    from dermaid.training.driver import build_trainer
+
+    cfg = to_plain(compose("train", ["experiment=toy", f"out={tmp_path}/run"]))
+    del cfg["train"]["epochs"]
+    cfg["optim"]["lr"] = "fast"
+    cfg["model"]["metadata_dropuot"] = 0.1
+    with pytest.raises(DermaidError) as info:
+        build_trainer(cfg)
+    assert "train.epochs: Field required" in str(info.value) and "optim.lr" in str(info.value)
+    assert "model.metadata_dropuot" in str(info.value)
+    with pytest.raises(DermaidError, match="train.imbalance"):
+        build_trainer(compose("train", ["experiment=toy", "train.imbalance=oversample", f"out={tmp_path}/run"]))
+
+
+def test_a_bad_loss_hook_is_a_clear_error():
+    from dermaid.training.hooks import load_loss_hook
+
+    with pytest.raises(DermaidError, match="expected 'package.module:Class'"):
+        load_loss_hook("dermaid.compress.distill")
+    with pytest.raises(DermaidError, match="cannot be imported"):
+        load_loss_hook("dermaid.compress.distill:NoSuchHook")
+    with pytest.raises(DermaidError, match="not a loss hook"):
+        load_loss_hook("dermaid.compress.distill:DistillationLoss")
+    assert load_loss_hook("dermaid.compress.distill:DistillationHook").section == "distill"
+
+
+def test_training_modules_do_not_import_compress():
+    import subprocess
+    import sys
+
+    code = ("import sys, dermaid.training.driver, dermaid.training.worker, dermaid.training.hooks; "
+            "bad = [m for m in sys.modules if m.startswith('dermaid.compress')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +318,7 @@ def test_train_config_defaults_resolve():
     gpu = to_plain(compose("train", ["scaling=gpu4", "model.name=efficientnet_b3", "data.root=gs://bucket/isic2019"]))
     assert gpu["scaling"]["num_workers"] == 4 and gpu["scaling"]["use_gpu"] is True
     assert gpu["model"]["pretrained"] is True and gpu["data"]["root"] == "gs://bucket/isic2019"
-    from dermaid.training.train import build_scaling_config
+    from dermaid.training.driver import build_scaling_config
 
     scaling = build_scaling_config(gpu["scaling"])
     assert scaling.num_workers == 4 and scaling.use_gpu and scaling.resources_per_worker == {"CPU": 8.0, "GPU": 1.0}

@@ -1,4 +1,5 @@
-"""dermaid.tuning: search-space checks, and one real tiny search that is interrupted and resumed.
+"""dermaid.tuning: search-space checks, the results table and the choice of the best trial (no Ray), and one
+real tiny search that is interrupted and resumed.
 
 The real search (2 trials x 1 epoch on the session's Ray, toy data at 64 px) runs in a subprocess
 joined to the session cluster; it is stopped with SIGINT (Ctrl-C) once the results table shows a
@@ -76,9 +77,60 @@ def test_bad_search_space_fails_before_any_trial(tmp_path, space, key, words):
     assert not (tmp_path / "tune").exists()
 
 
-def test_cli_requires_a_search_space(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dermaid.cli", "tune", f"out={tmp_path / 'x'}"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+# ---------------------------------------------------------------------------------------------
+# The results table and the choice of the best trial (no Ray)
+
+
+def _trial_histories(out: str, metrics: dict[str, list[float]]) -> None:
+    from dermaid.training.history import write_history
+    from dermaid.tuning.layout import trial_run_dir
+
+    for trial_id, values in metrics.items():
+        write_history(trial_run_dir(out, trial_id), [{"epoch": epoch, METRIC: value, "val/loss": 1 - value,
+                                                      "seconds": 1.5} for epoch, value in enumerate(values, 1)])
+
+
+def test_results_table_takes_each_trials_best_epoch_by_mode_and_reads_back(tmp_path):
+    from dermaid.tuning.results import best_row, format_overrides, read_results, trial_row, write_results
+
+    out = str(tmp_path)
+    _trial_histories(out, {"a": [0.2, 0.5, 0.4], "b": [0.3, 0.6, 0.1]})
+    rows = {mode: [trial_row(out, trial_id, "end", "TERMINATED", {"optim.lr": lr}, METRIC, mode, ["optim.lr"])
+                   for trial_id, lr in (("a", 0.01), ("b", 0.002))] for mode in ("max", "min")}
+    assert [(r[METRIC], r["best_epoch"], r["epochs"], r["status"]) for r in rows["max"]] == [
+        (0.5, 2, 3, "stopped"), (0.6, 2, 3, "stopped")]  # no summary.json: Tune stopped them
+    assert [(r[METRIC], r["best_epoch"]) for r in rows["min"]] == [(0.2, 1), (0.1, 3)]
+    assert rows["max"][0]["val/loss"] == pytest.approx(0.5) and rows["max"][0]["seconds"] == 4.5
+
+    table = read_results(write_results(out, rows["max"]))
+    assert list(table["trial_id"]) == ["a", "b"] and table.attrs["url"].endswith(RESULTS_FILE)
+    assert best_row(table, METRIC, "max")["trial_id"] == "b" and best_row(table, METRIC, "min")["trial_id"] == "a"
+    assert format_overrides(best_row(table, METRIC, "max"), ["config/optim.lr"]) == "optim.lr=0.002"
+    assert read_results(str(tmp_path / "none.csv")).empty
+    (tmp_path / "bad.csv").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(DermaidError, match="not a readable CSV"):
+        read_results(str(tmp_path / "bad.csv"))
+
+
+@pytest.mark.parametrize("tune_pick, expected", [("b", "b"), ("a", "a"), ("errored", "b"), (None, "b")])
+def test_best_trial_is_tunes_pick_when_it_finished(tune_pick, expected):
+    from types import SimpleNamespace
+
+    from dermaid.tuning.summary import _best_trial
+
+    class Grid:  # the part of Ray Tune's ResultGrid the summary uses
+        def get_best_result(self, metric, mode, scope):
+            assert (metric, mode, scope) == (METRIC, "max", "all")
+            if tune_pick is None:
+                raise RuntimeError("No best trial found")
+            return SimpleNamespace(metrics={"trial_id": tune_pick})
+
+    candidates = pd.DataFrame({"trial_id": ["a", "b"], METRIC: [0.4, 0.6]})  # finished, with checkpoints
+    assert _best_trial(Grid(), candidates, METRIC, "max")["trial_id"] == expected
+
+
+def test_cli_requires_a_search_space(tmp_path, dermaid_cli):
+    proc = dermaid_cli("tune", f"out={tmp_path / 'x'}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "error: hparams_search= is required" in proc.stderr and "toy" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -100,7 +152,7 @@ def _tiny_search(toy_prepared: str, out: Path, ray_address: str) -> dict:
     plain = to_plain(compose("tune", [
         "hparams_search=toy", f"out={out}", f"data.prepared_dir={prepared_dir}", f"data.version={version}",
         "train.epochs=1", "train.image_size=64", "train.batch_size=16", "tune.num_samples=2",
-        "tune.time_budget_s=null", "logger=wandb", "logger.mode=offline", f"run.ray_address={ray_address}",
+        "tune.time_budget_s=null", "logger=wandb", "logger.mode=offline", f"ray.address={ray_address}",
     ]))
     plain["hparams_search"]["space"] = {
         "optim.lr": {"loguniform": [1e-3, 1e-2]},
@@ -149,7 +201,6 @@ def resumed_search(ray_session, toy_prepared, tmp_path_factory):
     return out, summary, list(done_before["trial_id"]), histories
 
 
-@pytest.mark.slow
 def test_tuning_writes_results_and_a_best_checkpoint_that_evaluate_accepts(resumed_search, toy_prepared, tmp_path):
     import ray
 
@@ -166,8 +217,8 @@ def test_tuning_writes_results_and_a_best_checkpoint_that_evaluate_accepts(resum
     best = table.loc[table[METRIC].idxmax()]
     assert summary["best"]["trial_id"] == best["trial_id"] and not summary["interrupted"]
     card = load_card(str(out / "best"))
-    assert card["config"]["optim"]["lr"] == pytest.approx(best["config/optim.lr"], rel=1e-4)
-    assert card["metrics"][METRIC] == pytest.approx(best[METRIC], abs=1e-5)
+    assert card.config["optim"]["lr"] == pytest.approx(best["config/optim.lr"], rel=1e-4)
+    assert card.metrics[METRIC] == pytest.approx(best[METRIC], abs=1e-5)
 
     prepared_dir, version = toy_prepared.rstrip("/").rsplit("/", 1)
     result = evaluate(compose("evaluate", [f"checkpoint={out / 'best'}", f"data.prepared_dir={prepared_dir}",
@@ -180,7 +231,7 @@ def test_tuning_writes_results_and_a_best_checkpoint_that_evaluate_accepts(resum
     groups = set()
     for trial_id in table["trial_id"]:
         assert list((out / "trials" / trial_id / "wandb").glob("offline-run-*")), trial_id
-        groups.add(json.dumps(load_card(str(out / "trials" / trial_id / "best"))["config"]["logger"]["group"]))
+        groups.add(json.dumps(load_card(str(out / "trials" / trial_id / "best")).config["logger"]["group"]))
     assert len(groups) == 1 and "tune-toy" in groups.pop()
 
     # stopped and finished trials gave their CPUs back
@@ -190,7 +241,6 @@ def test_tuning_writes_results_and_a_best_checkpoint_that_evaluate_accepts(resum
     assert ray.available_resources().get("CPU", 0) == pytest.approx(2)
 
 
-@pytest.mark.slow
 def test_interrupted_search_resumes_without_repeating_finished_trials(resumed_search):
     out, summary, done_before, histories = resumed_search
     assert 1 <= len(done_before) < 2  # interrupted after the first trial finished

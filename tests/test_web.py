@@ -1,9 +1,9 @@
 """The consumer page, dermatologist review and the fine-tune loop, over real HTTP and in a real browser.
 
-One Serve application (serve/app.py build_app, on the session's Ray, a free port) serves the session's toy run
-(conftest `toy_run`, trained on the prepared toy version) with two dermatologist tokens. It runs for this module and
-is shut down at the end. The browser is Debian's Chromium driven headless by Playwright; screenshots land in the
-browser tests' tmp_path.
+One Serve application (serve/app.py build_app, on the session's Ray, a free port) serves the session's trained run
+(conftest `trained_run`, trained in-process on the prepared toy version) with two dermatologist tokens. It runs for
+this module and is shut down at the end. The browser is Debian's Chromium driven headless by Playwright; screenshots
+land in the browser tests' tmp_path.
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ def _toy_rows(toy_raw: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def app(ray_session, toy_prepared, toy_raw, toy_run, tmp_path_factory):
-    """A running DermAID app serving the session's toy run (trained on toy_prepared; its card names that version):
+def app(ray_session, toy_prepared, toy_raw, trained_run, tmp_path_factory):
+    """A running DermAID app serving the session's trained_run (trained on toy_prepared; its card names that version):
     {"base", "storage", "checkpoint", "version", "prepared_dir", "toy_raw", "toy_rows", "tmp"}."""
     from ray import serve
 
@@ -124,7 +124,7 @@ def app(ray_session, toy_prepared, toy_raw, toy_run, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("web")
     prepared_dir, version = toy_prepared.rstrip("/").rsplit("/", 1)
-    checkpoint = f"{toy_run}/best"  # read-only: served, and the fine-tune's starting point
+    checkpoint = f"{trained_run}/best"  # read-only: served, and the fine-tune's starting point
 
     storage = str(tmp / "uploads")
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
@@ -184,10 +184,6 @@ def _label(base: str, upload_id: str, code: str, reviewer: str = "dr_ana", **ext
                          json={"code": code, **extra}, timeout=30)
 
 
-slow = pytest.mark.slow  # the tests below start the Serve app (and train) on the session's Ray
-
-
-@slow
 def test_pages_are_served_with_the_class_table_and_disclaimer(app):
     base = app["base"]
     page = requests.get(f"{base}/", timeout=10)
@@ -205,7 +201,6 @@ def test_pages_are_served_with_the_class_table_and_disclaimer(app):
     assert {"/v1/review/queue", "/v1/review/uploads/{upload_id}/labels", "/v1/review/labelstudio/tasks"} <= set(paths)
 
 
-@slow
 def test_review_needs_a_dermatologist_token(app):
     base = app["base"]
     upload = _classify(base, _jpeg(1))["upload_id"]
@@ -226,7 +221,6 @@ def test_review_needs_a_dermatologist_token(app):
     assert requests.get(f"{base}/v1/review/me", headers=_auth("dr_ben"), timeout=10).json()["reviewer"] == "dr_ben"
 
 
-@slow
 def test_queue_is_consented_unlabeled_most_uncertain_first(app):
     base = app["base"]
     mine = [_classify(base, _jpeg(100 + i))["upload_id"] for i in range(4)]
@@ -254,7 +248,6 @@ def test_queue_is_consented_unlabeled_most_uncertain_first(app):
     assert mine[0] in [item["id"] for item in second["items"]]  # dr_ben may give a second opinion
 
 
-@slow
 def test_label_history_agreement_and_bad_input(app):
     base = app["base"]
     upload = _classify(base, _jpeg(300), age=61, sex="female", site="head/neck")["upload_id"]
@@ -292,7 +285,6 @@ def test_label_history_agreement_and_bad_input(app):
                             timeout=10).json()["labels"]) == 3  # the refused requests stored nothing
 
 
-@slow
 def test_two_reviewers_labeling_at_the_same_moment_both_count(app):
     base = app["base"]
     upload = _classify(base, _jpeg(400))["upload_id"]
@@ -313,7 +305,6 @@ def test_two_reviewers_labeling_at_the_same_moment_both_count(app):
     assert sorted((h["reviewer"], h["code"]) for h in labels["labels"]) == [("dr_ana", "SCC"), ("dr_ben", "AK")]
 
 
-@slow
 def test_labelstudio_export_and_import_over_http(app):
     base = app["base"]
     upload = _classify(base, _jpeg(500))["upload_id"]
@@ -359,7 +350,6 @@ def browser():
         chromium.close()
 
 
-@slow
 def test_browser_consumer_page_then_review_page(app, browser, tmp_path):
     from playwright.sync_api import expect
 
@@ -445,15 +435,14 @@ def test_browser_consumer_page_then_review_page(app, browser, tmp_path):
 
 # --- closing the loop ----------------------------------------------------------------------------------------
 
-@slow
 def test_loop_classify_label_export_prepare_finetune(app, tmp_path):
     """classify with consent -> labels through the API -> labels-export -> prepare -> 1-epoch fine-tune."""
     from dermaid.config import compose
     from dermaid.data.loading import load_records, read_manifest
     from dermaid.data.prepare import prepare_dataset
     from dermaid.models.card import load_card
-    from dermaid.uploads.labels import run_export
-    from dermaid.training.train import train
+    from dermaid.uploads.export import run as run_export
+    from dermaid.training.driver import train
 
     base = app["base"]
     by_class: dict[str, dict] = {}
@@ -499,7 +488,7 @@ def test_loop_classify_label_export_prepare_finetune(app, tmp_path):
     ]))
     card = load_card(result["last_checkpoint"])
     merged = result["dataset_version"]
-    assert card["dataset_versions"] == [app["version"], merged] and card["dataset_version"] == merged
+    assert card.dataset_versions == [app["version"], merged] and card.dataset_version == merged
     assert merged != app["version"] and merged != labels_version["version"]
     manifest = read_manifest(f"{prepared}/{merged}")
     original = read_manifest(f"{app['prepared_dir']}/{app['version']}")["num_records"]

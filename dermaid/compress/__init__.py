@@ -5,9 +5,9 @@
     dermaid export checkpoint=runs/tune/toy/best format=onnx|torchscript
     .venv/bin/python benchmarks/compression_table.py checkpoint=runs/tune/toy/best student=runs/distill/toy/best
 
-distill.py (KD loss + teacher, used by the training loop), quantize.py (ONNX Runtime int8),
+distill.py (KD loss + teacher: the loss hook `train.loss_hook` names for the trainer), quantize.py (ONNX Runtime int8),
 export.py (ONNX / TorchScript + output check), runtime.py (the artifact loaders that
-dermaid.inference.Predictor dispatches to by card["kind"]). Every output is a checkpoint directory
+dermaid.inference.Predictor dispatches to by card.kind). Every output is a checkpoint directory
 with a model card, so `dermaid evaluate`-style code, notebooks and `dermaid serve` read it the same way.
 """
 

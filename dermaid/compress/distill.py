@@ -3,9 +3,12 @@
     dermaid distill teacher=runs/tune/toy/best experiment=toy model.name=mobilenetv3_small_100
     dermaid distill teacher=runs/isic/best model.name=efficientnet_b0 distill.alpha=0.5 distill.temperature=2
 
-The `distill` config block {teacher, alpha, temperature} turns it on: `train_fn_per_worker` loads the
-teacher (frozen, eval mode) with `create_teacher` and wraps its loss in `DistillationLoss`; loop.py
-feeds each batch to both. The result is an ordinary checkpoint whose model card names its teacher.
+conf/distill.yaml sets `train.loss_hook: dermaid.compress.distill:DistillationHook` (a loss hook,
+dermaid.training.hooks: training never imports this package). The driver calls
+`DistillationHook.prepare` (check_distill: the `distill` block {teacher, alpha, temperature}) before Ray
+starts; each worker builds the hook, which loads the teacher (frozen, eval mode) with `create_teacher`
+and wraps the trainer's loss in `DistillationLoss`; loop.py feeds each batch to both. The result is an
+ordinary checkpoint whose model card names its teacher.
 
 loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, labels)
 (Hinton et al., 2015: T^2 keeps the soft term's gradients on the scale of the hard term's.)
@@ -24,6 +27,9 @@ from torch import nn
 from dermaid.classes import CLASS_CODES
 from dermaid.errors import DermaidError
 from dermaid.files import exists, join, read_text
+
+TEACHER_REQUIRED = "teacher= is required: the checkpoint to distil from (e.g. runs/tune/toy/best)"
+from dermaid.models.card import ModelCard
 
 
 class DistillationLoss(nn.Module):
@@ -77,51 +83,77 @@ def create_teacher(teacher_url: str, student_spec: dict[str, Any], device: torch
     from dermaid.models.card import load_float_model
 
     model, card = load_float_model(teacher_url, device)
-    return TeacherModel(model, student_spec, card["input"]).to(device)
+    return TeacherModel(model, student_spec, card.input).to(device)
 
 
-def check_distill(distill: dict[str, Any] | None, absolute=lambda url: url) -> dict[str, Any] | None:
+def check_distill(distill: dict[str, Any], absolute=lambda url: url) -> dict[str, Any]:
     """Validate the `distill` block before any worker starts; returns it with an absolute teacher URL.
 
     Clear errors for a missing or unreadable teacher, a teacher whose classes differ from the
     student's, a compressed (non-float) teacher and alpha/temperature out of range.
     """
-    if not distill or not distill.get("teacher"):
-        return None
+    if not distill["teacher"]:
+        raise DermaidError(TEACHER_REQUIRED)
     teacher = absolute(str(distill["teacher"]))
     card_url = join(teacher, "card.json")
     if not exists(card_url):
         raise DermaidError(f"distill.teacher={teacher}: not a DermAID checkpoint (no card.json)")
     try:
-        card = json.loads(read_text(card_url))
+        data = json.loads(read_text(card_url))
     except (OSError, ValueError) as exc:
         raise DermaidError(f"distill.teacher={teacher}: unreadable model card ({exc})") from None
-    codes = [c.get("code") for c in card.get("classes", [])]
+    codes = [c.get("code") for c in data.get("classes", [])]  # read raw: the mismatch explained for a teacher
     if tuple(codes) != CLASS_CODES:
         raise DermaidError(f"distill.teacher={teacher}: the teacher predicts classes {codes}, the student "
                            f"{list(CLASS_CODES)}; a teacher must predict the student's classes in the same order")
-    if card.get("kind", "float") != "float":
-        raise DermaidError(f"distill.teacher={teacher}: a {card['kind']} artifact; distillation needs the "
+    card = ModelCard.from_dict(data, source=card_url)  # CheckpointError for an unknown format_version
+    if not card.is_float:
+        raise DermaidError(f"distill.teacher={teacher}: a {card.kind} artifact; distillation needs the "
                            "teacher's float checkpoint (its logits and BatchNorm in eval mode)")
-    alpha, temperature = float(distill.get("alpha", 0.5)), float(distill.get("temperature", 4.0))
+    alpha, temperature = float(distill["alpha"]), float(distill["temperature"])
     if not 0.0 <= alpha <= 1.0:
         raise DermaidError(f"distill.alpha={alpha}: must be in [0, 1] (the weight of the KD term)")
     if temperature <= 0:
         raise DermaidError(f"distill.temperature={temperature}: must be positive")
     return {"teacher": teacher, "alpha": alpha, "temperature": temperature,
-            "teacher_model": card.get("model", {}).get("name")}
+            "teacher_model": card.model_name}
+
+
+class DistillationHook:
+    """The loss hook conf/distill.yaml names (train.loss_hook; protocol in dermaid.training.hooks)."""
+
+    section = "distill"  # config.yaml and the card's config keep the checked block under this key
+
+    @classmethod
+    def prepare(cls, plain: dict[str, Any]) -> dict[str, Any]:
+        """Driver side, before Ray starts: the checked `distill` block (absolute teacher URL)."""
+        from dermaid.files import absolute_url
+
+        return check_distill(plain["distill"], absolute_url)
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+
+    def create_loss(self, hard_loss: nn.Module, input_spec: dict[str, Any],
+                    device: torch.device) -> tuple[nn.Module, nn.Module]:
+        """Worker side: (KD loss around the trainer's hard loss, the frozen teacher on `device`)."""
+        teacher = create_teacher(self.settings["teacher"], input_spec, device)
+        return DistillationLoss(hard_loss, self.settings["alpha"], self.settings["temperature"]), teacher
+
+    def card_fields(self) -> dict[str, Any]:
+        return {"teacher": self.settings["teacher"]}
 
 
 def run_distill(cfg: DictConfig) -> dict[str, Any]:
     """`dermaid distill teacher=CKPT model.name=STUDENT ...`: `dermaid train` with the KD loss."""
     from dermaid.config import to_plain
-    from dermaid.training.train import run as run_train
+    from dermaid.training.driver import run as run_train
 
     if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, "teacher"):
-        raise DermaidError("teacher= is required: the checkpoint to distil from (e.g. runs/tune/toy/best)")
+        raise DermaidError(TEACHER_REQUIRED)
     plain = to_plain(cfg)
-    if not (plain.get("distill") or {}).get("teacher"):
-        raise DermaidError("teacher= is required: the checkpoint to distil from (e.g. runs/tune/toy/best)")
+    if not plain["distill"]["teacher"]:
+        raise DermaidError(TEACHER_REQUIRED)
     summary = run_train(cfg)
-    print(f"student {summary['model'].get('name')} distilled from {plain['distill']['teacher']}")
+    print(f"student {summary['model']['name']} distilled from {plain['distill']['teacher']}")
     return summary

@@ -16,8 +16,6 @@ upstream; prefer ONNX for new deployments.
 from __future__ import annotations
 
 import contextlib
-import copy
-import datetime as _dt
 import io
 import logging
 import os
@@ -33,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from dermaid.classes import DISCLAIMER
 from dermaid.config import to_plain
 from dermaid.errors import DermaidError
-from dermaid.models.card import CARD_FILE, code_version, load_card, save_checkpoint
+from dermaid.models.card import CARD_FILE, ModelCard, load_card, save_checkpoint
 from dermaid.models.metadata import encode_metadata, missing_metadata
 from dermaid.compress.runtime import IMAGES_INPUT, LOGITS_OUTPUT, METADATA_INPUT
 from dermaid.files import absolute_url
@@ -46,32 +44,28 @@ def load_float_source(url: str, what: str = "checkpoint"):
     from dermaid.models.card import load_float_model
 
     card = load_card(url)
-    kind = card.get("kind", "float")
-    if kind != "float":
-        source = (card.get("compression") or {}).get("source")
+    kind = card.kind
+    if not card.is_float:
+        source = card.compression_source
         raise DermaidError(f"{what}={url} is a {kind} artifact already; compress its float checkpoint"
                            + (f" ({source})" if source else "") + " instead")
     return load_float_model(url, "cpu")
 
 
-def artifact_card(source_card: dict[str, Any], source_url: str, kind: str, artifact: str,
-                  compression: dict[str, Any]) -> dict[str, Any]:
+def artifact_card(source_card: ModelCard, source_url: str, kind: str, artifact: str,
+                  compression: dict[str, Any]) -> ModelCard:
     """The source's model card for a derived artifact: new kind/artifact, plus how it was made."""
-    card = copy.deepcopy(source_card)
-    card.update(kind=kind, artifact=artifact, code_version=code_version(),
-                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    card["compression"] = {"source": source_url, **compression}
-    return card
+    return source_card.derived(kind, artifact, {"source": source_url, **compression})
 
 
-def sample_inputs(card: dict[str, Any], batch: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_inputs(card: ModelCard, batch: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic check inputs at the card's size: (images (B, 3, H, W), metadata (B, 14)).
 
     Images are standard-normal in the normalised space (what preprocessing produces); metadata mixes
     all-missing rows with encoded ones.
     """
     generator = torch.Generator().manual_seed(seed)
-    _, height, width = (int(v) for v in card["input"]["input_size"])
+    _, height, width = card.input_size
     images = torch.randn(batch, 3, height, width, generator=generator)  # (B, 3, H, W)
     metadata = missing_metadata(batch)  # (B, 14)
     examples = [(35, "female", "lower extremity"), (70, "male", "head/neck"), (55, None, "anterior torso")]
@@ -80,9 +74,9 @@ def sample_inputs(card: dict[str, Any], batch: int = 4, seed: int = 0) -> tuple[
     return images, metadata
 
 
-def export_onnx(model: torch.nn.Module, card: dict[str, Any], opset: int = 18) -> bytes:
+def export_onnx(model: torch.nn.Module, card: ModelCard, opset: int = 18) -> bytes:
     """The model as an ONNX graph (inputs images[, metadata], output logits; dynamic batch)."""
-    uses_metadata = bool(card.get("metadata", {}).get("used", True))
+    uses_metadata = card.uses_metadata
     images, metadata = sample_inputs(card, batch=2)
     batch = torch.export.Dim("batch", min=1, max=1024)
     args: tuple = (images, metadata) if uses_metadata else (images,)
@@ -114,9 +108,9 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def export_torchscript(model: torch.nn.Module, card: dict[str, Any]) -> bytes:
+def export_torchscript(model: torch.nn.Module, card: ModelCard) -> bytes:
     """The model traced with torch.jit.trace (with metadata when it uses it), saved to bytes."""
-    uses_metadata = bool(card.get("metadata", {}).get("used", True))
+    uses_metadata = card.uses_metadata
     images, metadata = sample_inputs(card, batch=2)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit is deprecated upstream; see the module docstring
@@ -145,7 +139,7 @@ class _Positional(torch.nn.Module):
         return self.model(images, metadata if self.uses_metadata else None)  # (B, 8)
 
 
-def max_abs_difference(reference: torch.nn.Module, candidate, card: dict[str, Any], batch: int = 4) -> float:
+def max_abs_difference(reference: torch.nn.Module, candidate, card: ModelCard, batch: int = 4) -> float:
     """Max |logit difference| between the float model and an artifact callable on sample inputs."""
     images, metadata = sample_inputs(card, batch=batch, seed=1)
     with torch.no_grad():
@@ -162,28 +156,28 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, key):
             raise DermaidError(f"{key}= is required: a float checkpoint directory (e.g. runs/tune/toy/best)")
     plain = to_plain(cfg)
-    fmt = str(plain.get("format", "onnx"))
+    fmt = str(plain["format"])
     if fmt not in FORMATS:
         raise DermaidError(f"format={fmt!r}: expected one of {sorted(FORMATS)}")
     source = absolute_url(str(plain["checkpoint"]))  # the card names it: saliency finds the float weights there
     model, card = load_float_source(source)
-    uses_metadata = bool(card.get("metadata", {}).get("used", True))
+    uses_metadata = card.uses_metadata
     kind, artifact = FORMATS[fmt]
     if fmt == "onnx":
-        data = export_onnx(model, card, int(plain.get("opset", 18)))
+        data = export_onnx(model, card, int(plain["opset"]))
         runner = OnnxModel(data, uses_metadata)
     else:
         data = export_torchscript(model, card)
         runner = TorchScriptModel(_jit_load(data), uses_metadata)
-    diff = max_abs_difference(model, runner, card, int(plain.get("check_batch", 4)))
-    tolerance = float(plain.get("tolerance", 1e-3))
-    print(f"{fmt} vs PyTorch on {int(plain.get('check_batch', 4))} sample inputs: max abs logit difference {diff:.3g}")
+    diff = max_abs_difference(model, runner, card, int(plain["check_batch"]))
+    tolerance = float(plain["tolerance"])
+    print(f"{fmt} vs PyTorch on {int(plain['check_batch'])} sample inputs: max abs logit difference {diff:.3g}")
     if not np.isfinite(diff) or diff > tolerance:
         raise DermaidError(f"export check failed: max abs logit difference {diff:.3g} above tolerance={tolerance:g}; "
                            "nothing written")
     out = str(plain["out"])
     out_card = artifact_card(card, source, kind, artifact, {"format": fmt, "max_abs_diff": diff,
-                                                            "opset": int(plain.get("opset", 18)) if fmt == "onnx" else None})
+                                                            "opset": int(plain["opset"]) if fmt == "onnx" else None})
     save_checkpoint(out, out_card, artifact_bytes=data)
     print(f"{kind} artifact ({len(data) / 1e6:.1f} MB) -> {out}/{artifact} (+ {CARD_FILE})")
     print(DISCLAIMER)

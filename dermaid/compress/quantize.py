@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from dermaid.classes import DISCLAIMER
 from dermaid.config import to_plain
 from dermaid.errors import DermaidError
-from dermaid.models.card import CARD_FILE, save_checkpoint
+from dermaid.models.card import CARD_FILE, ModelCard, save_checkpoint
 from dermaid.files import absolute_url
 
 METHODS = {"static": "quantized_static", "dynamic": "quantized_dynamic"}
@@ -88,14 +88,14 @@ def quantize_onnx(onnx_bytes: bytes, method: str, calibration: list[dict[str, np
             return f.read()
 
 
-def calibration_feeds(records, card: dict[str, Any], batch_size: int = 32) -> list[dict[str, np.ndarray]]:
+def calibration_feeds(records, card: ModelCard, batch_size: int = 32) -> list[dict[str, np.ndarray]]:
     """Records -> ONNX feeds ({images (B, 3, H, W), metadata (B, 14)}) through the evaluation preprocessing."""
     from dermaid.compress.runtime import IMAGES_INPUT, METADATA_INPUT
     from dermaid.data.torch_dataset import create_eval_loader
 
-    uses_metadata = bool(card.get("metadata", {}).get("used", True))
+    uses_metadata = card.uses_metadata
     feeds = []
-    for images, metadata, _ in create_eval_loader(records, card["input"], batch_size=batch_size):
+    for images, metadata, _ in create_eval_loader(records, card.input, batch_size=batch_size):
         feed = {IMAGES_INPUT: images.numpy()}  # (B, 3, H, W)
         if uses_metadata:
             feed[METADATA_INPUT] = metadata.numpy()  # (B, 14)
@@ -103,7 +103,7 @@ def calibration_feeds(records, card: dict[str, Any], batch_size: int = 32) -> li
     return feeds
 
 
-def resolve_data_version(plain: dict[str, Any], card: dict[str, Any]) -> str:
+def resolve_data_version(plain: dict[str, Any], card: ModelCard) -> str:
     """The prepared version to calibrate/evaluate on: data.version, else the card's own version in
     data.prepared_dir, else data.root prepared on demand."""
     from dermaid.data.loading import resolve_version
@@ -111,14 +111,14 @@ def resolve_data_version(plain: dict[str, Any], card: dict[str, Any]) -> str:
     from dermaid.files import exists, join
 
     data = dict(plain["data"])
-    if not data.get("version") and card.get("dataset_version"):
-        candidate = join(str(data["prepared_dir"]), str(card["dataset_version"]))
+    if not data["version"] and card.dataset_version:
+        candidate = join(str(data["prepared_dir"]), str(card.dataset_version))
         if exists(join(candidate, "manifest.json")):
-            return resolve_version(str(data["prepared_dir"]), str(card["dataset_version"]))
+            return resolve_version(str(data["prepared_dir"]), str(card.dataset_version))
     return ensure_prepared(data)
 
 
-def compare_on_records(float_model: torch.nn.Module, candidate, records, card: dict[str, Any],
+def compare_on_records(float_model: torch.nn.Module, candidate, records, card: ModelCard,
                        batch_size: int = 32) -> dict[str, float]:
     """Balanced accuracy of both models and their top-1 agreement on labelled records."""
     from dermaid.data.torch_dataset import create_eval_loader
@@ -126,7 +126,7 @@ def compare_on_records(float_model: torch.nn.Module, candidate, records, card: d
 
     float_logits, cand_logits, labels = [], [], []
     with torch.no_grad():
-        for images, metadata, y in create_eval_loader(records, card["input"], batch_size=batch_size):
+        for images, metadata, y in create_eval_loader(records, card.input, batch_size=batch_size):
             float_logits.append(float_model(images, metadata).float())  # (B, 8)
             cand_logits.append(torch.as_tensor(candidate(images, metadata)).float())  # (B, 8)
             labels.append(y)
@@ -147,22 +147,22 @@ def quantize_checkpoint(plain: dict[str, Any]) -> dict[str, Any]:
     from dermaid.compress.runtime import OnnxModel
     from dermaid.data.loading import load_records
 
-    method = str(plain.get("method", "static"))
+    method = str(plain["method"])
     if method not in METHODS:
         raise DermaidError(f"method={method!r}: expected static or dynamic")
-    quant_format = str(plain.get("quant_format", "qdq")).lower()
+    quant_format = str(plain["quant_format"]).lower()
     if quant_format not in QUANT_FORMATS:
         raise DermaidError(f"quant_format={quant_format!r}: expected one of {list(QUANT_FORMATS)}")
-    calibrate_method = str(plain.get("calibrate_method", "minmax")).lower()
+    calibrate_method = str(plain["calibrate_method"]).lower()
     if calibrate_method not in CALIBRATE_METHODS:
         raise DermaidError(f"calibrate_method={calibrate_method!r}: expected one of {sorted(CALIBRATE_METHODS)}")
     source = absolute_url(str(plain["checkpoint"]))  # the card names it: saliency finds the float weights there
     model, card = load_float_source(source)  # refuses an artifact that is already quantized / exported
-    n_calib = int(plain.get("calibration_images", 256))
-    evaluate = bool(plain.get("evaluate", True))
-    batch_size = int(plain.get("batch_size", 32))
-    fold = int(plain["data"].get("fold", 0))
-    seed = int(plain.get("seed", 0))
+    n_calib = int(plain["calibration_images"])
+    evaluate = bool(plain["evaluate"])
+    batch_size = int(plain["batch_size"])
+    fold = int(plain["data"]["fold"])
+    seed = int(plain["seed"])
 
     version_url = None
     calibration = None
@@ -178,19 +178,19 @@ def quantize_checkpoint(plain: dict[str, Any]) -> dict[str, Any]:
         calibration = calibration_feeds(train, card, batch_size)
 
     started = time.perf_counter()
-    onnx_bytes = export_onnx(model, card, int(plain.get("opset", 18)))
-    float_stem = bool(plain.get("float_stem", True))
-    int8 = quantize_onnx(onnx_bytes, method, calibration, quant_format, bool(plain.get("per_channel", True)),
+    onnx_bytes = export_onnx(model, card, int(plain["opset"]))
+    float_stem = bool(plain["float_stem"])
+    int8 = quantize_onnx(onnx_bytes, method, calibration, quant_format, bool(plain["per_channel"]),
                          calibrate_method, float_stem)
     seconds = time.perf_counter() - started
-    runner = OnnxModel(int8, bool(card.get("metadata", {}).get("used", True)))
+    runner = OnnxModel(int8, card.uses_metadata)
     measured: dict[str, Any] = {}
     if evaluate:
         val = load_records(version_url, split="val", fold=fold)
         if not val.empty:
             measured = compare_on_records(model, runner, val, card, batch_size)
     compression = {"method": method, "runtime": "onnxruntime", "quant_format": quant_format if method == "static"
-                   else None, "per_channel": bool(plain.get("per_channel", True)),
+                   else None, "per_channel": bool(plain["per_channel"]),
                    "calibration_images": sum(f["images"].shape[0] for f in calibration) if calibration else 0,
                    "calibrate_method": calibrate_method if method == "static" else None, "float_stem": float_stem,
                    "dataset_version": version_url.rstrip("/").rsplit("/", 1)[-1] if version_url else None,

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Any
 
 import numpy as np
 import torch
 
-from dermaid.models.card import CheckpointError
+from dermaid.models.card import CheckpointError, ModelCard
 from dermaid.models.metadata import missing_metadata
 from dermaid.files import exists, join, read_bytes
 
@@ -67,25 +66,25 @@ class TorchScriptModel:
         return self.module(images, metadata.to(images.device))  # (B, 8)
 
 
-def artifact_bytes(url: str, card: dict[str, Any]) -> bytes:
-    artifact = join(url, card.get("artifact", ""))
-    if not card.get("artifact") or not exists(artifact):
-        raise CheckpointError(f"{url}: artifact file {card.get('artifact')!r} is missing")
+def artifact_bytes(url: str, card: ModelCard) -> bytes:
+    artifact = join(url, card.artifact)
+    if not card.artifact or not exists(artifact):
+        raise CheckpointError(f"{url}: artifact file {card.artifact!r} is missing")
     return read_bytes(artifact)
 
 
-def load_onnx_model(url: str, card: dict[str, Any], threads: int | None = None) -> OnnxModel:
+def load_onnx_model(url: str, card: ModelCard, threads: int | None = None) -> OnnxModel:
     """An ONNX (float or int8) checkpoint -> OnnxModel. CheckpointError when the file is damaged."""
     data = artifact_bytes(url, card)
     try:
-        return OnnxModel(data, bool(card.get("metadata", {}).get("used", True)), threads)
+        return OnnxModel(data, card.uses_metadata, threads)
     except CheckpointError:
         raise
     except Exception as exc:  # onnxruntime raises its own exception types for a damaged graph
         raise CheckpointError(f"{url}: unreadable ONNX artifact ({type(exc).__name__}: {exc})") from None
 
 
-def load_torchscript_model(url: str, card: dict[str, Any], device: torch.device) -> TorchScriptModel:
+def load_torchscript_model(url: str, card: ModelCard, device: torch.device) -> TorchScriptModel:
     data = artifact_bytes(url, card)
     try:
         with warnings.catch_warnings():
@@ -93,4 +92,4 @@ def load_torchscript_model(url: str, card: dict[str, Any], device: torch.device)
             module = torch.jit.load(io.BytesIO(data), map_location=device)
     except Exception as exc:  # torch raises RuntimeError and others for a damaged archive
         raise CheckpointError(f"{url}: unreadable TorchScript artifact ({type(exc).__name__}: {exc})") from None
-    return TorchScriptModel(module, bool(card.get("metadata", {}).get("used", True)))
+    return TorchScriptModel(module, card.uses_metadata)

@@ -170,7 +170,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.dataset not in datasets:
         raise DermaidError(f"unknown dataset {cfg.dataset!r}; known: {sorted(datasets)}")
     spec = datasets[cfg.dataset]
-    print(spec.get("terms", ""))
+    print(spec["terms"])
     marker = download_files(spec["files"], out=str(cfg.out), staging_dir=str(cfg.staging_dir),
                             retries=int(cfg.retries), timeout_s=float(cfg.timeout_s),
                             keep_archives=bool(cfg.keep_archives))

@@ -1,13 +1,14 @@
 """Image decoding shared by prepare, training, evaluation and Serve: one way to turn bytes into RGB.
 
-Untrusted input is guarded here: a pixel limit against decompression bombs, EXIF orientation
-honoured, and every mode (grayscale, palette, RGBA, CMYK, 16-bit) converted to 8-bit RGB.
+Untrusted input is guarded here: a pixel limit against decompression bombs (checked on the declared
+size before any pixel is decoded, beside Pillow's own DecompressionBombError), EXIF orientation
+honoured, and every mode (grayscale, palette, RGBA, CMYK, 16-bit) converted to 8-bit RGB. Nothing here
+touches process-wide state (warning filters, Image.MAX_IMAGE_PIXELS): Serve decodes in several threads.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,27 +37,23 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: in
     if not data:
         raise ImageDecodeError("empty image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            fmt = img.format
-            if fmt not in ALLOWED_FORMATS:
-                raise ImageDecodeError(f"unsupported image format {fmt!r}; allowed: {sorted(ALLOWED_FORMATS)}")
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-                )
-            if draft_size and fmt in ("JPEG", "MPO"):
-                scale = min(width, height) / draft_size
-                if scale >= 2:
-                    img.draft("RGB", (int(width / scale * 1.0001) + 1, int(height / scale * 1.0001) + 1))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
-    except (ImageDecodeError,):
+        img = Image.open(io.BytesIO(data))  # Pillow's own guard: DecompressionBombError above 2x MAX_IMAGE_PIXELS
+        fmt = img.format
+        if fmt not in ALLOWED_FORMATS:
+            raise ImageDecodeError(f"unsupported image format {fmt!r}; allowed: {sorted(ALLOWED_FORMATS)}")
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        if draft_size and fmt in ("JPEG", "MPO"):
+            scale = min(width, height) / draft_size
+            if scale >= 2:
+                img.draft("RGB", (int(width / scale * 1.0001) + 1, int(height / scale * 1.0001) + 1))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning: under `-W error`
         raise ImageTooLargeError(str(exc)) from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not a recognised image (unknown or unsupported format)") from None

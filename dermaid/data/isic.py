@@ -1,8 +1,9 @@
-"""Readers for the two real dataset layouts, from any fsspec URL, into one records table.
+"""Readers for the two real dataset layouts, from any fsspec URL, into one records table; the one ISIC 2019 writer.
 
     from dermaid.data.isic import read_records
     records = read_records("data/isic2019", layout="isic2019")      # or gs://bucket/isic2019, memory://...
     records = read_records("data/HAM10000", layout="ham10000")
+    write_isic2019(out, rows, image=lambda i: (jpeg_bytes, "jpg"))    # `dermaid synth` and `dermaid labels-export`
 
 ISIC 2019:  ISIC_2019_Training_Input/*.jpg (+ ATTRIBUTION.txt, LICENSE.txt),
             ISIC_2019_Training_GroundTruth.csv (image,MEL,...,SCC,UNK one-hot floats),
@@ -18,19 +19,23 @@ the first offending rows. Images present but not listed are logged and listed in
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
 import posixpath
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from dermaid.classes import (
-    CLASS_CODES, HAM10000_DX_TO_CODE, HAM10000_LOCALIZATION_TO_SITE, SEXES, SITES, UNKNOWN_CODE, AGE_RANGE,
+    CLASS_CODES, HAM10000_DX_TO_CODE, HAM10000_LOCALIZATION_TO_SITE, SEXES, SITES, SUBMISSION_CODES, UNKNOWN_CODE,
+    AGE_RANGE,
 )
 from dermaid.errors import DermaidError
-from dermaid.files import absolute_url, get_fs, join
+from dermaid.files import absolute_url, get_fs, join, write_bytes, write_text
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,18 @@ HAM10000_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "loc
 
 class DatasetError(DermaidError, ValueError):
     """A raw dataset does not fit its layout: the message names the file and the offending rows."""
+
+
+@dataclass(frozen=True)
+class IsicRow:
+    """One image of an ISIC 2019 layout as `write_isic2019` writes it (None: an empty CSV field)."""
+
+    image_id: str
+    label: str                # a class code: the one 1.0 of the ground-truth row
+    age_approx: str | None    # as written: the caller chooses the format ("55.0" in ISIC's own CSV)
+    site: str | None
+    lesion_id: str | None
+    sex: str | None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,8 +167,37 @@ def empty_records() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype="float64" if c == "age" else "object") for c in RECORD_COLUMNS})
 
 
+def write_isic2019(root: str, rows: Sequence[IsicRow], image: Callable[[int], tuple[bytes, str]],
+                   workers: int = 1) -> None:
+    """Write the ISIC 2019 training layout at `root`: the images, the ground-truth CSV, the metadata CSV.
+
+    image(i) -> (encoded bytes, file extension) of rows[i], called in `workers` threads; the images
+    are written first, the two CSVs after them (a reader never finds a listed image missing).
+    """
+    def _write_image(index: int) -> None:
+        data, extension = image(index)
+        write_bytes(join(root, ISIC2019_INPUT_DIR, f"{rows[index].image_id}.{extension}"), data)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(_write_image, range(len(rows))))
+    ground_truth = [[row.image_id, *("1.0" if code == row.label else "0.0" for code in SUBMISSION_CODES)]
+                    for row in rows]
+    metadata = [[row.image_id, *("" if value is None else value
+                                 for value in (row.age_approx, row.site, row.lesion_id, row.sex))] for row in rows]
+    write_text(join(root, ISIC2019_GROUND_TRUTH), _csv_text(["image", *SUBMISSION_CODES], ground_truth))
+    write_text(join(root, ISIC2019_METADATA), _csv_text(list(ISIC2019_METADATA_COLUMNS), metadata))
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _csv_text(header: list[str], rows: list[list[str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def _read_csv(url: str) -> pd.DataFrame:
@@ -274,7 +320,8 @@ def _image_index(root: str, folders: Iterable[str]) -> dict[str, str]:
                 continue  # ATTRIBUTION.txt, LICENSE.txt, ...
             relative = name.lstrip("/")[len(root_path.lstrip("/")) :].lstrip("/")
             if stem in index:
-                raise DatasetError(f"{join(root, relative)}: image {stem!r} occurs twice (also {join(root, index[stem])})")
+                raise DatasetError(f"{join(root, relative)}: image {stem!r} occurs twice "
+                                   f"(also {join(root, index[stem])})")
             index[stem] = relative
     if not found_folder:
         raise DatasetError(f"{root}: no image folder found (expected {' or '.join(folders)})")

@@ -18,7 +18,9 @@ re-used, never rewritten; a different one gets its own directory. A cache file k
 listing (file names, sizes, modification stamps, CSV contents) and the settings lets an
 unchanged root skip the decoding entirely.
 
-URLs on memory:// exist only in this process, so such data is prepared in-process, not on Ray.
+`in_process=True` decodes the shards one after another in this process instead of in Ray tasks:
+no Ray starts, which suits a few hundred images (tests, notebooks); the version is the same
+either way. URLs on memory:// exist only in this process, so such data is always prepared in-process.
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from dermaid.classes import is_missing
 from dermaid.config import to_plain
 from dermaid.data.isic import DatasetError, raw_files, read_records
 from dermaid.data.loading import (
     CACHE_DIR, MANIFEST_FILE, SHARDS_DIR, read_manifest, resolve_version, validate_tag, write_tag,
 )
-from dermaid.data.shards import is_missing, prepare_shard, process_image  # noqa: F401  (process_image: re-exported)
+from dermaid.data.shards import prepare_shard
 from dermaid.data.splits import assign_folds, split_counts
 from dermaid.errors import DermaidError
 from dermaid.files import absolute_url, exists, get_fs, is_local, join, read_text, write_text
@@ -84,9 +87,9 @@ def raw_sources(data_cfg: dict[str, Any]) -> list[dict[str, str]]:
     """[{root, layout, source}] for data.root and each data.extra entry (a URL or such a dict)."""
     if not data_cfg.get("root"):
         raise DermaidError("data.root is not set: give the raw dataset URL (data.root=...)")
-    layout = data_cfg.get("layout") or "isic2019"
-    sources = [{"root": absolute_url(data_cfg["root"]), "layout": layout, "source": data_cfg.get("source") or layout}]
-    extras = data_cfg.get("extra") or []
+    layout = data_cfg["layout"]
+    sources = [{"root": absolute_url(data_cfg["root"]), "layout": layout, "source": data_cfg["source"] or layout}]
+    extras = data_cfg["extra"] or []
     if isinstance(extras, (str, dict)):  # `data.extra=URL` on the command line: one root, not a list of characters
         extras = [extras]
     for i, extra in enumerate(extras):
@@ -127,10 +130,14 @@ def prepare_dataset(
     ray_address: str | None = None,
     num_cpus: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    in_process: bool = False,
 ) -> dict[str, Any]:
-    """Prepare data_cfg's root(s) into <out>/<version>; returns the manifest (idempotent)."""
+    """Prepare data_cfg's root(s) into <out>/<version>; returns the manifest (idempotent).
+
+    in_process: decode here rather than in Ray tasks (no Ray starts; ray_address and num_cpus unused).
+    """
     data_cfg = to_plain(data_cfg)
-    out = absolute_url(out or data_cfg.get("prepared_dir") or "")
+    out = absolute_url(out or data_cfg["prepared_dir"] or "")
     if not out:
         raise DermaidError("no output directory: set out= or data.prepared_dir")
     if tag is not None:
@@ -150,7 +157,7 @@ def prepare_dataset(
     records["fold"] = assign_folds(records, settings["folds"], settings["test_fraction"], settings["seed"])
     records = records.sort_values("image_id", kind="stable").reset_index(drop=True)
 
-    in_process = not all(_ray_capable(u) for u in [out, *(s["root"] for s in sources)])
+    in_process = in_process or not all(_ray_capable(u) for u in [out, *(s["root"] for s in sources)])
     tmp_url = join(out, f".tmp-{uuid.uuid4().hex[:12]}")
     fs, tmp_path = get_fs(tmp_url)
     fs.makedirs(tmp_path, exist_ok=True)
@@ -187,15 +194,19 @@ def prepare_dataset(
     return _finish(out, manifest, tag)
 
 
-def ensure_prepared(data_cfg: dict[str, Any]) -> str:
-    """The version URL train/evaluate use: data.version resolved, else data.root prepared (cached)."""
+def ensure_prepared(data_cfg: dict[str, Any], ray_address: str | None = None, num_cpus: int | None = None) -> str:
+    """The version URL train/evaluate use: data.version resolved, else data.root prepared (cached).
+
+    ray_address, num_cpus: the Ray a prepare that needs it joins or starts (the caller's ray.address, ray.num_cpus).
+    """
     data_cfg = to_plain(data_cfg)
-    prepared_dir = data_cfg.get("prepared_dir")
+    prepared_dir = data_cfg["prepared_dir"]
     if not prepared_dir:
         raise DermaidError("data.prepared_dir is not set")
-    if data_cfg.get("version"):
+    if data_cfg["version"]:
         return resolve_version(prepared_dir, str(data_cfg["version"]))
-    manifest = prepare_dataset(data_cfg, out=prepared_dir, tag=data_cfg.get("tag"))
+    manifest = prepare_dataset(data_cfg, out=prepared_dir, tag=data_cfg["tag"], ray_address=ray_address,
+                               num_cpus=num_cpus)
     return join(absolute_url(prepared_dir), manifest["version"])
 
 
@@ -222,13 +233,6 @@ def _ray_capable(url: str) -> bool:
     return not str(url).startswith("memory://")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to Ray unless already connected: address, else $RAY_ADDRESS, else a private local Ray."""
-    from dermaid.ray_runtime import ensure_ray
-
-    ensure_ray(address, num_cpus)
-
-
 def _chunks(n: int, shard_size: int, parallelism: int) -> list[tuple[int, int]]:
     """(start, stop) ranges: at most shard_size each, at least 2 per core when the set is big enough."""
     count = max(math.ceil(n / max(1, shard_size)), min(math.ceil(n / MIN_SHARD_SIZE), 2 * max(1, parallelism)), 1)
@@ -241,11 +245,13 @@ def _run_shards(records: pd.DataFrame, tmp_url: str, settings: dict[str, Any], i
     rows = records[["image_id", "image_url", "label", "age", "sex", "site", "lesion_id", "source", "fold"]]
     rows = rows.astype(object).where(rows.notna(), None).to_dict("records")
     if in_process:
-        parallelism = 1
+        parallelism = os.cpu_count() or 1  # the shard layout a local Ray on this machine would choose
     else:
         import ray
 
-        init_ray(ray_address, num_cpus)
+        from dermaid.ray_runtime import ensure_ray
+
+        ensure_ray(ray_address, num_cpus)
         parallelism = int(ray.cluster_resources().get("CPU", 1))
     ranges = _chunks(len(rows), shard_size, parallelism)
     shards = [f"{SHARDS_DIR}/part-{i:05d}.parquet" for i in range(len(ranges))]

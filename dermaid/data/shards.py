@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dermaid.classes import CLASS_INDEX
+from dermaid.classes import CLASS_INDEX, is_missing
 from dermaid.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image, resize_shorter_side
 from dermaid.files import get_fs
 
@@ -35,10 +34,6 @@ SHARD_SCHEMA = pa.schema([
     ("height", pa.int32()),
 ])
 _COMPRESSION = {f.name: ("NONE" if f.name == "image" else "SNAPPY") for f in SHARD_SCHEMA}  # JPEG won't shrink
-
-
-def is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value)
 
 
 def process_image(data: bytes, image_size: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, int, int]:

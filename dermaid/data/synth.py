@@ -24,13 +24,11 @@ Deterministic for a seed: every image draws from its own generator seeded by (se
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,16 +36,14 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFilter
 
-from dermaid.classes import CLASS_CODES, SEXES, SITES, SUBMISSION_CODES
+from dermaid.classes import CLASS_CODES, SEXES, SITES
+from dermaid.data.isic import ISIC2019_INPUT_DIR, IsicRow, raw_files, write_isic2019
 from dermaid.errors import DermaidError
-from dermaid.files import exists, get_fs, join, read_text, write_bytes, write_text
+from dermaid.files import exists, get_fs, join, read_text, write_text
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1  # bump when the drawing changes: a different version means different images
-INPUT_DIR = "ISIC_2019_Training_Input"
-GROUND_TRUTH_CSV = "ISIC_2019_Training_GroundTruth.csv"
-METADATA_CSV = "ISIC_2019_Training_Metadata.csv"
 MARKER_FILE = "synth.json"
 
 # Real ISIC 2019 training counts per class; the toy set keeps this imbalance above a floor.
@@ -270,7 +266,16 @@ def _draw(lesion: _Lesion, image_seed: int, h: int, w: int) -> np.ndarray:
         _blend(canvas, mask * lagoons, red)
     else:  # pragma: no cover - plan only produces the styles above
         raise ValueError(style)
+    return _photograph(rng, canvas, xx, yy, cx, cy)
 
+
+def _photograph(rng: np.random.Generator, canvas: np.ndarray, xx: np.ndarray, yy: np.ndarray,
+                cx: float, cy: float) -> np.ndarray:
+    """What the camera adds to a drawn lesion: hair, a dermoscope vignette, exposure, sensor noise.
+
+    canvas (h, w, 3); xx, yy (h, w): pixel coordinates relative to the lesion centre (cx, cy).
+    """
+    h, w = canvas.shape[:2]
     if rng.random() < 0.35:
         canvas = _hair(rng, canvas, int(rng.integers(1, 6)))
     if rng.random() < 0.3:  # dermoscope vignette
@@ -342,14 +347,6 @@ def render_image(lesion: _Lesion, image_seed: int, size: tuple[int, int], qualit
 # Writing the layout
 
 
-def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def _marker(n: int, seed: int, quality: int, size: tuple[int, int] | None = None) -> dict[str, Any]:
     marker = {"generator": "dermaid.synth", "version": GENERATOR_VERSION, "n": n, "seed": seed, "quality": quality}
     return {**marker, "size": list(size)} if size else marker
@@ -387,7 +384,7 @@ def generate(out: str, n: int = 600, seed: int = 0, quality: int = 90, workers: 
     if fs.exists(path) and fs.ls(path) and not overwrite:
         raise DermaidError(f"synth: {out} exists and is not a toy set with n={n} seed={seed}; "
                            "choose another out= or pass overwrite=true")
-    for name in (MARKER_FILE, INPUT_DIR, GROUND_TRUTH_CSV, METADATA_CSV):
+    for name in (MARKER_FILE, *raw_files(out, "isic2019")):
         if fs.exists(f"{path.rstrip('/')}/{name}"):
             fs.rm(f"{path.rstrip('/')}/{name}", recursive=True)
 
@@ -395,25 +392,18 @@ def generate(out: str, n: int = 600, seed: int = 0, quality: int = 90, workers: 
     plan = _plan(n, seed)
     sizes = np.random.default_rng([seed, 1]).choice(len(IMAGE_SIZES), size=n, p=IMAGE_SIZE_WEIGHTS)
 
-    def _one(index: int) -> None:
-        image_id, lesion = plan[index]
-        data = render_image(lesion, image_seed=seed * 1_000_003 + index,
+    def _render(index: int) -> tuple[bytes, str]:
+        data = render_image(plan[index][1], image_seed=seed * 1_000_003 + index,
                             size=tuple(size) if size else IMAGE_SIZES[int(sizes[index])], quality=quality)
-        write_bytes(join(out, INPUT_DIR, f"{image_id}.jpg"), data)
+        return data, "jpg"
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL resize/encode release the GIL
-        list(pool.map(_one, range(n)))
-    write_text(join(out, INPUT_DIR, "ATTRIBUTION.txt"), ATTRIBUTION)
-    write_text(join(out, INPUT_DIR, "LICENSE.txt"), LICENSE)
-
-    gt_rows, meta_rows = [], []
-    for image_id, lesion in plan:
-        gt_rows.append([image_id] + ["1.0" if code == lesion.label else "0.0" for code in SUBMISSION_CODES])
-        meta_rows.append([image_id, "" if lesion.age is None else f"{lesion.age:.1f}", lesion.site or "",
-                          lesion.lesion_id or "", lesion.sex or ""])
-    write_text(join(out, GROUND_TRUTH_CSV), _csv_text(["image", *SUBMISSION_CODES], gt_rows))
-    write_text(join(out, METADATA_CSV),
-               _csv_text(["image", "age_approx", "anatom_site_general", "lesion_id", "sex"], meta_rows))
+    rows = [IsicRow(image_id=image_id, label=lesion.label,
+                    age_approx=None if lesion.age is None else f"{lesion.age:.1f}",  # ISIC's own format: 55.0
+                    site=lesion.site, lesion_id=lesion.lesion_id, sex=lesion.sex)
+            for image_id, lesion in plan]
+    write_isic2019(out, rows, _render, workers=workers)  # PIL resize/encode release the GIL: threads draw in parallel
+    write_text(join(out, ISIC2019_INPUT_DIR, "ATTRIBUTION.txt"), ATTRIBUTION)
+    write_text(join(out, ISIC2019_INPUT_DIR, "LICENSE.txt"), LICENSE)
     write_text(join(out, MARKER_FILE), json.dumps(_marker(n, seed, quality, size)))
     seconds = time.perf_counter() - start
     log.info("synth: wrote %d images to %s in %.1f s", n, out, seconds)

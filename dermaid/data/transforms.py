@@ -19,13 +19,14 @@ _INTERPOLATION = {
 
 
 def _interp(spec: dict[str, Any]) -> T.InterpolationMode:
-    return _INTERPOLATION.get(spec.get("interpolation", "bicubic"), T.InterpolationMode.BICUBIC)
+    """The spec's timm interpolation name; bicubic for a name torchvision lacks here (e.g. timm's "random")."""
+    return _INTERPOLATION.get(spec["interpolation"], T.InterpolationMode.BICUBIC)
 
 
 def create_eval_transform(spec: dict[str, Any]) -> T.Compose:
     """PIL RGB -> normalised tensor (3, H, W): resize the shorter side to size/crop_pct, centre crop."""
     size = int(spec["input_size"][-1])
-    resize_to = int(math.floor(size / float(spec.get("crop_pct", 1.0))))
+    resize_to = int(math.floor(size / float(spec["crop_pct"])))
     return T.Compose([
         T.Resize(resize_to, interpolation=_interp(spec)),
         T.CenterCrop(size),
@@ -35,20 +36,20 @@ def create_eval_transform(spec: dict[str, Any]) -> T.Compose:
 
 
 def create_train_transform(spec: dict[str, Any], augment: dict[str, Any]) -> T.Compose:
-    """PIL RGB -> augmented normalised tensor (3, H, W), from the `augment` config group."""
+    """PIL RGB -> augmented normalised tensor (3, H, W), from the `augment` config group (every key required)."""
     size = int(spec["input_size"][-1])
     steps: list = [
-        T.RandomResizedCrop(size, scale=tuple(augment.get("scale", (0.6, 1.0))),
-                            ratio=tuple(augment.get("ratio", (0.8, 1.25))), interpolation=_interp(spec)),
+        T.RandomResizedCrop(size, scale=tuple(augment["scale"]), ratio=tuple(augment["ratio"]),
+                            interpolation=_interp(spec)),
     ]
-    if augment.get("hflip", True):
+    if augment["hflip"]:
         steps.append(T.RandomHorizontalFlip())
-    if augment.get("vflip", True):
+    if augment["vflip"]:
         steps.append(T.RandomVerticalFlip())
-    degrees = float(augment.get("rotation", 0))
+    degrees = float(augment["rotation"])
     if degrees:
         steps.append(T.RandomRotation(degrees, interpolation=T.InterpolationMode.BILINEAR))
-    jitter = float(augment.get("color_jitter", 0))
+    jitter = float(augment["color_jitter"])
     if jitter:
         steps.append(T.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=min(jitter / 4, 0.05)))
     steps += [T.ToTensor(), T.Normalize(spec["mean"], spec["std"])]

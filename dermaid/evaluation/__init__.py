@@ -1,5 +1,5 @@
 """Evaluation: metrics.py (the ISIC 2019 metrics, one definition), calibration.py (temperature
 scaling, ECE, NLL), evaluate.py (`dermaid evaluate`: predictions.csv + metrics.json).
 
-The batch prediction path shared with dermaid.inference is
-`dermaid.training.loop.predict_probabilities` (plain torch)."""
+Evaluation and dermaid.inference share one path: `create_eval_transform(card.input)` for the pixels and
+`dermaid.training.loop.probabilities_from_logits` (softmax(logits / card.temperature)) for the output."""

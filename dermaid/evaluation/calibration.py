@@ -3,7 +3,7 @@
     T = fit_temperature(val_logits, val_labels)       # LBFGS on the NLL of softmax(logits / T)
     probs = softmax_with_temperature(logits, T)       # what evaluation and Serve report
 
-The temperature is stored in the model card (`card["calibration"]["temperature"]`).
+The temperature is stored in the model card (`card.calibration["temperature"]`, read as `card.temperature`).
 """
 
 from __future__ import annotations

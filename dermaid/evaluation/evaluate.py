@@ -5,8 +5,8 @@
     dermaid evaluate checkpoint=gs://bucket/runs/x/best data.root=gs://bucket/derm7pt split=all device=cuda
 
 Plain PyTorch in this process (no Ray needed), on CPU or GPU. The probabilities are softmax(logits / T)
-with the card's temperature, averaged over the test-time views when tta > 0; the same function
-(`dermaid.training.loop.predict_probabilities`) serves dermaid.inference.Predictor.
+with the card's temperature, averaged over the test-time views when tta > 0; the same preprocessing
+(`create_eval_transform(card.input)`) and `probabilities_from_logits` serve dermaid.inference.Predictor.
 Outputs are decision support for research, never a diagnosis.
 """
 
@@ -27,6 +27,7 @@ from dermaid.errors import DermaidError
 from dermaid.evaluation.calibration import calibration_report
 from dermaid.evaluation.metrics import compute_metrics, format_metrics_table, json_safe
 from dermaid.files import join, write_text
+from dermaid.models.card import ModelCard
 from dermaid.training.loop import TTA_CHOICES, predict_logits, probabilities_from_logits, resolve_device
 
 PREDICTIONS_FILE = "predictions.csv"
@@ -51,28 +52,28 @@ def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     from dermaid.models.card import load_float_model
 
     plain = to_plain(cfg)
-    checkpoint = plain.get("checkpoint")
+    checkpoint = plain["checkpoint"]
     if not checkpoint:
         raise DermaidError("checkpoint= is required: a checkpoint directory written by `dermaid train` (DIR/best)")
-    split = str(plain.get("split", "val"))
+    split = str(plain["split"])
     if split not in ("val", "test", "all"):
         raise DermaidError(f"split={split!r}: expected val, test or all")
-    tta = int(plain.get("tta", 0))
+    tta = int(plain["tta"])
     if tta not in TTA_CHOICES:
         raise DermaidError(f"tta={tta}: expected one of {list(TTA_CHOICES)}")
-    device = resolve_device(str(plain.get("device", "auto")))
+    device = resolve_device(str(plain["device"]))
     out = str(plain["out"])
 
     model, card = load_float_model(str(checkpoint), device)  # CheckpointError: missing, unreadable, misfit
     version_url = ensure_prepared(plain["data"])
-    records = load_records(version_url, split=split, fold=int(plain["data"].get("fold", 0)))
+    records = load_records(version_url, split=split, fold=int(plain["data"]["fold"]))
     if records.empty:
         raise DermaidError(f"{version_url}: split {split!r} has no images")
     _check_labels(records, card, version_url)
 
-    temperature = float(card.get("calibration", {}).get("temperature", 1.0)) if plain.get("calibrated", True) else 1.0
-    probs, logits = predict_records(model, records, card["input"], temperature, tta, device,
-                                    batch_size=int(plain.get("batch_size", 64)))
+    temperature = card.temperature if plain["calibrated"] else 1.0
+    probs, logits = predict_records(model, records, card.input, temperature, tta, device,
+                                    batch_size=int(plain["batch_size"]))
     write_text(join(out, PREDICTIONS_FILE), submission_csv(records["image_id"].tolist(), probs))
 
     labeled = records["label_idx"].to_numpy() >= 0
@@ -83,9 +84,9 @@ def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         metrics.update(compute_metrics(labels, probs[labeled]))
         metrics["calibration"] = calibration_report(logits[labeled], labels, temperature=temperature)
     metrics.update({
-        "checkpoint": str(checkpoint), "model": card["model"].get("name"), "split": split, "tta": tta,
+        "checkpoint": str(checkpoint), "model": card.model_name, "split": split, "tta": tta,
         "temperature": temperature, "dataset_version": version_url.rstrip("/").rsplit("/", 1)[-1],
-        "trained_on": card.get("dataset_versions"), "disclaimer": DISCLAIMER,
+        "trained_on": card.dataset_versions, "disclaimer": DISCLAIMER,
     })
     write_text(join(out, METRICS_FILE), json.dumps(json_safe(metrics), indent=2))
     return {"out": out, "split": split, "num_images": int(len(records)), "metrics": metrics}
@@ -111,9 +112,9 @@ def submission_csv(image_ids: list[str], probs: np.ndarray) -> str:
     return buf.getvalue()
 
 
-def _check_labels(records: pd.DataFrame, card: dict[str, Any], version_url: str) -> None:
+def _check_labels(records: pd.DataFrame, card: ModelCard, version_url: str) -> None:
     """Every label in the data must be a class the model predicts."""
-    known = {c["code"] for c in card["classes"]}
+    known = set(card.class_codes)
     labels = records["label"].dropna()
     unknown = sorted(set(labels) - known)
     if unknown:

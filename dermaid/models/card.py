@@ -3,22 +3,31 @@
 A checkpoint is a directory (any fsspec URL) holding:
     card.json   the model card (below), written last
     model.pt    torch.save({"state_dict": ...}) for kind="float"
-                (other kinds name their artifact in card["artifact"]: model.int8.pt, model.onnx, ...)
+                (other kinds name their artifact in the card's `artifact`: model.int8.onnx, model.onnx, ...)
 
-The card says everything needed to use the model without its training config:
-    format_version, kind ("float" | "quantized_dynamic" | "quantized_static" | "onnx" | "torchscript"),
-    artifact (file name), model (the `model` config group: name, use_metadata, ...),
-    classes (code, name, description, malignant in output order), input (timm input spec),
-    metadata (vocabularies; whether the model uses them), dataset_version(s), config (resolved),
-    code_version, metrics, calibration ({"temperature": T}), epoch, teacher, created.
+The card (`ModelCard`, a typed, versioned record; card.json is its `to_dict()`) says everything needed
+to use the model without its training config:
+    format_version (1; a card written without it is version 1), kind ("float" | "quantized_dynamic" |
+    "quantized_static" | "onnx" | "torchscript"), artifact (file name), model (the `model` config group:
+    name, use_metadata, ...), classes (code, name, description, malignant in output order), input (timm
+    input spec), metadata (vocabularies; whether the model uses them), dataset_version(s), config
+    (resolved), code_version, metrics, calibration ({"temperature": T}), epoch, teacher, created, and for a
+    compressed artifact compression ({"source": float checkpoint URL, ...how it was made}).
+
+    card = load_card("runs/toy/best")        # CheckpointError: missing, unreadable, unknown format_version
+    card.model_name, card.input_size, card.temperature, card.uses_metadata, card.compression_source
+    save_checkpoint(url, build_card(model_cfg, input_spec, temperature=1.2), model.state_dict())
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import hashlib
 import io
 import json
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +41,9 @@ from dermaid.files import atomic_dir, exists, join, read_bytes, read_text, write
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "model.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1                 # the card layout this code writes
+READABLE_FORMAT_VERSIONS = (1,)    # the card layouts this code reads
+FLOAT_KIND = "float"
 
 
 class CheckpointError(DermaidError, ValueError):
@@ -51,6 +62,119 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def metadata_vocabulary(used: bool) -> dict[str, Any]:
+    """The card's `metadata` block: whether the model reads metadata, and the encoding it was trained with."""
+    return {"used": bool(used), "dim": METADATA_DIM, "age_scale": AGE_SCALE, "sexes": list(SEXES), "sites": list(SITES)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelCard:
+    """One checkpoint's model card. Field order is card.json's key order."""
+
+    format_version: int = FORMAT_VERSION
+    kind: str = FLOAT_KIND
+    artifact: str = WEIGHTS_FILE
+    model: dict[str, Any]                      # the `model` config group (name, use_metadata, ...)
+    classes: list[dict[str, Any]] = field(default_factory=class_table)   # output order
+    input: dict[str, Any]                      # timm input spec: input_size, mean, std, crop_pct, ...
+    metadata: dict[str, Any] = field(default_factory=dict)  # metadata_vocabulary(...); {} on the oldest cards
+    dataset_version: str | None = None
+    dataset_versions: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    code_version: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=lambda: {"temperature": 1.0})
+    epoch: int | None = None
+    teacher: str | None = None
+    created: str | None = None
+    compression: dict[str, Any] | None = None  # compressed artifacts only: {"source": float checkpoint, ...}
+    extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept on re-save
+
+    # --- typed reads -----------------------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        """The timm backbone name (the `model.name` config key)."""
+        return str(self.model["name"])
+
+    @property
+    def class_codes(self) -> tuple[str, ...]:
+        """The class codes in output order (always dermaid.classes.CLASS_CODES for a loaded card)."""
+        return tuple(str(c["code"]) for c in self.classes)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """(C, H, W) of the model input."""
+        channels, height, width = (int(v) for v in self.input["input_size"])
+        return channels, height, width
+
+    @property
+    def uses_metadata(self) -> bool:
+        """Whether the model reads the metadata vector (cards without a metadata block: yes)."""
+        return bool(self.metadata.get("used", True))
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature T (probabilities are softmax(logits / T)); 1.0 when none was fitted."""
+        return float(self.calibration.get("temperature") or 1.0)
+
+    @property
+    def is_float(self) -> bool:
+        """Float torch weights (Grad-CAM and re-compression need them), not a compressed artifact."""
+        return self.kind == FLOAT_KIND
+
+    @property
+    def compression_source(self) -> str | None:
+        """For a compressed artifact: the float checkpoint it was made from (None when not recorded)."""
+        return (self.compression or {}).get("source") or None
+
+    @property
+    def trained_on(self) -> list[str]:
+        """Every dataset version the weights saw (a fine-tuned card lists its source's too)."""
+        return list(self.dataset_versions or ([self.dataset_version] if self.dataset_version else []))
+
+    # --- JSON ------------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The card.json content (a compressed artifact's `compression` only when present)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if data["compression"] is None:
+            del data["compression"]
+        return {**data, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = CARD_FILE) -> ModelCard:
+        """card.json content -> ModelCard. CheckpointError (naming `source`) for an unknown format_version,
+        other classes than DermAID's, or a card without its model or input spec."""
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{source}: a model card must be a JSON object, not {type(data).__name__}")
+        version = data.get("format_version", 1)  # cards written before the field existed are version 1
+        if isinstance(version, bool) or version not in READABLE_FORMAT_VERSIONS:
+            raise CheckpointError(f"{source}: model card format_version {version!r} is not one this DermAID reads "
+                                  f"({list(READABLE_FORMAT_VERSIONS)}); upgrade DermAID to use this checkpoint")
+        codes = [c.get("code") for c in data.get("classes") or []]
+        if tuple(codes) != CLASS_CODES:
+            raise CheckpointError(f"{source}: the card's classes {codes} differ from DermAID's {list(CLASS_CODES)}")
+        for key in ("model", "input"):
+            if not isinstance(data.get(key), dict):
+                raise CheckpointError(f"{source}: the model card has no {key!r} block")
+        if not data["model"].get("name"):
+            raise CheckpointError(f"{source}: the model card names no model (model.name)")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        values = {key: value for key, value in data.items() if key in known}
+        values["format_version"] = version
+        return cls(**values, extra={key: value for key, value in data.items() if key not in known})
+
+    def derived(self, kind: str, artifact: str, compression: dict[str, Any]) -> ModelCard:
+        """This card for an artifact made from it (export, quantization): new kind, artifact and provenance."""
+        return dataclasses.replace(self, kind=kind, artifact=artifact, code_version=code_version(),
+                                   created=_utc_now(), compression=dict(compression))
+
+
 def build_card(
     model_cfg: dict[str, Any],
     input_spec: dict[str, Any],
@@ -62,61 +186,58 @@ def build_card(
     temperature: float = 1.0,
     epoch: int | None = None,
     teacher: str | None = None,
-    kind: str = "float",
+    kind: str = FLOAT_KIND,
     artifact: str = WEIGHTS_FILE,
-) -> dict[str, Any]:
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": kind,
-        "artifact": artifact,
-        "model": dict(model_cfg),
-        "classes": class_table(),
-        "input": dict(input_spec),
-        "metadata": {
-            "used": bool(model_cfg.get("use_metadata", True)),
-            "dim": METADATA_DIM,
-            "age_scale": AGE_SCALE,
-            "sexes": list(SEXES),
-            "sites": list(SITES),
-        },
-        "dataset_version": dataset_version,
-        "dataset_versions": list(dataset_versions or ([dataset_version] if dataset_version else [])),
-        "config": config or {},
-        "code_version": code_version(),
-        "metrics": metrics or {},
-        "calibration": {"temperature": float(temperature)},
-        "epoch": epoch,
-        "teacher": teacher,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+) -> ModelCard:
+    """The card of newly trained weights; `model_cfg` is the `model` config group (name, use_metadata, ...)."""
+    return ModelCard(
+        kind=kind,
+        artifact=artifact,
+        model=dict(model_cfg),
+        input=dict(input_spec),
+        metadata=metadata_vocabulary(model_cfg["use_metadata"]),
+        dataset_version=dataset_version,
+        dataset_versions=list(dataset_versions or ([dataset_version] if dataset_version else [])),
+        config=config or {},
+        code_version=code_version(),
+        metrics=metrics or {},
+        calibration={"temperature": float(temperature)},
+        epoch=epoch,
+        teacher=teacher,
+        created=_utc_now(),
+    )
 
 
-def save_checkpoint(url: str, card: dict[str, Any], state_dict: dict[str, Any] | None = None,
+def save_checkpoint(url: str, card: ModelCard, state_dict: dict[str, Any] | None = None,
                     artifact_bytes: bytes | None = None) -> str:
     """Write a checkpoint directory atomically (temporary sibling, then moved into place)."""
     with atomic_dir(url) as tmp:
         if state_dict is not None:
             buf = io.BytesIO()
             torch.save({"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}, buf)
-            write_bytes(join(tmp, card["artifact"]), buf.getvalue())
+            write_bytes(join(tmp, card.artifact), buf.getvalue())
         elif artifact_bytes is not None:
-            write_bytes(join(tmp, card["artifact"]), artifact_bytes)
-        write_text(join(tmp, CARD_FILE), json.dumps(card, indent=2, default=str))
+            write_bytes(join(tmp, card.artifact), artifact_bytes)
+        write_text(join(tmp, CARD_FILE), json.dumps(card.to_dict(), indent=2, default=str))
     return url
 
 
-def load_card(url: str) -> dict[str, Any]:
+def model_version(card: ModelCard) -> str:
+    """A stable id for a checkpoint: backbone name + kind + a short hash of its model card."""
+    digest = hashlib.sha256(json.dumps(card.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{card.model_name}-{card.kind}-{digest}"
+
+
+def load_card(url: str) -> ModelCard:
+    """A checkpoint directory's model card. CheckpointError when missing, unreadable or from another format."""
     card_url = join(url, CARD_FILE)
     if not exists(card_url):
         raise CheckpointError(f"{url}: not a DermAID checkpoint (no {CARD_FILE})")
     try:
-        card = json.loads(read_text(card_url))
+        data = json.loads(read_text(card_url))
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{card_url}: unreadable model card ({exc})") from None
-    codes = [c["code"] for c in card.get("classes", [])]
-    if tuple(codes) != CLASS_CODES:
-        raise CheckpointError(f"{card_url}: the card's classes {codes} differ from DermAID's {list(CLASS_CODES)}")
-    return card
+    return ModelCard.from_dict(data, source=card_url)
 
 
 def float_weights_for(url: str) -> str:
@@ -124,28 +245,28 @@ def float_weights_for(url: str) -> str:
     (ONNX, TorchScript, int8), the float checkpoint it was made from (its card's compression.source).
     Grad-CAM needs them (gradients flow through PyTorch modules only); clear errors when they are gone."""
     card = load_card(url)
-    kind = card.get("kind", "float")
-    if kind == "float":
+    if card.is_float:
         return url
-    source = (card.get("compression") or {}).get("source")
+    source = card.compression_source
     hint = "set explainer_checkpoint= to the float checkpoint it was made from"
     if not source:
-        raise CheckpointError(f"{url}: a {kind} artifact that names no float source; "
+        raise CheckpointError(f"{url}: a {card.kind} artifact that names no float source; "
                               f"Grad-CAM needs float weights: {hint}")
     try:
-        source_kind = load_card(source).get("kind", "float")
+        source_kind = load_card(source).kind
     except CheckpointError as exc:
-        raise CheckpointError(f"{url}: a {kind} artifact whose float source is unusable ({exc}); {hint}") from None
-    if source_kind != "float":
-        raise CheckpointError(f"{url}: a {kind} artifact whose source {source} is a {source_kind} artifact too; {hint}")
+        raise CheckpointError(f"{url}: a {card.kind} artifact whose float source is unusable ({exc}); {hint}") from None
+    if source_kind != FLOAT_KIND:
+        raise CheckpointError(f"{url}: a {card.kind} artifact whose source {source} is a {source_kind} artifact too; "
+                              f"{hint}")
     return source
 
 
-def load_state_dict(url: str, card: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict(url: str, card: ModelCard | None = None) -> dict[str, torch.Tensor]:
     card = card or load_card(url)
-    weights_url = join(url, card.get("artifact", WEIGHTS_FILE))
+    weights_url = join(url, card.artifact)
     if not exists(weights_url):
-        raise CheckpointError(f"{url}: weights file {card.get('artifact')} is missing")
+        raise CheckpointError(f"{url}: weights file {card.artifact} is missing")
     try:
         blob = torch.load(io.BytesIO(read_bytes(weights_url)), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
@@ -153,20 +274,20 @@ def load_state_dict(url: str, card: dict[str, Any] | None = None) -> dict[str, t
     return blob["state_dict"] if isinstance(blob, dict) and "state_dict" in blob else blob
 
 
-def load_float_model(url: str, device: str | torch.device = "cpu"):
+def load_float_model(url: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
     """Checkpoint URL -> (LesionClassifier in eval mode, card). Clear errors for misfits."""
     from dermaid.models.classifier import create_classifier
 
     card = load_card(url)
-    if card.get("kind", "float") != "float":
-        raise CheckpointError(f"{url}: a {card['kind']} artifact, not float weights")
-    model = create_classifier(card["model"])
+    if not card.is_float:
+        raise CheckpointError(f"{url}: a {card.kind} artifact, not float weights")
+    model = create_classifier(card.model)
     state = load_state_dict(url, card)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0:3]
         raise CheckpointError(
-            f"{url}: weights do not fit architecture {card['model'].get('name')!r}: {' '.join(first)}"
+            f"{url}: weights do not fit architecture {card.model_name!r}: {' '.join(first)}"
         ) from None
     return model.to(device).eval(), card

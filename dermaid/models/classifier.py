@@ -62,15 +62,18 @@ class LesionClassifier(nn.Module):
         return self.head(self.dropout(feats))  # (B, NUM_CLASSES)
 
 
+# the `model` keys that shape the network, with their types; the rest (metadata_dropout) is training-only
+_ARCHITECTURE_KEYS = {"pretrained": bool, "use_metadata": bool, "metadata_hidden": int, "drop_rate": float}
+
+
 def create_classifier(model_cfg: dict[str, Any]) -> LesionClassifier:
-    """Build the classifier from the `model` config group (a plain dict)."""
-    return LesionClassifier(
-        name=model_cfg["name"],
-        pretrained=bool(model_cfg.get("pretrained", False)),
-        use_metadata=bool(model_cfg.get("use_metadata", True)),
-        metadata_hidden=int(model_cfg.get("metadata_hidden", 32)),
-        drop_rate=float(model_cfg.get("drop_rate", 0.2)),
-    )
+    """Build the classifier from the `model` config group or a card's `model` block (a plain dict).
+
+    `name` is required; a key a card or test leaves out takes LesionClassifier's own default (the
+    composed `model` group always sets every key).
+    """
+    given = {key: cast(model_cfg[key]) for key, cast in _ARCHITECTURE_KEYS.items() if key in model_cfg}
+    return LesionClassifier(name=model_cfg["name"], **given)
 
 
 def resolve_input_spec(model: LesionClassifier, img_size: int | None = None) -> dict[str, Any]:
@@ -86,6 +89,6 @@ def resolve_input_spec(model: LesionClassifier, img_size: int | None = None) -> 
         "input_size": list(size),
         "mean": [float(x) for x in data_cfg["mean"]],
         "std": [float(x) for x in data_cfg["std"]],
-        "interpolation": str(data_cfg.get("interpolation", "bicubic")),
-        "crop_pct": float(data_cfg.get("crop_pct", 0.875)),
+        "interpolation": str(data_cfg["interpolation"]),  # timm's resolved data config sets every key
+        "crop_pct": float(data_cfg["crop_pct"]),
     }

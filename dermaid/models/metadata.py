@@ -6,12 +6,11 @@ Each field has a missing indicator, so a request without metadata is a valid inp
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from dermaid.classes import SEXES, SITES
+from dermaid.classes import SEXES, SITES, is_missing
 
 AGE_SCALE = 100.0
 METADATA_DIM = 1 + 1 + len(SEXES) + 1 + len(SITES) + 1  # 14
@@ -20,28 +19,18 @@ _SEX_OFFSET = 2
 _SITE_OFFSET = _SEX_OFFSET + len(SEXES) + 1
 
 
-def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    if isinstance(value, str) and value.strip() == "":
-        return True
-    return False
-
-
 def encode_metadata(age: Any = None, sex: Any = None, site: Any = None) -> torch.Tensor:
     """One record -> a float vector of length METADATA_DIM. Unknown values count as missing."""
     vec = torch.zeros(METADATA_DIM)
-    if _is_missing(age):
+    if is_missing(age):
         vec[1] = 1.0
     else:
         vec[0] = float(age) / AGE_SCALE
-    if not _is_missing(sex) and str(sex).lower() in SEXES:
+    if not is_missing(sex) and str(sex).lower() in SEXES:
         vec[_SEX_OFFSET + SEXES.index(str(sex).lower())] = 1.0
     else:
         vec[_SEX_OFFSET + len(SEXES)] = 1.0
-    if not _is_missing(site) and str(site).lower() in SITES:
+    if not is_missing(site) and str(site).lower() in SITES:
         vec[_SITE_OFFSET + SITES.index(str(site).lower())] = 1.0
     else:
         vec[_SITE_OFFSET + len(SITES)] = 1.0

@@ -1,15 +1,16 @@
 """Notebook reports: execute a parameterized notebook with papermill, export HTML, keep key figures.
 
-    dermaid report eda data_root=data/toy
+    dermaid report eda data.root=data/toy
     dermaid report train-report run_dir=runs/toy
-    dermaid report tune-report tune_dir=runs/tune-toy
-    dermaid report saliency-gallery checkpoint=runs/toy/best images=data/toy/ISIC_2019_Training_Input
+    dermaid report tune-report tune_dir=runs/tune/toy
+    dermaid report saliency-gallery checkpoint=runs/toy/best data.root=data/toy
     dermaid report eda paths.reports_dir=/tmp/reports --cfg job      # show the composed config
 
-`NAME` (eda | train-report | tune-report | saliency-gallery) picks a notebook in notebooks/
-(conf/report.yaml maps names to notebooks and to parameter defaults taken from `paths`); every
-other bare `key=value` sets one of the notebook's parameters (its `parameters` cell). The report
-lands in `${paths.reports_dir}/NAME-<timestamp>/`: `report.ipynb` (executed), `report.html`
+`NAME` (eda | train-report | tune-report | saliency-gallery) selects conf/report/NAME.yaml: the notebook in
+notebooks/ and which config values feed its parameters (`data.root` -> `data_root` ...). Keys of the
+composed config (data.*, paths.*, out ...) are set as for every command; every other bare `key=value`
+sets one of the notebook's own parameters (its `parameters` cell; `data_root=` too, as before). The
+report lands in `${paths.reports_dir}/NAME-<timestamp>/`: `report.ipynb` (executed), `report.html`
 (figures embedded as base64 PNG) and `key_figures.json` (the numbers automation reads). It is
 written in a temporary folder and moved into place at the end, so a failed run never leaves a
 report that looks complete; the partial notebook of a failed run is kept as `NAME-<ts>-FAILED.ipynb`.
@@ -56,17 +57,22 @@ def notebooks_dir() -> Path:
 
 # --------------------------------------------------------------------------- command line
 
-def hydra_args(argv: list[str]) -> list[str]:
-    """Rewrite `NAME key=value ...` into Hydra overrides (`name=NAME ++params.key=value`).
+def report_names() -> list[str]:
+    """The reports conf/report/ defines (NAME of `dermaid report NAME`)."""
+    return sorted(p.stem for p in (conf_dir() / "report").glob("*.yaml"))
 
-    Keys that belong to conf/report.yaml itself (name, out, paths.*, hydra.* ...) and Hydra flags
-    pass through unchanged; the parameter names are checked later against the notebook.
-    """
+
+def hydra_args(argv: list[str]) -> list[str]:
+    """`NAME key=value ...` -> Hydra overrides: `report=NAME`, the config's own keys as given, and every
+    other bare `key=value` as a notebook parameter (`++params.key=value`, checked later against the notebook)."""
     own = _config_keys()
     out: list[str] = []
     for i, arg in enumerate(argv):
         if i == 0 and arg and "=" not in arg and not arg.startswith("-"):
-            out.append(f"name={arg}")
+            if arg not in report_names():
+                raise DermaidError(f"report: unknown report {arg!r}; run `dermaid report NAME key=value ...` "
+                                   f"with NAME one of {report_names()}")
+            out.append(f"report={arg}")
             continue
         key = arg.split("=", 1)[0]
         if "=" in arg and not arg.startswith(("-", "+", "~")) and key.split(".")[0] not in own:
@@ -77,6 +83,7 @@ def hydra_args(argv: list[str]) -> list[str]:
 
 
 def _config_keys() -> set[str]:
+    """Top-level keys of conf/report.yaml: its own and those its defaults list brings (paths, data, report ...)."""
     raw = OmegaConf.load(conf_dir() / "report.yaml")
     keys = {str(k) for k in raw.keys() if k != "defaults"} | {"hydra"}
     for entry in raw.get("defaults", []):
@@ -95,24 +102,21 @@ def run(cfg: DictConfig) -> str:
 
 
 def build_report_from_config(cfg: DictConfig | dict[str, Any]) -> str:
-    """A composed `report` config (name, params, paths ...) -> the report folder URL."""
+    """A composed `report` config (report=NAME, params, paths ...) -> the report folder URL."""
     plain = to_plain(cfg)
-    name = plain.get("name")
-    reports = plain["reports"]
-    if name not in reports:
-        what = f"unknown report {name!r}" if name else "no report named"
-        raise DermaidError(f"report: {what}; run `dermaid report NAME key=value ...` with NAME one of {sorted(reports)}")
-    spec = reports[name]
-    params = {**(spec.get("params") or {}), **(plain.get("params") or {})}
+    spec = plain.get("report")  # absent until a report is selected (`report: null` in the defaults list)
+    if not spec:
+        raise DermaidError(f"report: no report named; run `dermaid report NAME key=value ...` "
+                           f"with NAME one of {report_names()}")
     return build_report(
-        name,
+        spec["name"],
         notebooks_dir() / spec["notebook"],
-        params,
+        {**spec["params"], **plain["params"]},  # the command line's parameters win
         reports_dir=plain["paths"]["reports_dir"],
-        path_params=list(spec.get("path_params") or []),
-        out=plain.get("out"),
-        kernel_name=plain.get("kernel_name"),
-        execution_timeout=plain.get("execution_timeout"),
+        path_params=spec["path_params"],
+        out=plain["out"],
+        kernel_name=plain["kernel_name"],
+        execution_timeout=plain["execution_timeout"],
     )
 
 

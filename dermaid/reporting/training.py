@@ -23,6 +23,7 @@ from dermaid.classes import BY_CODE, CLASS_CODES
 from dermaid.errors import DermaidError
 from dermaid.evaluation.calibration import calibration_report, softmax_with_temperature
 from dermaid.evaluation.metrics import compute_metrics, predicted_labels
+from dermaid.models.card import ModelCard
 from dermaid.reporting.eda import MISSING, age_band
 from dermaid.reporting.figures import create_figure, heatmap, image_grid
 from dermaid.files import exists, join, read_text
@@ -37,19 +38,19 @@ class Run:
 
     run_dir: str
     checkpoint: str
-    card: dict[str, Any]
+    card: ModelCard
     config: dict[str, Any]
     summary: dict[str, Any]
     history: pd.DataFrame
 
     @property
     def best_epoch(self) -> int | None:
-        epoch = self.summary.get("best_epoch", self.card.get("epoch"))
+        epoch = self.summary.get("best_epoch", self.card.epoch)
         return None if epoch is None else int(epoch)
 
     @property
     def temperature(self) -> float:
-        return float((self.card.get("calibration") or {}).get("temperature", 1.0) or 1.0)
+        return self.card.temperature
 
 
 @dataclass
@@ -85,7 +86,7 @@ def load_run(run_dir: str, checkpoint: str = "best") -> Run:
     card = load_card(ckpt)
     config_url = join(run_dir, "config.yaml")
     config = (OmegaConf.to_container(OmegaConf.create(read_text(config_url))) if exists(config_url)
-              else dict(card.get("config") or {}))
+              else dict(card.config))
     summary_url = join(run_dir, "summary.json")
     summary = json.loads(read_text(summary_url)) if exists(summary_url) else {}
     return Run(run_dir, ckpt, card, config, summary, read_history(run_dir))
@@ -95,7 +96,7 @@ def resolve_version_url(run: Run, prepared_dir: str = "") -> str:
     """The prepared dataset version the run trained on: <prepared_dir>/<dataset_version>."""
     from dermaid.reporting.runner import project_path
 
-    version = run.card.get("dataset_version") or run.config.get("dataset_version")
+    version = run.card.dataset_version or run.config.get("dataset_version")
     prepared = prepared_dir or (run.config.get("data") or {}).get("prepared_dir")
     if not version or not prepared:
         raise DermaidError(f"{run.run_dir}: the run names no dataset version / prepared_dir; pass prepared_dir=...")
@@ -117,13 +118,13 @@ def predict_split(run: Run, split: str = "val", prepared_dir: str = "", batch_si
     if split not in ("val", "test", "all"):
         raise DermaidError(f"split={split!r}: expected val, test or all")
     version_url = resolve_version_url(run, prepared_dir)
-    fold = int((run.config.get("data") or {}).get("fold", 0))
+    fold = int(run.config["data"]["fold"])  # every run config has it (conf/data/)
     records = load_records(version_url, split=split, fold=fold)
     records = records[records["label_idx"] >= 0].reset_index(drop=True)
     if records.empty:
         raise DermaidError(f"{version_url}: split {split!r} (fold {fold}) has no labelled images")
     model, card = load_float_model(run.checkpoint, device)
-    _, logits = predict_records(model, records, card["input"], 1.0, 0, torch.device(device), batch_size=batch_size)
+    _, logits = predict_records(model, records, card.input, 1.0, 0, torch.device(device), batch_size=batch_size)
     return Predictions(records, records["label_idx"].to_numpy().astype(int), logits, run.temperature, split,
                        version_url)
 

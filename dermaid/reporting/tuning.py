@@ -12,8 +12,6 @@ trial's run_dir (a `dermaid train` run directory with its history.csv).
 
 from __future__ import annotations
 
-import io
-import json
 from typing import Any
 
 import numpy as np
@@ -21,10 +19,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from dermaid.errors import DermaidError
+from dermaid.files import exists, join
 from dermaid.reporting.figures import create_figure
-from dermaid.files import exists, join, read_text
-from dermaid.tuning import CONFIG_PREFIX, RESULTS_FILE
-
+from dermaid.tuning.layout import BEST_DIR, CONFIG_PREFIX, RESULTS_FILE
+from dermaid.tuning.results import best_row, format_overrides, hyperparameter_keys, read_results
 
 
 def find_results(tune_dir: str, results_file: str = "") -> str:
@@ -39,25 +37,21 @@ def find_results(tune_dir: str, results_file: str = "") -> str:
 
 
 def load_trials(tune_dir: str, results_file: str = "") -> pd.DataFrame:
-    """The results table (one row per trial; hyperparameters in `config/<dotted.key>` columns)."""
-    url = find_results(tune_dir, results_file)
-    try:
-        table = pd.read_csv(io.StringIO(read_text(url)))
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DermaidError(f"{url}: not a readable CSV ({exc})") from None
+    """The results table (one row per trial; hyperparameters in `config/<dotted.key>` columns), read by
+    the same function as `dermaid tune` itself (dermaid.tuning.results.read_results)."""
+    table = read_results(find_results(tune_dir, results_file))
     if table.empty:
-        raise DermaidError(f"{url}: the results table has no trials")
-    table.attrs["url"] = url
+        raise DermaidError(f"{table.attrs['url']}: the results table has no trials")
     return table
 
 
 def hyperparameter_columns(trials: pd.DataFrame) -> list[str]:
     """The `config/...` columns whose value differs between trials (the searched hyperparameters)."""
-    columns = [c for c in trials.columns if c.startswith(CONFIG_PREFIX)]
-    return [c for c in columns if trials[c].astype(str).nunique(dropna=False) > 1]
+    return [c for c in hyperparameter_keys(trials) if trials[c].astype(str).nunique(dropna=False) > 1]
 
 
 def check_metric(trials: pd.DataFrame, metric: str, mode: str) -> None:
+    """DermaidError unless `metric` is a column of the table and `mode` is max or min."""
     if metric not in trials:
         numeric = [c for c in trials.columns if not c.startswith(CONFIG_PREFIX)
                    and pd.api.types.is_numeric_dtype(trials[c])]
@@ -79,11 +73,12 @@ def trials_table(trials: pd.DataFrame, metric: str, mode: str = "max", extra: tu
 
 
 def best_trial(trials: pd.DataFrame, metric: str, mode: str = "max") -> pd.Series:
+    """The row of the best trial (the first of equals), as `dermaid tune` ranks them."""
     check_metric(trials, metric, mode)
-    values = trials[metric].astype(float)
-    if values.isna().all():
+    best = best_row(trials, metric, mode)
+    if best is None:
         raise DermaidError(f"metric={metric!r}: no trial reported it")
-    return trials.loc[values.idxmax() if mode == "max" else values.idxmin()]
+    return best
 
 
 def plot_metric_vs_hparams(trials: pd.DataFrame, params: list[str], metric: str, mode: str = "max") -> Figure:
@@ -151,19 +146,20 @@ def plot_trial_curves(trials: pd.DataFrame, metric: str) -> Figure:
 
 def best_config(tune_dir: str, trials: pd.DataFrame, metric: str, mode: str = "max") -> dict[str, Any]:
     """The best trial's configuration: DIR/best's model card when the tuner saved one, else the table row."""
-    card_url = join(tune_dir, "best", "card.json")
+    from dermaid.models.card import CARD_FILE, load_card
+
+    card_url = join(tune_dir, BEST_DIR, CARD_FILE)
     if exists(card_url):
-        card = json.loads(read_text(card_url))
-        return {"source": card_url, "model": card.get("model"), "metrics": _scalars(card.get("metrics") or {}),
-                "config": card.get("config")}
+        card = load_card(join(tune_dir, BEST_DIR))
+        return {"source": card_url, "model": card.model, "metrics": _scalars(card.metrics), "config": card.config}
     best = best_trial(trials, metric, mode)
-    params = {c[len(CONFIG_PREFIX):]: _plain(best[c]) for c in trials.columns if c.startswith(CONFIG_PREFIX)}
+    params = {c[len(CONFIG_PREFIX):]: _plain(best[c]) for c in hyperparameter_keys(trials)}
     return {"source": trials.attrs.get("url"), metric: _plain(best[metric]), "config": params}
 
 
 def overrides(config: dict[str, Any], params: list[str]) -> str:
     """The searched hyperparameters as `dermaid train` overrides (key=value ...), from a flat config row."""
-    return " ".join(f"{p[len(CONFIG_PREFIX):]}={config[p]}" for p in params if p in config)
+    return format_overrides(config, params)
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -175,6 +171,7 @@ def _plain(value: Any) -> Any:
 
 
 def key_figures(trials: pd.DataFrame, metric: str, mode: str = "max") -> dict[str, Any]:
+    """The report's key figures: trial count, the best trial's metric, hyperparameters and id."""
     best = best_trial(trials, metric, mode)
     figures = {
         "num_trials": int(len(trials)),

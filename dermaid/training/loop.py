@@ -1,6 +1,6 @@
 """The training and prediction loops in plain PyTorch: no Ray, pandas or Hydra import here.
 
-train.py calls these inside each Ray Train worker; benchmarks/train_throughput.py runs the same
+worker.py calls these inside each Ray Train worker; benchmarks/train_throughput.py runs the same
 `train_one_epoch` with torch and timm alone; evaluation and Serve share `predict_probabilities`.
 
 A batch is a tuple (images (B, 3, H, W) float, metadata (B, METADATA_DIM) float, labels (B,) long).
@@ -257,7 +257,7 @@ def predict_probabilities(
     loader = records_or_loader
     if _is_records(records_or_loader):
         if input_spec is None:
-            raise ValueError("predict_probabilities: records need the card's input spec (input_spec=card['input'])")
+            raise ValueError("predict_probabilities: records need the card's input spec (input_spec=card.input)")
         from dermaid.data.torch_dataset import create_eval_loader
 
         loader = create_eval_loader(records_or_loader, input_spec, batch_size=batch_size)

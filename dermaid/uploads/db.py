@@ -3,10 +3,9 @@
     engine = create_db_engine("sqlite:///uploads/uploads.db")   # or postgresql+psycopg2://user@host/db
     init_db(engine)                                              # creates missing tables (idempotent)
 
-Tables:
+Tables (`init_db` creates them all):
     uploads   one row per consented upload (written by dermaid.uploads.store after its blobs exist)
-A review step adds its tables here (e.g. `labels`: several labels per upload with reviewer, time and
-comment, referencing uploads.id) so `init_db` creates them all.
+    labels    dermatologists' labels, several per upload, insert-only (written by dermaid.uploads.labels)
 
 SQLite (the default, one machine): WAL journal and a busy timeout, so concurrent writers from
 threads and replica processes wait for the lock instead of failing. PostgreSQL in deployment.
@@ -17,7 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Engine, Float, Integer, String, create_engine, event
+from sqlalchemy import JSON, Boolean, DateTime, Engine, Float, ForeignKey, Integer, String, Text, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -111,7 +110,6 @@ def init_db(engine: Engine) -> None:
 
 
 # --- labels (dermatologist review; written by dermaid.uploads.labels) ------------------------------------------
-from sqlalchemy import ForeignKey, Text  # noqa: E402 - kept beside the table that needs them
 
 
 class Label(Base):

@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
 from dermaid.classes import CLASS_CODES, MALIGNANT_CODES, NUM_CLASSES
 from dermaid.data.images import sniff_format
 from dermaid.errors import DermaidError
-from dermaid.files import get_fs, is_local, join, read_bytes, write_bytes
+from dermaid.files import exists, get_fs, is_local, join, read_bytes, write_bytes
 from dermaid.uploads.db import Upload, create_db_engine, init_db
 
 BLOBS_DIR = "blobs"
@@ -46,6 +47,15 @@ def default_db_url(storage_url: str) -> str:
                            "use a PostgreSQL URL")
     _, path = get_fs(storage_url)
     return f"sqlite:///{path.rstrip('/')}/uploads.db"
+
+
+def require_database(storage_url: str, db_url: str | None = None) -> None:
+    """Refuse a SQLite uploads database that does not exist yet (opening it would create an empty one)."""
+    url = make_url(db_url or default_db_url(storage_url))
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        if not exists(url.database):
+            raise DermaidError(f"storage: no uploads database at {url.database} (storage.url={storage_url}); "
+                               "point storage.url / storage.db_url at the server's uploads store")
 
 
 class UploadStore:

@@ -1,0 +1,32 @@
+"""Inference on single images: checkpoint + card -> preprocessing -> calibrated probabilities; Grad-CAM.
+
+    predictor = Predictor("runs/toy/best")
+    probs = predictor.predict([(jpeg_bytes, 55, "male", "posterior torso")])   # (1, 8) numpy
+    result = build_result(probs[0])             # sorted classes, top class, malignancy score, triage
+    explainer = Explainer(predictor)            # Grad-CAM family; one model copy per concurrent call
+    saliency = explainer.explain(jpeg_bytes, method="gradcam")   # overlay PIL image at the input size
+
+Modules, one idea each:
+    loaders.py    artifact kind (card.kind) -> model function: float, onnx, torchscript, quantized
+    decoding.py   untrusted bytes -> upright RGB image (decode_image, aspect-ratio guard)
+    predictor.py  Predictor: the one preprocessing path shared with `dermaid evaluate`, calibrated probabilities
+    triage.py     build_result: sorted classes, malignancy score, triage level and message
+    saliency.py   Grad-CAM family: CamTarget, Explainer, overlay, saliency_png
+
+Outputs are decision support for research, never a diagnosis (see dermaid.classes.DISCLAIMER).
+"""
+
+from dermaid.inference.decoding import MAX_ASPECT_RATIO, ImageShapeError, check_aspect_ratio, decode_image
+from dermaid.inference.loaders import LOADERS, Loader, ModelFn, create_model_fn, register_loader
+from dermaid.inference.predictor import Predictor, Prepared, set_thread_torch_threads
+from dermaid.inference.saliency import (CAM_METHODS, CamTarget, Explainer, Saliency, create_overlay,
+                                        find_cam_target, saliency_png)
+from dermaid.inference.triage import DEFAULT_TRIAGE, TRIAGE_MESSAGES, build_result
+from dermaid.models.card import model_version
+
+__all__ = [
+    "CAM_METHODS", "DEFAULT_TRIAGE", "LOADERS", "MAX_ASPECT_RATIO", "TRIAGE_MESSAGES", "CamTarget", "Explainer",
+    "ImageShapeError", "Loader", "ModelFn", "Predictor", "Prepared", "Saliency", "build_result",
+    "check_aspect_ratio", "create_model_fn", "create_overlay", "decode_image", "find_cam_target", "model_version",
+    "register_loader", "saliency_png", "set_thread_torch_threads",
+]

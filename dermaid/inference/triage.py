@@ -1,0 +1,55 @@
+"""Probabilities -> the result people read: sorted classes, top class, malignancy score, triage message.
+
+    result = build_result(probs[0])                          # default thresholds, DEFAULT_TRIAGE
+    result = build_result(probs[0], triage={"high": 0.4})    # conf/serve.yaml `triage` overrides
+
+Outputs are decision support for research, never a diagnosis (see dermaid.classes.DISCLAIMER).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from dermaid.classes import BY_CODE, CLASS_CODES, CLASS_INDEX, DISCLAIMER, MALIGNANT_CODES, NUM_CLASSES
+from dermaid.errors import DermaidError
+
+# Default triage thresholds on the malignancy score (overridable in conf/serve.yaml `triage`).
+DEFAULT_TRIAGE = {"high": 0.5, "moderate": 0.2}
+TRIAGE_MESSAGES = {
+    "high": "The model gives this image a high malignancy score. Please have the spot examined by a "
+            "dermatologist soon.",
+    "moderate": "The model finds some features it associates with skin cancer. Consider having the spot "
+                "checked by a dermatologist.",
+    "low": "The model finds few features it associates with skin cancer. Keep an eye on the spot; if it is "
+           "new, changing, bleeding or worries you, have it checked.",
+}
+
+
+def build_result(probabilities: Sequence[float], malignant_codes: Sequence[str] = MALIGNANT_CODES,
+                 triage: dict[str, float] | None = None) -> dict[str, Any]:
+    """(8,) probabilities in CLASS_CODES order -> the JSON-ready result people read.
+
+    The malignancy score is the summed probability of `malignant_codes`; triage levels come from
+    thresholds on it ({"high": 0.5, "moderate": 0.2} by default).
+    """
+    probs = [float(p) for p in probabilities]
+    if len(probs) != NUM_CLASSES:
+        raise ValueError(f"expected {NUM_CLASSES} probabilities, got {len(probs)}")
+    unknown = [code for code in malignant_codes if code not in CLASS_INDEX]
+    if unknown:
+        raise DermaidError(f"malignant_codes: unknown class codes {unknown}; allowed: {list(CLASS_CODES)}")
+    thresholds = {**DEFAULT_TRIAGE, **(triage or {})}
+    classes = sorted(
+        ({"code": code, "name": BY_CODE[code].name, "probability": probs[i]} for i, code in enumerate(CLASS_CODES)),
+        key=lambda row: row["probability"], reverse=True,
+    )
+    score = float(sum(probs[CLASS_INDEX[code]] for code in malignant_codes))
+    level = "high" if score >= thresholds["high"] else "moderate" if score >= thresholds["moderate"] else "low"
+    return {
+        "probabilities": classes,
+        "top": classes[0],
+        "malignancy_score": score,
+        "triage": {"level": level, "message": TRIAGE_MESSAGES[level]},
+        "disclaimer": DISCLAIMER,
+    }

@@ -1,0 +1,170 @@
+"""The typed arguments of the Serve application: the one source of every Serve default.
+
+`build_app(AppArgs)` (serve/app.py) takes these; Serve validates them from a config file's `args`
+(serve/config.yaml, the RayService in cluster/kuberay/rayservice.yaml) and `dermaid serve` from
+conf/serve.yaml (serve/launcher.py). Those files repeat the defaults for readers, and
+tests/test_serve_config.py fails when one of them disagrees with a default here without being one
+of the deliberate overrides it lists.
+
+    AppArgs                       checkpoint, device, limits, triage, storage, review, and per deployment:
+      ClassifierArgs              replicas, resources, torch threads, decode threads, forward lanes, batching
+      ExplainerArgs               replicas, resources, torch threads, model copies
+      IngressArgs                 replicas, resources, the gRPC upload limit
+    deployment_options(args)      one deployment's arguments -> Serve's .options(...) keywords
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dermaid.auth import TOKENS_ENV
+from dermaid.classes import CLASS_CODES, MALIGNANT_CODES
+from dermaid.data.images import DEFAULT_MAX_PIXELS
+from dermaid.files import absolute_url
+from dermaid.inference import DEFAULT_TRIAGE
+
+MIB = 1024 * 1024
+# Serve's inter-deployment gRPC carries messages up to 4 MiB (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH);
+# a classify call is the upload plus under 1 KiB of arguments, its answer under 200 KiB
+GRPC_UPLOAD_LIMIT_MB = 3.5
+MAX_FORWARD_LANES = 4  # @serve.batch's max_concurrent_batches; forward_lanes (<= this) threads run them
+
+
+class DeploymentArgs(BaseModel):
+    """Replicas and resources of one deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_replicas: int | Literal["auto"] = 1
+    autoscaling_config: dict[str, Any] | None = None   # Serve's AutoscalingConfig; replaces num_replicas
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 32
+
+
+class TorchDeploymentArgs(DeploymentArgs):
+    """A deployment that runs torch: its intra-op threads and how they wait between parallel regions."""
+
+    torch_threads: int = 2
+    # None: OpenMP's default, spin briefly at a barrier and then sleep: spinning speed inside a forward, no
+    # threads left spinning between requests, and no runtime_env (Ray's prestarted workers fit). PASSIVE
+    # sleeps at once (+10 ms per batch-1 forward on 2 cores); ACTIVE spins forever and starves the
+    # ingress and the other forward lane on shared cores.
+    omp_wait_policy: Literal["PASSIVE", "ACTIVE"] | None = None
+
+
+class BatchingArgs(BaseModel):
+    """The classifier's dynamic batching: its Serve user_config, changed in place by reconfigure()."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_batch_size: int = Field(8, ge=1)
+    # Serve's batcher forms the next batch while earlier ones run, so a wait only delays a lone request; on
+    # CPU a batch of 1 costs no more per image than a batch of 8. Give it a few ms on a GPU.
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
+
+
+class ClassifierArgs(TorchDeploymentArgs, BatchingArgs):
+    decode_threads: int = 2
+    # Batches that run at once (ForwardLanes): one alone gets every torch thread (lowest latency); beside
+    # it, others run single-threaded. On CPU, two 1-thread forwards of a small CNN do ~1.3x the work of one
+    # 2-thread forward (less synchronisation per op). 1 on a GPU.
+    forward_lanes: int = Field(2, ge=1, le=MAX_FORWARD_LANES)
+
+    def batching(self) -> dict[str, Any]:
+        """The user_config of the Classifier deployment."""
+        return self.model_dump(include=set(BatchingArgs.model_fields))
+
+
+class ExplainerArgs(TorchDeploymentArgs):
+    num_cpus: float = 0.5
+    concurrency: int = 1          # model copies, i.e. concurrent Grad-CAM calls per replica
+    max_ongoing_requests: int = 8
+
+
+class IngressArgs(DeploymentArgs):
+    num_cpus: float = 0.25
+    max_ongoing_requests: int = 128
+    # Uploads up to this size reach the Classifier over Serve's inter-deployment gRPC: one unary call,
+    # where a Ray actor call is a streaming one (an acknowledgement, then the answer), ~3 ms more per
+    # request on 2 cores. Larger uploads and saliency (a PNG at the input's size) use actor calls; 0: only those.
+    grpc_max_upload_mb: float = Field(3.0, ge=0, le=GRPC_UPLOAD_LIMIT_MB)
+
+
+class StorageArgs(BaseModel):
+    """Where consented uploads go. db_url None: $DERMAID_DATABASE_URL (read in the replica, so a password
+    never sits in the app's arguments), else a SQLite file under a local `url`."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field("uploads", min_length=1)  # fsspec URL of the blobs (local dir, gs://bucket/prefix)
+    db_url: str | None = None     # SQLAlchemy URL (PostgreSQL in deployment)
+
+
+class ReviewArgs(BaseModel):
+    """Who may use the review routes (serve/review.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tokens: dict[str, str] = Field(default_factory=dict,
+                                   description="reviewer -> token HASH (`python -m dermaid.auth new NAME`)")
+    tokens_env: str = Field(TOKENS_ENV, description="environment variable with plain 'name:token,...' (hashed on load)")
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build_app` (validated by Serve from a config file's `args` or from the CLI)."""
+
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str
+    explainer_checkpoint: str | None = None
+    device: str = "cpu"
+    max_upload_mb: float = 20.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    malignant_codes: list[str] = Field(default_factory=lambda: list(MALIGNANT_CODES))
+    triage: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TRIAGE))
+    storage: StorageArgs = Field(default_factory=StorageArgs)
+    review: ReviewArgs = Field(default_factory=ReviewArgs)   # dermatologist tokens (hashes) for /review
+    classifier: ClassifierArgs = Field(default_factory=ClassifierArgs)
+    explainer: ExplainerArgs = Field(default_factory=ExplainerArgs)
+    ingress: IngressArgs = Field(default_factory=IngressArgs)
+
+    @field_validator("checkpoint", "explainer_checkpoint")
+    @classmethod
+    def _absolute_checkpoint(cls, value: str | None) -> str | None:
+        return absolute_url(value) if value else value
+
+    @field_validator("malignant_codes")
+    @classmethod
+    def _known_codes(cls, value: list[str]) -> list[str]:
+        unknown = [code for code in value if code not in CLASS_CODES]
+        if unknown:
+            raise ValueError(f"unknown class codes {unknown}; allowed: {list(CLASS_CODES)}")
+        return value
+
+    @field_validator("triage")
+    @classmethod
+    def _triage_levels(cls, value: dict[str, float]) -> dict[str, float]:
+        merged = {**DEFAULT_TRIAGE, **value}
+        if set(merged) != set(DEFAULT_TRIAGE) or not 0 <= merged["moderate"] <= merged["high"] <= 1:
+            raise ValueError(f"triage needs 0 <= moderate <= high <= 1 (keys {sorted(DEFAULT_TRIAGE)}); got {value}")
+        return merged
+
+    @model_validator(mode="after")
+    def _absolute_storage(self) -> "AppArgs":
+        # Replicas may run in another working directory: pin local paths at build time.
+        self.storage.url = absolute_url(self.storage.url)
+        return self
+
+
+def deployment_options(spec: DeploymentArgs) -> dict[str, Any]:
+    """One deployment's arguments -> the keywords of Serve's `Deployment.options(...)`."""
+    options: dict[str, Any] = {
+        "max_ongoing_requests": spec.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+    }
+    if isinstance(spec, TorchDeploymentArgs) and spec.omp_wait_policy:
+        # read by the OpenMP runtime when the process loads it: only an env var set at process start works
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": {"OMP_WAIT_POLICY": spec.omp_wait_policy}}
+    if spec.autoscaling_config:
+        options["autoscaling_config"] = spec.autoscaling_config
+    else:
+        options["num_replicas"] = spec.num_replicas
+    return options

@@ -1,0 +1,183 @@
+"""Every error the HTTP API answers has one JSON shape: {"error": {"code": ..., "message": ...}}.
+
+    ApiError(status, code, message)      raised by routes; rendered with its status
+    describe_image_error(exc, data)      a decoding failure in a model replica -> status, code, message
+    add_error_handling(api, max_bytes)   the body-size limit and the exception handlers of the FastAPI app
+
+Client input gets a 4xx naming what was wrong and what is allowed; anything else is a logged 500
+whose body says nothing about the server's insides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dermaid.classes import AGE_RANGE, CLASS_CODES, SEXES, SITES
+from dermaid.data.images import ALLOWED_FORMATS, ImageTooLargeError, sniff_format
+from dermaid.inference import CAM_METHODS, ImageShapeError
+from serve.args import MIB
+
+logger = logging.getLogger("ray.serve")
+
+STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                405: "method_not_allowed", 413: "body_too_large",
+                415: "unsupported_media_type", 422: "invalid_field", 500: "internal", 503: "unavailable"}
+
+# What each form field accepts (named in 422 messages).
+ALLOWED_VALUES: dict[str, str] = {
+    "image": "an image file in the multipart field 'image' (JPEG, PNG, WebP, GIF, BMP, TIFF)",
+    "age": f"a number from {AGE_RANGE[0]} to {AGE_RANGE[1]}",
+    "sex": ", ".join(SEXES),
+    "site": ", ".join(SITES),
+    "consent": "true or false",
+    "target": ", ".join(CLASS_CODES),
+    "method": ", ".join(CAM_METHODS),
+    "format": "png, json",
+}
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):  # the body of every error (OpenAPI; a docstring would become its description)
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    """A client-facing error: rendered as {"error": {"code", "message"}} with `status`."""
+
+    def __init__(self, status: int, code: str, message: str, fields: list[dict[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.fields = status, code, message, fields
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from the body stream once more than the limit has arrived (FastAPI re-raises HTTPExceptions)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than the {limit / MIB:g} MiB limit")
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+def describe_image_error(exc: Exception, data: bytes) -> dict[str, Any]:
+    """A decoding failure -> {"status", "code", "message"}: 413 too large, 415 not an allowed image, else 400."""
+    message = str(exc)
+    if isinstance(exc, ImageTooLargeError):
+        return {"status": 413, "code": "image_too_large", "message": message}
+    if not data:
+        return {"status": 400, "code": "empty_image", "message": "the image is empty"}
+    if isinstance(exc, ImageShapeError):
+        return {"status": 400, "code": "invalid_image", "message": message}
+    if sniff_format(data) not in ALLOWED_FORMATS:
+        return {"status": 415, "code": "unsupported_media_type",
+                "message": f"{message}; send {ALLOWED_VALUES['image']}"}
+    return {"status": 400, "code": "undecodable_image", "message": message}
+
+
+def add_error_handling(api: FastAPI, max_bytes: Callable[[], int]) -> None:
+    """The body-size limit (`max_bytes()` read per request) and the JSON rendering of every error."""
+    api.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes)
+    api.add_exception_handler(ApiError, _api_error)
+    api.add_exception_handler(RequestValidationError, _validation_error)
+    api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_exception_handler(Exception, _internal_error)
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI: 413 for a declared Content-Length over the limit (nothing read), and a receive stream
+    that stops as soon as more than the limit has arrived (chunked bodies)."""
+
+    def __init__(self, app: Any, max_bytes: Callable[[], int]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes()
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                await _send_json(send, 400, error_body("bad_request", "Content-Length is not a number"))
+                return
+            if int(declared) > limit:
+                await _send_json(send, 413, error_body("body_too_large", BodyTooLarge(limit).detail))
+                return
+        received = 0
+        started = False
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as exc:
+            if started:
+                raise
+            await _send_json(send, 413, error_body("body_too_large", exc.detail))
+
+
+async def _send_json(send: Callable, status: int, body: dict) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    extra = {"fields": exc.fields} if exc.fields else {}
+    return JSONResponse(error_body(exc.code, exc.message, **extra), status_code=exc.status)
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    fields = []
+    for err in exc.errors():
+        loc = [str(part) for part in err.get("loc", ()) if part not in ("body", "query", "form")]
+        field = loc[0] if loc else "request"
+        got = err.get("input")
+        message = str(err.get("msg", "invalid value"))
+        if err.get("type") == "missing":
+            message = "required"
+        elif got is not None and not isinstance(got, (dict, list)):
+            message += f" (got {str(got)[:80]!r})"
+        fields.append({"field": field, "message": message, "allowed": ALLOWED_VALUES.get(field, "")})
+    text = "; ".join(f"{f['field']}: {f['message']}" + (f"; allowed: {f['allowed']}" if f["allowed"] else "")
+                     for f in fields)
+    return JSONResponse(error_body("invalid_field", text or "invalid request", fields=fields), status_code=422)
+
+
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = STATUS_CODES.get(exc.status_code, "error")
+    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error: %s", exc)
+    return JSONResponse(error_body("internal", "internal server error"), status_code=500)

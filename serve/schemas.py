@@ -1,0 +1,67 @@
+"""What the HTTP routes take and return, as FastAPI reads it: form fields and response bodies (OpenAPI at /docs).
+
+No `from __future__ import annotations` here or in serve/ingress.py: FastAPI reads these annotations at runtime.
+"""
+
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, File, Form, Request, UploadFile
+from pydantic import BaseModel, Field
+
+from dermaid.classes import AGE_RANGE, CLASS_CODES, SEXES, SITES
+from dermaid.inference import CAM_METHODS
+from serve.errors import ALLOWED_VALUES, ApiError, ErrorResponse
+
+# --- form fields ---------------------------------------------------------------------------------------------
+
+ImageFile = Annotated[UploadFile, File(description=ALLOWED_VALUES["image"] + "; the content decides the format")]
+Age = Annotated[float | None, Form(ge=AGE_RANGE[0], le=AGE_RANGE[1], description="age in years")]
+Sex = Annotated[Literal[SEXES] | None, Form(description="sex")]  # type: ignore[valid-type]
+Site = Annotated[Literal[SITES] | None, Form(description="anatomical site (ISIC 2019)")]  # type: ignore[valid-type]
+Consent = Annotated[bool, Form(description="store the upload for dermatologist review")]
+Target = Annotated[Literal[CLASS_CODES] | None,  # type: ignore[valid-type]
+                   Form(description="class code; default: top class")]
+Method = Annotated[Literal[CAM_METHODS], Form(description="CAM method")]  # type: ignore[valid-type]
+SaliencyFormat = Annotated[Literal["png", "json"], Form(description="png image or json with base64")]
+
+
+def only_fields(*names: str) -> Any:
+    """A route dependency: 422 for a form field the route does not take. A misspelt field (`gender` for
+    `sex`) would otherwise be dropped without a word, and the prediction made without that metadata."""
+    allowed = ", ".join(names)
+
+    async def check(request: Request) -> None:
+        unknown = sorted(set((await request.form()).keys()) - set(names))  # parsed once, cached for the route
+        if unknown:
+            fields = [{"field": name, "message": "unknown field", "allowed": allowed} for name in unknown]
+            raise ApiError(422, "invalid_field", "; ".join(f"{name}: unknown field; allowed fields: {allowed}"
+                                                           for name in unknown), fields)
+
+    return Depends(check)
+
+
+# --- responses -----------------------------------------------------------------------------------------------
+
+class ClassProbability(BaseModel):
+    code: str
+    name: str
+    probability: float
+
+
+class Triage(BaseModel):
+    level: Literal["low", "moderate", "high"]
+    message: str
+
+
+class ClassifyResponse(BaseModel):
+    upload_id: str | None = Field(description="id of the stored upload (only with consent)")
+    stored: bool
+    model_version: str
+    probabilities: list[ClassProbability] = Field(description="all 8 classes, most probable first")
+    top: ClassProbability
+    malignancy_score: float = Field(description="summed probability of the malignant classes")
+    triage: Triage
+    disclaimer: str
+
+
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 503)}
