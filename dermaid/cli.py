@@ -89,7 +89,7 @@ def _guarded(fn: Callable, command: str) -> Callable:
     from dermaid.errors import DermaidError
 
     def wrapper(cfg):
-        missing = sorted(OmegaConf.missing_keys(cfg))
+        missing = _missing_keys(OmegaConf.to_container(cfg, resolve=False))
         if missing:
             _fail(_required_message(command, missing[0]))
         try:
@@ -104,8 +104,20 @@ def _guarded(fn: Callable, command: str) -> Callable:
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
-    wrapper.__module__ = fn.__module__
+    wrapper.__module__ = f"dermaid.cli.{command}"  # Hydra names the job (outputs/<job>/...) after the command
     return wrapper
+
+
+def _missing_keys(node: object, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is `???`, found without resolving interpolations (`out: ${checkpoint}-int8`
+    would otherwise fail on the missing key it points at, with Hydra's traceback instead of our line)."""
+    if isinstance(node, dict):
+        found = [k for key, value in node.items() for k in _missing_keys(value, f"{prefix}{key}.")]
+    elif isinstance(node, list):
+        found = [k for i, value in enumerate(node) for k in _missing_keys(value, f"{prefix}{i}.")]
+    else:
+        found = [prefix[:-1]] if node == "???" else []
+    return sorted(found)
 
 
 def main(argv: list[str] | None = None) -> None:

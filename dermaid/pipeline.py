@@ -30,12 +30,15 @@ from omegaconf import DictConfig, OmegaConf
 from dermaid import files
 from dermaid.classes import DISCLAIMER
 from dermaid.config import compose, to_plain
+from dermaid.errors import DermaidError
 
 DONE_FILE = "pipeline_step.json"  # written last into a step folder: its presence means the step finished
 
 # train-config keys whose values change the trained model (not where it is written or how it is logged)
 _TRAIN_KEYS = ("model", "optim", "augment", "train", "seed")
 _IGNORED_TRAIN_KEYS = ("fail_at_epoch", "loader_workers", "torch_threads")
+# train keys added after pipelines had run, with the value that means "as before" (not hashed at that value)
+_KEYS_ADDED_LATER = {"loss_hook": None}
 # keys of the tune config taken from the pipeline's own (train) config
 _TUNE_KEYS = ("paths", "model", "optim", "augment", "train", "scaling", "run", "ray", "logger", "seed")
 
@@ -95,9 +98,10 @@ def run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
 
 def prepare_data(config: dict[str, Any]) -> str:
     """Join or start Ray (`ray.*`), prepare `data` (cached by content); returns the dataset version URL."""
-    from dermaid.data.prepare import ensure_prepared
+    from dermaid.data.prepare import check_raw_roots, ensure_prepared
     from dermaid.ray_runtime import ensure_ray_for
 
+    check_raw_roots(config["data"])  # before Ray starts: a wrong data.root is said at once
     ensure_ray_for(config, log_to_driver=True)
     return ensure_prepared(config["data"], config["ray"]["address"], config["ray"]["num_cpus"])
 
@@ -128,7 +132,10 @@ def _tune_model(config: dict[str, Any], out: str) -> dict[str, Any]:
     tune_cfg.update({k: v for k, v in config.items() if k in _TUNE_KEYS})
     tune_cfg.update({"data": config["data"], "out": out})
     summary = tune(tune_cfg)
-    best = summary["best"]  # tune raises a DermaidError when no trial produced a checkpoint
+    best = summary["best"]  # None when an interrupted search has no finished trial with a checkpoint
+    if best is None:
+        raise DermaidError(f"pipeline: the search in {out} ended without a finished trial to evaluate; "
+                           "run the pipeline again to resume it")
     return {**summary, "run_dir": best["trial_dir"], "checkpoint": files.join(out, "best"), "tune_dir": out}
 
 
@@ -215,4 +222,7 @@ def _key(version: str, *parts: Any, **named: Any) -> str:
         if isinstance(part, dict) and isinstance(part.get("train"), dict):
             for k in _IGNORED_TRAIN_KEYS:
                 part["train"].pop(k, None)
+            for k, unset in _KEYS_ADDED_LATER.items():  # at their default, keys of finished steps stay the same
+                if part["train"].get(k, unset) == unset:
+                    part["train"].pop(k, None)
     return hashlib.sha256(json.dumps(clean, sort_keys=True).encode()).hexdigest()[:12]

@@ -10,6 +10,7 @@ keyword argument or environment variable of Ray's.
     by_value_handle(handle)               Serve's gRPC handle transport (handle.options(_by_reference=False))
     direct_ingress_env(port)              Serve's direct-ingress and throughput environment variables
     worker_setup_hook_env(hook)           the worker setup hook's environment variable (ray._private.ray_constants)
+    train_worker_start_timeout_env(s)     Ray Train's worker-group start timeout (ray.train.v2._internal.constants)
     build_serve_app(builder, args, name)  what `serve deploy` does with import_path + args, short of deploying
     deployment_schemas(app, name)         the deployments Serve would create for an Application
     validate_cluster_launcher(config)     the cluster launcher's own schema check
@@ -30,6 +31,15 @@ PRIVATE_APIS = {
     "serve_build_app": "ray.serve._private.build_app",
     "serve_app_builder_args": "ray.serve._private.api",
     "cluster_launcher_validation": "ray.autoscaler._private.util",
+    "train_worker_start_timeout": "ray.train.v2._internal.constants",
+    "placement_group_cleaner_log": "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+    "autoscaling_coordinator_log": "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
+}
+# Ray Train's loggers (named after their private modules, above) -> message starts that are benign on a local
+# Ray without the dashboard; dermaid.ray_runtime filters them out of the demo's and the tests' logs.
+BENIGN_TRAIN_LOGS: dict[str, tuple[str, ...]] = {
+    PRIVATE_APIS["placement_group_cleaner_log"]: ("Failed to query Ray Train Controller actor state",),
+    PRIVATE_APIS["autoscaling_coordinator_log"]: ("Failed to send resource request",),
 }
 # Serve's environment variables for direct ingress (read by the raylet, the controller and the replicas
 # when they start, so only a Ray started after they are set has them). Names as of Ray 2.60.
@@ -98,6 +108,14 @@ def worker_setup_hook_env(hook: str) -> dict[str, str]:
     from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
     return {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: hook}
+
+
+def train_worker_start_timeout_env(seconds: float) -> dict[str, str]:
+    """Environment that gives Ray Train's worker group `seconds` to start (read when a trainer starts its workers;
+    a trial waiting behind another trial's placement group needs longer than Train's 60 s default)."""
+    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+
+    return {WORKER_GROUP_START_TIMEOUT_S_ENV_VAR: str(seconds)}
 
 
 def build_serve_app(builder: Any, args: dict[str, Any], name: str) -> tuple[Any, list[Any]]:

@@ -19,19 +19,14 @@ import logging
 import os
 from typing import Any
 
+from dermaid.ray_compat import BENIGN_TRAIN_LOGS
+
 log = logging.getLogger(__name__)
 
 _STARTUP_ATTEMPTS = 3  # a busy machine can miss Ray's fixed raylet start-up window
 
-# logger name -> message starts that are known to be benign on a local Ray without a dashboard
-BENIGN_RAY_LOGS: dict[str, tuple[str, ...]] = {
-    "ray.train.v2._internal.execution.controller.placement_group_cleaner": (
-        "Failed to query Ray Train Controller actor state",
-    ),
-    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client": (
-        "Failed to send resource request",
-    ),
-}
+# logger name (private Ray modules: dermaid.ray_compat) -> message starts known to be benign without a dashboard
+BENIGN_RAY_LOGS: dict[str, tuple[str, ...]] = BENIGN_TRAIN_LOGS
 
 
 class BenignRayLogFilter(logging.Filter):

@@ -52,8 +52,10 @@ def test_cli_help_and_cfg_job(tmp_path, dermaid_cli):
     assert bad.returncode == 2 and "unknown command" in bad.stderr
 
 
-@pytest.mark.parametrize("command", ["serve", "evaluate"])
-def test_missing_mandatory_key_is_one_line(command, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("command, key", [("serve", "checkpoint"), ("evaluate", "checkpoint"),
+                                          ("export", "checkpoint"), ("quantize", "checkpoint"),
+                                          ("distill", "teacher")])
+def test_missing_mandatory_key_is_one_line(command, key, tmp_path, monkeypatch, capsys):
     """Any `???` key left unset: one `error: KEY= is required (...)` line and status 2, no traceback, no Ray."""
     from dermaid.cli import main
 
@@ -64,8 +66,16 @@ def test_missing_mandatory_key_is_one_line(command, tmp_path, monkeypatch, capsy
         main([command])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: checkpoint= is required (") and "checkpoint directory" in err, err
+    assert err.startswith(f"error: {key}= is required (") and "checkpoint" in err, err
     assert "Traceback" not in err and "MissingMandatoryValue" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_hydra_names_each_job_after_its_command(dermaid_cli, tmp_path):
+    """Hydra's output folder is outputs/<command>/... whichever module holds the command."""
+    for command in ("train", "tune", "serve", "labels-export", "report", "export"):
+        shown = dermaid_cli(command, "--cfg", "hydra", cwd=tmp_path)
+        assert shown.returncode == 0, shown.stderr
+        assert OmegaConf.create(shown.stdout).hydra.job.name == command
 
 
 def test_hydra_settings_and_ray_keys_live_in_one_place():

@@ -171,3 +171,20 @@ def test_search_pipeline_reports_on_the_best_trial_run_dir(tmp_path, monkeypatch
 
     again = pipeline.run_pipeline(config)  # every step's output exists: the recorded run_dir is reused
     assert again["steps"]["train"]["skipped"] and again["steps"]["report:train-report"]["skipped"]
+
+
+def test_a_missing_data_root_is_said_before_ray_starts(tmp_path, monkeypatch):
+    import dermaid.ray_runtime
+    from dermaid.config import compose, to_plain
+    from dermaid.errors import DermaidError
+    from dermaid.pipeline import run_pipeline
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before data.root was checked")
+
+    monkeypatch.setattr(dermaid.ray_runtime, "ensure_ray", no_ray)
+    monkeypatch.setattr(dermaid.ray_runtime, "ensure_ray_for", no_ray)
+    config = to_plain(compose("pipeline", ["experiment=toy", f"data.root={tmp_path}/nonexistent",
+                                           f"pipeline.out={tmp_path}/pipe"]))
+    with pytest.raises(DermaidError, match="raw data folder does not exist"):
+        run_pipeline(config)

@@ -48,3 +48,10 @@ def test_serve_reads_the_direct_ingress_variables():
     for name in ray_compat.direct_ingress_env(8000):
         if name.startswith("RAY_SERVE_"):
             assert name in source, f"Ray Serve no longer reads {name}"
+
+
+def test_train_worker_start_timeout_is_the_variable_ray_train_reads():
+    from ray.train.v2._internal import constants
+
+    (name, value), = ray_compat.train_worker_start_timeout_env(600).items()
+    assert value == "600" and name == constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR

@@ -112,7 +112,6 @@ def test_crash_between_blobs_and_row_leaves_an_uncounted_orphan(tmp_path):
     (orphan / "image.jpg").write_bytes(_jpeg(3))
     assert store.count() == 1
     assert store.find_orphans() == [f"blobs/{orphan.name}"]
-    assert all(store.get(r["id"]) for r in store.list_uploads())
 
 
 def test_failed_blob_write_inserts_no_row(tmp_path, monkeypatch):
@@ -157,15 +156,6 @@ def test_concurrent_processes_share_one_sqlite_file(tmp_path):
     with multiprocessing.get_context("fork").Pool(3) as pool:
         ids = [i for chunk in pool.map(_write_many, [(url, 10)] * 3) for i in chunk]
     assert len(set(ids)) == 30 and UploadStore(url).count() == 30
-
-
-def test_review_queue_orders_by_entropy(tmp_path):
-    store = UploadStore(str(tmp_path / "up"))
-    certain = _save(store, probabilities=[0.93] + [0.01] * 7)
-    uniform = _save(store, probabilities=[0.125] * 8)
-    assert [r["id"] for r in store.list_uploads(order="entropy")] == [uniform, certain]
-    with pytest.raises(DermaidError, match="order"):
-        store.list_uploads(order="random")
 
 
 def test_remote_blobs_need_a_database_url(tmp_path):

@@ -251,3 +251,15 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(resumed_se
         assert (out / "trials" / trial_id / "history.csv").read_bytes() == histories[trial_id]
     table = pd.read_csv(out / RESULTS_FILE)
     assert set(done_before) < set(table["trial_id"]) and summary["finished"] == 2
+
+
+def test_a_missing_data_root_is_said_before_ray_starts(tmp_path, monkeypatch):
+    import dermaid.ray_runtime
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before data.root was checked")
+
+    monkeypatch.setattr(dermaid.ray_runtime, "ensure_ray", no_ray)
+    cfg = compose("tune", ["hparams_search=toy", f"data.root={tmp_path}/nonexistent", f"out={tmp_path}/search"])
+    with pytest.raises(DermaidError, match="raw data folder does not exist"):
+        tune(cfg)

@@ -162,11 +162,6 @@ def raw_files(root: str, layout: str = "isic2019") -> list[str]:
     raise DatasetError(f"unknown dataset layout {layout!r}; known: {sorted(READERS)}")
 
 
-def empty_records() -> pd.DataFrame:
-    """A records table with no rows and the right columns."""
-    return pd.DataFrame({c: pd.Series(dtype="float64" if c == "age" else "object") for c in RECORD_COLUMNS})
-
-
 def write_isic2019(root: str, rows: Sequence[IsicRow], image: Callable[[int], tuple[bytes, str]],
                    workers: int = 1) -> None:
     """Write the ISIC 2019 training layout at `root`: the images, the ground-truth CSV, the metadata CSV.

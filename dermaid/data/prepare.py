@@ -83,6 +83,17 @@ def prepare_settings(data_cfg: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def check_raw_roots(data_cfg: dict[str, Any]) -> None:
+    """Without data.version the raw roots get prepared: each must exist. Drivers call this before Ray starts,
+    so a mistyped data.root is said at once, not after tens of seconds of Ray start-up."""
+    if data_cfg["version"]:
+        return
+    for source in raw_sources(data_cfg):
+        if not exists(source["root"]):
+            raise DermaidError(f"{source['root']}: the raw data folder does not exist "
+                               "(check data.root / data.extra, or give a prepared data.version)")
+
+
 def raw_sources(data_cfg: dict[str, Any]) -> list[dict[str, str]]:
     """[{root, layout, source}] for data.root and each data.extra entry (a URL or such a dict)."""
     if not data_cfg.get("root"):

@@ -125,13 +125,13 @@ def prepare_run(plain: dict[str, Any], settings: TrainConfig) -> dict[str, Any]:
     Returns the worker config: plain values only (validated by WorkerConfig).
     """
     from dermaid.data.loading import read_manifest, split_filter
-    from dermaid.data.prepare import ensure_prepared
+    from dermaid.data.prepare import check_raw_roots, ensure_prepared
 
     out = absolute_url(settings.out)
     model_cfg, train_cfg = settings.model.model_dump(), settings.train.model_dump()
     fold = int(settings.data["fold"])
     hook = _prepare_loss_hook(train_cfg["loss_hook"], plain)  # cheap checks (the teacher) before any data work
-    _check_raw_roots(settings.data)
+    check_raw_roots(settings.data)
     version_url = absolute_url(ensure_prepared(settings.data, settings.ray.address, settings.ray.num_cpus))
     manifest = read_manifest(version_url)
     split_filter("val", fold, manifest["settings"]["folds"])  # a clear error for a fold out of range
@@ -174,18 +174,6 @@ def _prepare_loss_hook(path: str | None, plain: dict[str, Any]) -> dict[str, Any
         return None
     hook = load_loss_hook(path)
     return {"section": hook.section, "settings": hook.prepare(plain)}
-
-
-def _check_raw_roots(data: dict[str, Any]) -> None:
-    """Without data.version the raw roots get prepared: each must exist (said before Ray starts for it)."""
-    from dermaid.data.prepare import raw_sources
-
-    if data["version"]:
-        return
-    for source in raw_sources(data):
-        if not exists(source["root"]):
-            raise DermaidError(f"{source['root']}: the raw data folder does not exist "
-                               "(check data.root / data.extra, or give a prepared data.version)")
 
 
 def _check_split_sizes(manifest: dict[str, Any], fold: int, workers: int, version_url: str) -> None:

@@ -28,11 +28,6 @@ from dermaid.processes import sigint_handler_kept
 from dermaid.tuning.layout import BASE_CONFIG_FILE, TUNE_DIR_NAME, trial_run_dir
 from dermaid.tuning.space import apply_trial_config, build_search_space
 
-# Ray Train's controller reads this when a trial's trainer starts its worker group; on a busy machine
-# starting the worker processes can outlast Train's 60 s default, and each timeout restarts them all.
-WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """`dermaid tune hparams_search=NAME [resume=true] ...`: search, print the results table and the best trial."""
     summary = tune(cfg)
@@ -47,6 +42,7 @@ def tune(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Run (or resume) a search; write DIR/results.csv, DIR/best/, DIR/summary.json; returns the summary."""
     from dermaid.ray_runtime import ensure_ray
     from dermaid.training.worker_config import TrainConfig
+    from dermaid.data.prepare import check_raw_roots
     from dermaid.tuning.summary import finish_search
 
     plain = to_plain(cfg)
@@ -56,6 +52,7 @@ def tune(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     # checked before Ray starts or any data is touched: the search space, then the train config it varies
     space, groups = build_search_space(base["hparams_search"], base)
     TrainConfig.parse(base)  # a wrong or missing train key fails here, with its name, not in the first trial
+    check_raw_roots(base["data"])  # a wrong data.root is said before Ray starts
     ray_settings = TrainConfig.parse(plain).ray  # how this invocation reaches Ray (also when resuming)
     ensure_ray(ray_settings.address, ray_settings.num_cpus, log_to_driver=True)
     if not resume:
@@ -79,9 +76,13 @@ def train_driver_fn(config: dict[str, Any], base: dict[str, Any], groups: dict[s
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from dermaid.ray_compat import train_worker_start_timeout_env
     from dermaid.training.driver import train
 
-    os.environ.setdefault(WORKER_START_TIMEOUT_ENV, str(base["tune"]["worker_start_timeout_s"]))
+    # Ray Train reads this when a trial's trainer starts its worker group; on a busy machine starting the
+    # worker processes can outlast Train's 60 s default, and each timeout restarts them all.
+    for key, value in train_worker_start_timeout_env(base["tune"]["worker_start_timeout_s"]).items():
+        os.environ.setdefault(key, value)
     plain = apply_trial_config(base, config, groups)
     plain["out"] = trial_run_dir(base["out"], ray.tune.get_context().get_trial_id())
     train(plain, callbacks=[TuneReportCallback()])

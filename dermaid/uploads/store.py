@@ -124,15 +124,6 @@ class UploadStore:
         with self._session() as session:
             return int(session.scalar(select(func.count()).select_from(Upload)) or 0)
 
-    def list_uploads(self, limit: int = 100, offset: int = 0, order: str = "created") -> list[dict[str, Any]]:
-        """Rows as dicts; order "created" (newest first) or "entropy" (most uncertain first: the review queue)."""
-        column = {"created": Upload.created.desc(), "entropy": Upload.entropy.desc()}.get(order)
-        if column is None:
-            raise DermaidError(f"order: unknown order {order!r}; allowed: ['created', 'entropy']")
-        with self._session() as session:
-            rows = session.scalars(select(Upload).order_by(column).limit(limit).offset(offset)).all()
-            return [row.to_dict() for row in rows]
-
     def find_orphans(self) -> list[str]:
         """Blob directories without a row (left by a crash between the blob writes and the insert)."""
         fs, path = get_fs(join(self.storage_url, BLOBS_DIR))
