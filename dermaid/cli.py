@@ -21,11 +21,12 @@ from typing import Callable
 
 # name -> (module, function, one-line help). The primary config is conf/<name>.yaml.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "synth": ("dermaid.data.synth", "run", "generate a toy dataset in the ISIC 2019 layout"),
+    "synth": ("dermaid.data.synth", "run", "generate a toy dataset in the ISIC 2019 layout (kind=ood: non-lesion photos)"),
     "download": ("dermaid.data.download", "run", "download the official ISIC 2019 archives"),
     "prepare": ("dermaid.data.prepare", "run", "decode, resize and shard a dataset into a version"),
     "train": ("dermaid.training.driver", "run", "train a classifier on Ray Train"),
     "evaluate": ("dermaid.evaluation.evaluate", "run", "predictions.csv + metrics.json for a checkpoint"),
+    "calibrate": ("dermaid.evaluation.calibrate", "run", "fit OOD detectors and the triage cut-off for a checkpoint"),
     "tune": ("dermaid.tuning", "run", "hyperparameter search with Ray Tune"),
     "distill": ("dermaid.compress", "run_distill", "knowledge distillation into a smaller student"),
     "quantize": ("dermaid.compress", "run_quantize", "int8 post-training quantization"),

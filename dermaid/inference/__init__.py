@@ -10,6 +10,8 @@ Modules, one idea each:
     loaders.py    artifact kind (card.kind) -> model function: float, onnx, torchscript, quantized
     decoding.py   untrusted bytes -> upright RGB image (decode_image, aspect-ratio guard)
     predictor.py  Predictor: the one preprocessing path shared with `dermaid evaluate`, calibrated probabilities
+                  (predict_full: + OOD scores and abstain)
+    ood_scorer.py the card's OOD detector (`dermaid calibrate`): scores, abstain, the UNK column
     triage.py     build_result: sorted classes, malignancy score, triage level and message
     saliency.py   Grad-CAM family: CamTarget, Explainer, overlay, saliency_png
 
@@ -18,15 +20,16 @@ Outputs are decision support for research, never a diagnosis (see dermaid.classe
 
 from dermaid.inference.decoding import MAX_ASPECT_RATIO, ImageShapeError, check_aspect_ratio, decode_image
 from dermaid.inference.loaders import LOADERS, Loader, ModelFn, create_model_fn, register_loader
-from dermaid.inference.predictor import Predictor, Prepared, set_thread_torch_threads
+from dermaid.inference.ood_scorer import OodScorer
+from dermaid.inference.predictor import PredictionBatch, Predictor, Prepared, set_thread_torch_threads
 from dermaid.inference.saliency import (CAM_METHODS, CamTarget, Explainer, Saliency, create_overlay,
                                         find_cam_target, saliency_png)
-from dermaid.inference.triage import DEFAULT_TRIAGE, TRIAGE_MESSAGES, build_result
+from dermaid.inference.triage import DEFAULT_TRIAGE, RETAKE_MESSAGE, TRIAGE_MESSAGES, build_result
 from dermaid.models.card import model_version
 
 __all__ = [
     "CAM_METHODS", "DEFAULT_TRIAGE", "LOADERS", "MAX_ASPECT_RATIO", "TRIAGE_MESSAGES", "CamTarget", "Explainer",
-    "ImageShapeError", "Loader", "ModelFn", "Predictor", "Prepared", "Saliency", "build_result",
+    "ImageShapeError", "Loader", "ModelFn", "OodScorer", "PredictionBatch", "Predictor", "Prepared", "RETAKE_MESSAGE", "Saliency", "build_result",
     "check_aspect_ratio", "create_model_fn", "create_overlay", "decode_image", "find_cam_target", "model_version",
     "register_loader", "saliency_png", "set_thread_torch_threads",
 ]

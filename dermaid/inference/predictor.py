@@ -6,6 +6,11 @@ The one preprocessing path shared with `dermaid evaluate`:
 
     predictor = Predictor("runs/toy/best")
     probs = predictor.predict([(jpeg_bytes, 55, "male", "posterior torso")])   # (1, 8) numpy
+    batch = predictor.predict_full([(jpeg_bytes, 55, "male", "posterior torso")])
+    batch.probabilities, batch.ood_scores, batch.abstain    # (1, 8); (1,) and (1,) bool, or None and None
+
+ood_scores / abstain come from the card's OOD detector (dermaid.inference.ood_scorer; fitted by
+`dermaid calibrate`); a checkpoint without one gives None / None (predictor.ood is None).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dermaid.data.images import DEFAULT_MAX_PIXELS
 from dermaid.data.transforms import create_eval_transform
 from dermaid.inference.decoding import check_aspect_ratio, decode_image
 from dermaid.inference.loaders import create_model_fn
+from dermaid.inference.ood_scorer import OodScorer
 from dermaid.models.card import CheckpointError, load_card, model_version
 from dermaid.models.metadata import encode_metadata
 from dermaid.training.loop import probabilities_from_logits
@@ -39,6 +45,15 @@ class Prepared:
     model_input: Image.Image      # the resized centre crop (what the model sees), RGB
     tensor: torch.Tensor          # (3, H, W) normalised
     crop_box: tuple[float, float, float, float]  # the crop in input-image pixels (left, top, right, bottom)
+
+
+@dataclass(frozen=True)
+class PredictionBatch:
+    """predict_full's answer: probabilities, and the OOD decision when the checkpoint has a detector."""
+
+    probabilities: np.ndarray          # (B, 8) calibrated, float64
+    ood_scores: np.ndarray | None      # (B,) higher = less like the training images; None without a detector
+    abstain: np.ndarray | None         # (B,) bool: refuse to answer; None without a detector
 
 
 class Predictor:
@@ -58,6 +73,8 @@ class Predictor:
         self.input_spec = dict(self.card.input)
         self.transform = create_eval_transform(self.input_spec)
         self._geometry, self._normalise = _split_eval_transform(self.transform)
+        feature_dim = getattr(self.model, "feature_dim", None) if self.card.is_float else None
+        self.ood = OodScorer.load(self.checkpoint_url, self.card, feature_dim)  # None: no `ood` in the card
 
     @property
     def module(self) -> nn.Module:
@@ -88,13 +105,30 @@ class Predictor:
 
         softmax(logits / T) through dermaid.training.loop.probabilities_from_logits, as `dermaid evaluate`.
         """
-        images = images.to(self.device)
-        if metadata is not None and self.uses_metadata:
-            metadata = metadata.to(self.device)
-        else:
-            metadata = None
+        images, metadata = self._inputs(images, metadata)
         logits = self.model(images, metadata).float().cpu()  # (B, 8)
         return probabilities_from_logits(logits, self.temperature)
+
+    @torch.inference_mode()
+    def forward_full(self, images: torch.Tensor, metadata: torch.Tensor | None = None) -> PredictionBatch:
+        """forward, plus the OOD scores and abstain decisions when the card has a detector."""
+        if self.ood is None:
+            return PredictionBatch(self.forward(images, metadata), None, None)
+        images, metadata = self._inputs(images, metadata)
+        if self.ood.needs_features:
+            features, logits = self.model.forward_with_features(images, metadata)  # (B, D), (B, 8)
+            features = features.double().cpu().numpy()
+        else:
+            features, logits = None, self.model(images, metadata)  # (B, 8)
+        logits = logits.float().cpu()
+        scores = self.ood.score(features, logits.double().numpy())  # (B,)
+        return PredictionBatch(probabilities_from_logits(logits, self.temperature), scores, self.ood.abstain(scores))
+
+    def _inputs(self, images: torch.Tensor, metadata: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Move to the device; metadata only for a model that reads it."""
+        if metadata is not None and self.uses_metadata:
+            return images.to(self.device), metadata.to(self.device)
+        return images.to(self.device), None
 
     def warmup(self, batch_size: int = 1) -> None:
         """One forward on zeros, so the first request does not pay one-off start-up costs."""
@@ -105,9 +139,21 @@ class Predictor:
         """[(image_bytes, age, sex, site), ...] -> (B, 8) calibrated probabilities (float64)."""
         if not items:
             return np.zeros((0, NUM_CLASSES), dtype=np.float64)
+        return self.forward(*self._batch(items))
+
+    def predict_full(self, items: Sequence[tuple[bytes, Any, Any, Any]]) -> PredictionBatch:
+        """[(image_bytes, age, sex, site), ...] -> probabilities (B, 8), ood_scores (B,), abstain (B,) bool
+        (both None when the card has no OOD detector: run `dermaid calibrate checkpoint=...` to add one)."""
+        if not items:
+            empty = np.zeros(0) if self.ood is not None else None
+            return PredictionBatch(np.zeros((0, NUM_CLASSES), dtype=np.float64), empty,
+                                   None if empty is None else empty.astype(bool))
+        return self.forward_full(*self._batch(items))
+
+    def _batch(self, items: Sequence[tuple[bytes, Any, Any, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.stack([self.preprocess(data) for data, *_ in items])  # (B, 3, H, W)
         metadata = torch.stack([self.encode_metadata(*meta) for _, *meta in items])  # (B, 14)
-        return self.forward(images, metadata)
+        return images, metadata
 
 
 def set_thread_torch_threads(threads: int) -> None:

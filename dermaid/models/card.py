@@ -13,6 +13,11 @@ to use the model without its training config:
     input spec), metadata (vocabularies; whether the model uses them), dataset_version(s), config
     (resolved), code_version, metrics, calibration ({"temperature": T}), epoch, teacher, created, and for a
     compressed artifact compression ({"source": float checkpoint URL, ...how it was made}).
+    Optional blocks written by `dermaid calibrate` (dermaid.evaluation.calibrate): ood ({"method",
+    "statistics" (file beside the weights), "threshold", "refuse_share", "scale", "validation" per method,
+    "fitted_on"}) and triage ({"cutoff", "target_sensitivity", "sensitivity", "specificity", "tp", "fn", "tn",
+    "fp", "malignant_codes"}). Being optional, they leave format_version at 1: older cards load without
+    them (card.ood / card.triage are None) and older code keeps them in `extra` on re-save.
 
     card = load_card("runs/toy/best")        # CheckpointError: missing, unreadable, unknown format_version
     card.model_name, card.input_size, card.temperature, card.uses_metadata, card.compression_source
@@ -26,7 +31,9 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import os
 import subprocess
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +44,8 @@ from dermaid import __version__
 from dermaid.errors import DermaidError
 from dermaid.classes import CLASS_CODES, SEXES, SITES, class_table
 from dermaid.models.metadata import AGE_SCALE, METADATA_DIM
-from dermaid.files import atomic_dir, exists, join, read_bytes, read_text, write_bytes, write_text
+from dermaid.files import (atomic_dir, exists, get_fs, is_local, join, read_bytes, read_text, write_bytes,
+                           write_text)
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "model.pt"
@@ -92,6 +100,8 @@ class ModelCard:
     teacher: str | None = None
     created: str | None = None
     compression: dict[str, Any] | None = None  # compressed artifacts only: {"source": float checkpoint, ...}
+    ood: dict[str, Any] | None = None          # `dermaid calibrate`: the OOD detector (method, statistics, threshold)
+    triage: dict[str, Any] | None = None       # `dermaid calibrate`: the validation-chosen triage cut-off
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept on re-save
 
     # --- typed reads -----------------------------------------------------------------------------------------
@@ -137,13 +147,24 @@ class ModelCard:
         """Every dataset version the weights saw (a fine-tuned card lists its source's too)."""
         return list(self.dataset_versions or ([self.dataset_version] if self.dataset_version else []))
 
+    @property
+    def ood_method(self) -> str | None:
+        """The OOD detector the card's `ood` block names (None: no detector; run `dermaid calibrate`)."""
+        return str(self.ood["method"]) if self.ood else None
+
+    @property
+    def triage_cutoff(self) -> float | None:
+        """The validation-chosen "see a doctor soon" cut-off on the malignancy score (None when not chosen)."""
+        return float(self.triage["cutoff"]) if self.triage else None
+
     # --- JSON ------------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         """The card.json content (a compressed artifact's `compression` only when present)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        if data["compression"] is None:
-            del data["compression"]
+        for optional in ("compression", "ood", "triage"):
+            if data[optional] is None:
+                del data[optional]
         return {**data, **self.extra}
 
     @classmethod
@@ -169,10 +190,15 @@ class ModelCard:
         values["format_version"] = version
         return cls(**values, extra={key: value for key, value in data.items() if key not in known})
 
+    def with_calibration(self, ood: dict[str, Any] | None, triage: dict[str, Any] | None) -> ModelCard:
+        """This card with new `ood` and `triage` blocks (`dermaid calibrate`); nothing else changes."""
+        return dataclasses.replace(self, ood=ood, triage=triage)
+
     def derived(self, kind: str, artifact: str, compression: dict[str, Any]) -> ModelCard:
         """This card for an artifact made from it (export, quantization): new kind, artifact and provenance."""
         return dataclasses.replace(self, kind=kind, artifact=artifact, code_version=code_version(),
-                                   created=_utc_now(), compression=dict(compression))
+                                   created=_utc_now(), compression=dict(compression),
+                                   ood=None)  # the OOD statistics stay with the float weights (calibrate those)
 
 
 def build_card(
@@ -219,6 +245,19 @@ def save_checkpoint(url: str, card: ModelCard, state_dict: dict[str, Any] | None
         elif artifact_bytes is not None:
             write_bytes(join(tmp, card.artifact), artifact_bytes)
         write_text(join(tmp, CARD_FILE), json.dumps(card.to_dict(), indent=2, default=str))
+    return url
+
+
+def replace_card(url: str, card: ModelCard) -> str:
+    """Rewrite only `url`/card.json (the weights stay): written beside it, then moved over it in one step."""
+    fs, path = get_fs(join(url, CARD_FILE))
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(json.dumps(card.to_dict(), indent=2, default=str).encode("utf-8"))
+    if is_local(url):
+        os.replace(tmp, path)  # atomic on one filesystem
+    else:
+        fs.mv(tmp, path)
     return url
 
 

@@ -3,6 +3,9 @@
     create_classifier(name="efficientnet_b0", pretrained=False, use_metadata=True)
 
 forward(images (B, 3, H, W), metadata (B, METADATA_DIM) | None) -> logits (B, NUM_CLASSES)
+forward_with_features(images, metadata) -> (features (B, D), logits (B, NUM_CLASSES)): D is what the head
+    sees (pooled backbone features, joined with the metadata branch), before dropout; the OOD detectors'
+    feature-space methods (dermaid.evaluation.ood) fit on them.
 """
 
 from __future__ import annotations
@@ -52,14 +55,24 @@ class LesionClassifier(nn.Module):
         self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Linear(features, num_classes)
 
-    def forward(self, images: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def feature_dim(self) -> int:
+        """D: the width of the features forward_with_features returns (the head's input)."""
+        return int(self.head.in_features)
+
+    def forward_with_features(self, images: torch.Tensor,
+                              metadata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (B, D) the head sees, before dropout; logits (B, NUM_CLASSES))."""
         feats = self.backbone(images)  # (B, F)
         if self.metadata_branch is not None:
             if metadata is None:
                 metadata = missing_metadata(images.shape[0]).to(images.device)
             meta_feats = self.metadata_branch(metadata.to(feats.dtype))  # (B, M)
             feats = torch.cat([feats, meta_feats], dim=1)  # (B, F + M)
-        return self.head(self.dropout(feats))  # (B, NUM_CLASSES)
+        return feats, self.head(self.dropout(feats))  # (B, D), (B, NUM_CLASSES)
+
+    def forward(self, images: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_with_features(images, metadata)[1]  # (B, NUM_CLASSES)
 
 
 # the `model` keys that shape the network, with their types; the rest (metadata_dropout) is training-only

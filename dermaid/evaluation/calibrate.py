@@ -1,0 +1,195 @@
+"""`dermaid calibrate`: fit a checkpoint's OOD detectors and choose its triage cut-off from its own data.
+
+    dermaid calibrate checkpoint=runs/toy/best                         # the checkpoint's dataset version
+    dermaid calibrate checkpoint=runs/toy/best experiment=toy ood.refuse_share=0.1 triage.target_sensitivity=0.9
+    dermaid calibrate checkpoint=runs/x/best data.version=v3 "triage.malignant_codes=[MEL,BCC,SCC,AK]"
+
+In this process (no Ray), through evaluate's prediction path (dermaid.evaluation.evaluate.
+predict_records_with_features: the same eval transform and loader):
+1. the training fold's penultimate features and raw logits fit every detector in `ood.methods`
+   (dermaid.evaluation.ood);
+2. on the validation fold each detector's threshold refuses `ood.refuse_share` of the images, and its
+   AUROC / FPR@95TPR / refused shares are measured against a generated OOD set
+   (dermaid.data.synth_ood.iter_ood_images); `ood.default: auto` picks the method with the best AUROC;
+3. the triage cut-off on the calibrated malignancy score reaches `triage.target_sensitivity` on the
+   validation fold's malignant images (dermaid.evaluation.operating_point).
+Writes ood_statistics.npz beside the weights, then card.json with new `ood` and `triage` blocks (nothing else
+in the card changes). Compressed artifacts are refused: calibrate their float source.
+Thresholds are decision support for research, never a diagnosis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from dermaid.classes import CLASS_CODES, DISCLAIMER, MALIGNANT_CODES
+from dermaid.config import to_plain
+from dermaid.errors import DermaidError
+from dermaid.evaluation.evaluate import predict_records_with_features
+from dermaid.models.card import CheckpointError, ModelCard, load_card, replace_card
+from dermaid.training.loop import resolve_device
+
+# What one split gives the detectors: features (N, D), raw logits (N, K), calibrated probs (N, K), labels (N,).
+Outputs = dict[str, np.ndarray]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """`dermaid calibrate checkpoint=PATH [data.version=ID | experiment=toy] [ood.* triage.*]`."""
+    result = calibrate(cfg)
+    print(f"OOD detectors fitted on {result['num_train']} training images, thresholds on {result['num_val']} "
+          f"validation images, against {result['num_ood']} generated non-lesion images:")
+    for method, row in result["ood"]["validation"].items():
+        mark = "  <- default" if method == result["ood"]["method"] else ""
+        print(f"  {method:<12} AUROC {row['auroc']:.3f}  FPR@95TPR {row['fpr_at_95_tpr']:.3f}  refused: "
+              f"validation {row['refused_in']:.1%}, OOD {row['refused_out']:.1%}{mark}")
+    triage = result["triage"]
+    print(f"triage cut-off {triage['cutoff']:.4f} on {'+'.join(triage['malignant_codes'])}: sensitivity "
+          f"{triage['sensitivity']:.3f} ({triage['tp']}/{triage['tp'] + triage['fn']}), specificity "
+          f"{triage['specificity']:.3f} ({triage['tn']}/{triage['tn'] + triage['fp']}) on validation")
+    print(f"-> {result['checkpoint']}/{result['ood']['statistics']} and card.json")
+    print(DISCLAIMER)
+    return result
+
+
+def calibrate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """Fit, choose, write (see the module docstring); returns the card blocks and the counts."""
+    from dermaid.data.prepare import ensure_prepared
+    from dermaid.evaluation.ood import save_statistics
+    from dermaid.models.card import load_float_model
+
+    plain = to_plain(cfg)
+    checkpoint = _float_checkpoint(plain["checkpoint"])
+    default = str(plain["ood"]["default"])
+    if default != "auto" and default not in plain["ood"]["methods"]:
+        raise DermaidError(f"ood.default={default!r} is not among ood.methods {list(plain['ood']['methods'])}; "
+                           "name one of them, or auto (the best AUROC)")
+    device = resolve_device(str(plain["device"]))
+    model, card = load_float_model(checkpoint, device)
+    version_url = ensure_prepared(_data_config(plain["data"], card))
+    version = version_url.rstrip("/").rsplit("/", 1)[-1]
+    if card.trained_on and version not in card.trained_on:
+        raise DermaidError(f"data version {version} is not one the checkpoint was trained on ({card.trained_on}): "
+                           "calibrate on the checkpoint's own version (leave data.version unset)")
+    fold, batch_size = int(_training_fold(plain, card)), int(plain["batch_size"])
+    train = _split_outputs(model, card, version_url, "train", fold, device, batch_size)
+    val = _split_outputs(model, card, version_url, "val", fold, device, batch_size)
+    ood_cfg = plain["ood"]
+    generated = _generated_ood_outputs(model, card, ood_cfg["validation_set"], device, batch_size)
+
+    detectors = fit_detectors(ood_cfg, card, train)
+    ood_block = choose_detector(detectors, val, generated, ood_cfg, version)
+    triage_block = choose_triage(val, plain["triage"])
+    ood_block["statistics"] = save_statistics(checkpoint, detectors)
+    replace_card(checkpoint, card.with_calibration(ood_block, triage_block))
+    return {"checkpoint": checkpoint, "ood": ood_block, "triage": triage_block, "num_train": len(train["labels"]),
+            "num_val": len(val["labels"]), "num_ood": len(generated["kinds"])}
+
+
+def fit_detectors(ood_cfg: dict[str, Any], card: ModelCard, train: Outputs) -> dict[str, Any]:
+    """Every method in ood.methods fitted on the training fold (msp/energy at the card's temperature)."""
+    from dermaid.evaluation.ood import create_detector
+
+    options = {"msp": {"temperature": card.temperature}, "energy": {"temperature": card.temperature},
+               "knn": {"k": int(ood_cfg["knn_k"])}}
+    methods = list(ood_cfg["methods"])
+    if not methods:
+        raise DermaidError("ood.methods is empty: name at least one of msp, energy, mahalanobis, knn")
+    return {method: create_detector(method, **options.get(method, {})).fit(
+        train["features"], train["logits"], train["labels"]) for method in methods}
+
+
+def choose_detector(detectors: dict[str, Any], val: Outputs, generated: Outputs, ood_cfg: dict[str, Any],
+                    version: str) -> dict[str, Any]:
+    """Thresholds at ood.refuse_share of validation, each method measured against the generated set; the
+    card's `ood` block (without `statistics`) for ood.default (auto: the best AUROC)."""
+    from dermaid.evaluation.ood import choose_scale, choose_threshold, ood_metrics
+
+    refuse_share = float(ood_cfg["refuse_share"])
+    validation, val_scores = {}, {}
+    kinds = np.asarray(generated["kinds"])
+    for method, detector in detectors.items():
+        val_scores[method] = detector.score(val["features"], val["logits"])  # (N,)
+        out_scores = detector.score(generated["features"], generated["logits"])  # (M,)
+        threshold = choose_threshold(val_scores[method], refuse_share)
+        metrics = ood_metrics(val_scores[method], out_scores, threshold)
+        per_kind = {kind: round(ood_metrics(val_scores[method], out_scores[kinds == kind], threshold)["auroc"], 4)
+                    for kind in sorted(set(kinds.tolist()))}
+        validation[method] = {**{key: metrics[key] for key in ("auroc", "fpr_at_95_tpr", "refused_in",
+                                                                "refused_out")},
+                              "threshold": threshold, "auroc_per_kind": per_kind}
+    method = str(ood_cfg["default"])
+    if method == "auto":
+        method = max(validation, key=lambda name: validation[name]["auroc"])
+    elif method not in validation:
+        raise DermaidError(f"ood.default={method!r} is not among the fitted ood.methods {sorted(validation)}")
+    threshold = validation[method]["threshold"]
+    return {"method": method, "statistics": None, "threshold": threshold, "refuse_share": refuse_share,
+            "scale": choose_scale(val_scores[method], threshold), "validation": validation, "fitted_on": version}
+
+
+def choose_triage(val: Outputs, triage_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The card's `triage` block: the validation cut-off on the calibrated malignancy score for the target."""
+    from dermaid.evaluation.operating_point import choose_triage_cutoff
+
+    codes = list(triage_cfg["malignant_codes"] or MALIGNANT_CODES)
+    unknown = sorted(set(codes) - set(CLASS_CODES))
+    if unknown:
+        raise DermaidError(f"triage.malignant_codes: unknown class codes {unknown}; allowed: {list(CLASS_CODES)}")
+    columns = [CLASS_CODES.index(code) for code in codes]
+    malignancy = val["probs"][:, columns].sum(axis=1)  # (N,)
+    point = choose_triage_cutoff(malignancy, np.isin(val["labels"], columns), float(triage_cfg["target_sensitivity"]))
+    return {**point, "malignant_codes": codes}
+
+
+def _float_checkpoint(checkpoint: Any) -> str:
+    """The checkpoint URL; a clear error for none and for a compressed artifact."""
+    if not checkpoint:
+        raise DermaidError("checkpoint= is required: a checkpoint directory written by `dermaid train` (DIR/best)")
+    card = load_card(str(checkpoint))
+    if not card.is_float:
+        source = card.compression_source or "the float checkpoint it was made from"
+        raise CheckpointError(f"{checkpoint}: a {card.kind} artifact; calibrate its float source instead "
+                              f"(`dermaid calibrate checkpoint={source}`): compressed artifacts cannot be calibrated yet")
+    return str(checkpoint)
+
+
+def _data_config(data: dict[str, Any], card: ModelCard) -> dict[str, Any]:
+    """The `data` group with data.version defaulting to the checkpoint's own dataset version."""
+    if data["version"] or not card.dataset_version:
+        return data
+    return {**data, "version": card.dataset_version}
+
+
+def _training_fold(plain: dict[str, Any], card: ModelCard) -> int:
+    """The validation fold the checkpoint was trained with (its card's config), else data.fold."""
+    trained = (card.config.get("data") or {}).get("fold")  # cards without a recorded config: data.fold
+    return int(plain["data"]["fold"] if trained is None else trained)
+
+
+def _split_outputs(model: Any, card: ModelCard, version_url: str, split: str, fold: int, device: Any,
+                   batch_size: int) -> Outputs:
+    """A split's labelled images through evaluate's path: features, raw logits, calibrated probs, labels."""
+    from dermaid.data.loading import load_records
+
+    records = load_records(version_url, split=split, fold=fold)
+    records = records[records["label_idx"] >= 0].reset_index(drop=True)
+    if records.empty:
+        raise DermaidError(f"{version_url}: the {split} part of fold {fold} has no labelled images")
+    features, logits, probs = predict_records_with_features(model, records, card.input, card.temperature, 0, device,
+                                                            batch_size=batch_size)
+    return {"features": features, "logits": logits, "probs": probs, "labels": records["label_idx"].to_numpy()}
+
+
+def _generated_ood_outputs(model: Any, card: ModelCard, set_cfg: dict[str, Any], device: Any,
+                           batch_size: int) -> Outputs:
+    """The generated non-lesion images (dermaid.data.synth_ood) through the same path, with their kinds."""
+    from dermaid.data.synth_ood import iter_ood_images
+
+    rows = [{"image": data, "kind": kind}
+            for kind, data in iter_ood_images(int(set_cfg["n_per_kind"]), int(set_cfg["seed"]))]
+    features, logits, _ = predict_records_with_features(model, rows, card.input, card.temperature, 0, device,
+                                                        batch_size=batch_size)
+    return {"features": features, "logits": logits, "kinds": np.asarray([row["kind"] for row in rows])}
