@@ -1,7 +1,11 @@
 """The Classifier deployment: dermaid.inference.Predictor behind Serve's dynamic batching.
 
     classifier.classify.remote(image_bytes, age, sex, site, return_input)
-        -> {"probabilities": [8], "model_version", "width", "height", "input_png"?} or {"error": {...}}
+        -> {"probabilities": [8], "ood_score", "abstain", "operating_point", "model_version", "width", "height",
+            "input_png"?} or {"error": {...}}
+
+ood_score / abstain come from the card's OOD detector (Predictor.forward_full), null / null for a checkpoint
+without one; operating_point is the card's validation-chosen triage block (null without `dermaid calibrate`).
 
 Decoding runs in a thread pool; batches run on ForwardLanes (serve/lanes.py), so the next images decode
 while batches run. Batching is the deployment's user_config (serve/args.py BatchingArgs), changed in
@@ -25,6 +29,9 @@ from serve.lanes import ForwardLanes
 from serve.replica import freeze_gc
 
 logger = logging.getLogger("ray.serve")
+
+# One batched item's answer: probabilities (8,), ood_score, abstain (None, None without an OOD detector).
+ItemAnswer = tuple[list[float], float | None, bool | None]
 
 DEFAULT_BATCHING = BatchingArgs()  # until reconfigure() applies the deployment's user_config
 
@@ -59,24 +66,30 @@ class Classifier:
 
     async def classify(self, data: bytes, age: float | None = None, sex: str | None = None,
                        site: str | None = None, return_input: bool = False) -> dict[str, Any]:
-        """-> {"probabilities": [8], "model_version", "width", "height", "input_png"?} or {"error": {...}}."""
+        """-> {"probabilities": [8], "ood_score", "abstain", "operating_point", "model_version", "width", "height",
+        "input_png"?} or {"error": {...}}."""
         loop = asyncio.get_running_loop()
         try:
             prepared = await loop.run_in_executor(self._decode_pool, self.predictor.prepare, data)
         except DermaidError as exc:
             return {"error": describe_image_error(exc, data)}
         metadata = self.predictor.encode_metadata(age, sex, site)  # (14,)
-        probabilities = await self.predict_batch((prepared.tensor, metadata))
-        out = {"probabilities": probabilities, "model_version": self.predictor.version,
-               "width": prepared.image.width, "height": prepared.image.height}
+        probabilities, ood_score, abstain = await self.predict_batch((prepared.tensor, metadata))
+        out = {"probabilities": probabilities, "ood_score": ood_score, "abstain": abstain,
+               "operating_point": self.predictor.card.triage, "model_version": self.predictor.version,
+               "width": prepared.upload_size[0], "height": prepared.upload_size[1]}
         if return_input:
             out["input_png"] = await loop.run_in_executor(self._decode_pool, _png_bytes, prepared.model_input, 3)
         return out
 
     @serve.batch(max_batch_size=DEFAULT_BATCHING.max_batch_size,
                  batch_wait_timeout_s=DEFAULT_BATCHING.batch_wait_timeout_s, max_concurrent_batches=MAX_FORWARD_LANES)
-    async def predict_batch(self, items: list[tuple[Any, Any]]) -> list[list[float]]:
-        return (await self._lanes.run(items)).tolist()
+    async def predict_batch(self, items: list[tuple[Any, Any]]) -> list[ItemAnswer]:
+        """Per item: (probabilities [8], ood_score | None, abstain | None)."""
+        batch = await self._lanes.run(items)
+        if batch.ood_scores is None:
+            return [(row, None, None) for row in batch.probabilities.tolist()]
+        return list(zip(batch.probabilities.tolist(), batch.ood_scores.tolist(), batch.abstain.tolist()))
 
     def _forward_batch(self, items: list[tuple[Any, Any]]) -> Any:
         """On a forward lane (stacking there too: a big copy is a parallel op, and only lanes have teams)."""
@@ -84,7 +97,7 @@ class Classifier:
 
         images = torch.stack([image for image, _ in items])        # (B, 3, H, W)
         metadata = torch.stack([meta for _, meta in items])        # (B, 14)
-        return self.predictor.forward(images, metadata)            # (B, 8)
+        return self.predictor.forward_full(images, metadata)       # (B, 8), (B,) | None, (B,) | None
 
 
 def _png_bytes(image: Any, compress_level: int) -> bytes:

@@ -53,14 +53,54 @@ class Triage(BaseModel):
     message: str
 
 
-class ClassifyResponse(BaseModel):
+OOD_SCORE = "out-of-distribution score, higher = less like the training images; null: no OOD detector"
+ABSTAIN = ("true: the photo does not look like the lesion photos the model knows, no diagnosis is given; "
+           "null: no OOD detector (run `dermaid calibrate`)")
+RELIABLE = "false when the model abstained: the probabilities are then not to be relied on"
+
+
+class AbstentionFields(BaseModel):
+    """What every prediction answer says about abstention (classify and saliency's JSON)."""
+
+    probabilities_reliable: bool = Field(description=RELIABLE)
+    ood_score: float | None = Field(description=OOD_SCORE)
+    abstain: bool | None = Field(description=ABSTAIN)
+    message: str | None = Field(description="the retake message when the model abstained, else null")
+    disclaimer: str
+
+
+class ClassifyResponse(AbstentionFields):
     upload_id: str | None = Field(description="id of the stored upload (only with consent)")
     stored: bool
     model_version: str
     probabilities: list[ClassProbability] = Field(description="all 8 classes, most probable first")
-    top: ClassProbability
-    malignancy_score: float = Field(description="summed probability of the malignant classes")
-    triage: Triage
+    top: ClassProbability | None = Field(description="most probable class; null when the model abstained")
+    malignancy_score: float | None = Field(description="summed probability of the malignant classes; null when "
+                                                       "the model abstained")
+    triage: Triage | None = Field(description="null when the model abstained")
+
+
+class SaliencyResponse(AbstentionFields):
+    """/v1/saliency with format=json (format=png: the overlay, with X-DermAID-OOD-Score / -Abstain headers)."""
+
+    target: str
+    name: str
+    probability: float
+    method: str
+    layer: str
+    width: int
+    height: int
+    model_version: str
+    overlay_png_base64: str
+
+
+class ModelResponse(BaseModel):
+    model_version: str
+    card: dict[str, Any] = Field(description="the checkpoint's card.json")
+    ood: dict[str, Any] = Field(description="{method, threshold, refuse_share}, or {missing: true, how} for a "
+                                            "checkpoint without OOD statistics")
+    triage: dict[str, Any] | None = Field(description="the validation-chosen triage operating point (cutoff, "
+                                                      "sensitivity, specificity, counts); null: fixed cut-offs")
     disclaimer: str
 
 

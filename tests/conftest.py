@@ -225,3 +225,20 @@ def postgres_url():
     with admin.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def calibrated_checkpoint(trained_run, toy_prepared, tmp_path_factory) -> str:
+    """trained_run's best/ copied and calibrated in this process (`dermaid calibrate`'s function, a small generated
+    OOD set): a checkpoint with OOD statistics and a triage operating point. Read-only for tests: copy it first."""
+    import shutil
+
+    from dermaid.config import compose
+    from dermaid.evaluation.calibrate import calibrate
+
+    checkpoint = tmp_path_factory.mktemp("calibrated_checkpoint") / "best"
+    shutil.copytree(Path(trained_run) / "best", checkpoint)
+    prepared_dir = toy_prepared.rstrip("/").rsplit("/", 1)[0]  # data.version: the card's own
+    calibrate(compose("calibrate", [f"checkpoint={checkpoint}", f"data.prepared_dir={prepared_dir}",
+                                    "ood.validation_set.n_per_kind=4"]))
+    return str(checkpoint)

@@ -16,9 +16,10 @@ import torch
 from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
 
 from dermaid.classes import CLASS_CODES, SUBMISSION_CODES
-from dermaid.config import compose
+from dermaid.config import compose, to_plain
 from dermaid.data.loading import load_records
 from dermaid.data.synth_ood import OOD_KINDS, generate_ood, generate_ood_image
+from dermaid.errors import DermaidError
 from dermaid.evaluation.calibrate import calibrate
 from dermaid.evaluation.evaluate import evaluate
 from dermaid.evaluation.metrics import compute_metrics
@@ -165,10 +166,22 @@ def test_forward_with_features_is_what_the_head_sees_and_forward_is_unchanged():
     torch.manual_seed(0)
     model = create_classifier({"name": "test_efficientnet", "use_metadata": True}).eval()
     images = torch.randn(3, 3, 64, 64)  # (B, 3, H, W)
+    layout = model.feature_layout
     with torch.no_grad():
         features, logits = model.forward_with_features(images)  # (B, D), (B, K)
         assert features.shape == (3, model.feature_dim) and torch.equal(logits, model(images))
-        assert torch.equal(model.head(features), logits)  # eval mode: dropout is the identity
+        head = features[:, layout["head"][0]:layout["head"][1]]  # (B, F + M)
+        assert torch.equal(model.head(head), logits)  # eval mode: dropout is the identity
+        stem = dict(model.backbone.named_modules())[model.feature_levels[0][0]]
+        seen = []
+        handle = stem.register_forward_hook(lambda module, inputs, output: seen.append(output))
+        model(images)
+        handle.remove()
+    start, stop = layout["level0"]
+    flat = seen[0].flatten(2)  # (B, C_0, H_0 * W_0)
+    expected = torch.cat([flat.mean(2), flat.std(2, unbiased=False)], 1)  # (B, 2 C_0): mean | population std
+    assert torch.allclose(features[:, start:stop], expected, rtol=1e-4, atol=1e-4)
+    assert stop == model.feature_dim - sum(2 * c for _, c in model.feature_levels[1:])
 
 
 def test_old_cards_load_and_compressed_artifacts_are_refused(tiny_checkpoint, tmp_path):
@@ -179,3 +192,20 @@ def test_old_cards_load_and_compressed_artifacts_are_refused(tiny_checkpoint, tm
     save_checkpoint(onnx, card.derived("onnx", "model.onnx", {"source": tiny_checkpoint}), artifact_bytes=b"")
     with pytest.raises(CheckpointError, match=f"calibrate its float source.*checkpoint={tiny_checkpoint}"):
         calibrate(compose("calibrate", [f"checkpoint={onnx}"]))
+
+
+def test_multilayer_levels_must_be_levels_of_the_backbone(tiny_checkpoint):
+    from dermaid.evaluation.calibrate import fit_detectors
+
+    torch.manual_seed(0)
+    model = create_classifier({"name": "test_efficientnet", "use_metadata": True}).eval()
+    with torch.no_grad():
+        features, logits = model.forward_with_features(torch.randn(12, 3, 64, 64))  # (N, D), (N, K)
+    train = {"features": features.double().numpy(), "logits": logits.double().numpy(), "labels": np.arange(12) % 3}
+    ood_cfg = to_plain(compose("calibrate", ["checkpoint=x"]))["ood"]
+    card = load_card(tiny_checkpoint)
+    fitted = fit_detectors({**ood_cfg, "knn_k": 2}, card, train, model.feature_layout)
+    assert sorted(fitted) == sorted(METHODS) and fitted["knn"].columns.tolist() == list(model.feature_layout["head"])
+    assert fitted["multilayer"].levels == [model.feature_layout[f"level{i}"] for i in ood_cfg["multilayer_levels"]]
+    with pytest.raises(DermaidError, match=r"multilayer_levels=\[9\]: this backbone has feature levels 0..4"):
+        fit_detectors({**ood_cfg, "multilayer_levels": [9]}, card, train, model.feature_layout)

@@ -22,7 +22,8 @@ from dermaid.evaluation.operating_point import apply_cutoff, choose_triage_cutof
 from dermaid.models.card import CheckpointError
 
 C, D = 4, 16  # classes, feature width of the synthetic clusters
-OPTIONS = {"msp": {}, "energy": {}, "mahalanobis": {"normalise": True}, "knn": {"k": 5}}
+OPTIONS = {"msp": {}, "energy": {}, "mahalanobis": {"normalise": True}, "knn": {"k": 5},
+           "multilayer": {"levels": [(0, 12), (12, 16)]}}  # two "feature levels" (L2-normalised each)
 
 
 def _clusters(rng: np.random.Generator, n: int, centre_axes: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -130,11 +131,43 @@ def test_mismatched_statistics_are_a_checkpoint_error_naming_both(synthetic, tmp
 
 
 def test_bad_method_and_missing_features_are_user_errors(synthetic):
-    with pytest.raises(DermaidError, match="allowed: msp, energy, mahalanobis, knn"):
+    with pytest.raises(DermaidError, match="allowed: msp, energy, mahalanobis, knn, multilayer"):
         create_detector("odin")
     det = _fitted("mahalanobis", synthetic)
     with pytest.raises(DermaidError, match="needs penultimate features"):
         det.score(None, synthetic["in"] @ HEAD.T)
+    train, train_y = synthetic["train"]
+    with pytest.raises(DermaidError, match=r"columns \[8, 20\) do not fit 16-d features"):
+        create_detector("mahalanobis", columns=(8, 20)).fit(train, train @ HEAD.T, train_y)
+    with pytest.raises(DermaidError, match="column ranges"):
+        create_detector("multilayer").fit(train, train @ HEAD.T, train_y)
+
+
+def test_columns_restrict_a_detector_to_its_part_of_the_features(synthetic, tmp_path):
+    """mahalanobis/knn on columns [0, 8) ignore the rest; multilayer sums its levels, each standardised on the
+    training fold; the ranges survive the statistics file, and statistics written before `columns` existed
+    (the whole vector) still load."""
+    train, train_y = synthetic["train"]
+    x = synthetic["out"].copy()
+    shuffled = x.copy()
+    shuffled[:, 8:] = np.random.default_rng(5).permutation(shuffled[:, 8:])  # (N, D): columns 8.. changed only
+    for method in ("mahalanobis", "knn"):
+        det = create_detector(method, columns=(0, 8)).fit(train, train @ HEAD.T, train_y)
+        assert np.array_equal(det.score(x, x @ HEAD.T), det.score(shuffled, shuffled @ HEAD.T)), method
+        full = create_detector(method).fit(train, train @ HEAD.T, train_y)
+        assert not np.allclose(full.score(x, x @ HEAD.T), full.score(shuffled, shuffled @ HEAD.T)), method
+    multi = _fitted("multilayer", synthetic)
+    parts = [create_detector("mahalanobis", columns=c).fit(train, train @ HEAD.T, train_y)
+             for c in OPTIONS["multilayer"]["levels"]]
+    train_scores = [p.score(train, train @ HEAD.T) for p in parts]
+    z = sum((p.score(x, x @ HEAD.T) - s.mean()) / s.std() for p, s in zip(parts, train_scores))  # (N,)
+    assert np.allclose(multi.score(x, x @ HEAD.T), z, atol=1e-4)
+    assert abs(multi.score(train, train @ HEAD.T).mean()) < 1e-3  # standardised: the training fold centres on 0
+    loaded = load_statistics(str(tmp_path), save_statistics(str(tmp_path), {"multilayer": multi}))["multilayer"]
+    assert loaded.levels == OPTIONS["multilayer"]["levels"]
+    assert np.array_equal(loaded.score(x, x @ HEAD.T), multi.score(x, x @ HEAD.T))
+    old = {k: v for k, v in _fitted("mahalanobis", synthetic).state().items() if k != "columns"}
+    assert list(type(multi.parts[0]).from_state(old).columns) == [0, D]
 
 
 def test_triage_cutoff_is_the_largest_reaching_the_target():
@@ -168,8 +201,14 @@ def test_detectors_on_a_real_tiny_timm_model(tmp_path):
     with torch.no_grad():
         feats, logits = (t.numpy() for t in model.forward_with_features(images))  # (N, D), (N, C)
     assert feats.shape == (24, model.feature_dim)
+    layout = model.feature_layout  # head, then level0.. (2 x channels each: mean | std), contiguous
+    assert list(layout)[0] == "head" and layout["head"] == (0, model.head.in_features)
+    assert [start for start, _ in layout.values()][1:] == [stop for _, stop in layout.values()][:-1]
+    assert feats[:, layout["level0"][0]:].std(axis=0).max() > 0  # the level statistics vary over images
     labels = np.arange(24) % 3  # three pseudo-classes: the untrained head's argmax may use only one
-    detectors = {m: create_detector(m, **({"k": 1} if m == "knn" else {})).fit(feats, logits, labels) for m in METHODS}
+    options = {"knn": {"k": 1, "columns": layout["head"]}, "mahalanobis": {"columns": layout["head"]},
+               "multilayer": {"levels": [layout[f"level{i}"] for i in range(len(model.feature_levels))]}}
+    detectors = {m: create_detector(m, **options.get(m, {})).fit(feats, logits, labels) for m in METHODS}
     loaded = load_statistics(str(tmp_path), save_statistics(str(tmp_path), detectors))
     check_compatible(loaded, num_classes=logits.shape[1], feature_dim=model.feature_dim, source="tiny")
     for method in METHODS:

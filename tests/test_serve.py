@@ -474,6 +474,107 @@ def test_an_onnx_variant_classifies_and_gets_grad_cam_from_its_float_source(serv
         serve.delete("dermaid-onnx")
 
 
+# --- abstention: the OOD detector of a calibrated checkpoint -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calibrated_app(server, calibrated_checkpoint, tmp_path_factory):
+    """(base URL, checkpoint, storage) of a second app on the module's Serve, serving conftest's
+    calibrated_checkpoint (trained and calibrated); the module's own app stays uncalibrated."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.args import AppArgs
+
+    base, _ = server
+    storage = str(tmp_path_factory.mktemp("serve_calibrated_uploads"))
+    args = AppArgs.model_validate({
+        "checkpoint": calibrated_checkpoint, "storage": {"url": storage},
+        "classifier": {"num_cpus": 0.25, "torch_threads": 1, "forward_lanes": 1},
+        "explainer": {"num_cpus": 0.25, "torch_threads": 1}, "ingress": {"num_cpus": 0.1},
+    })
+    serve.run(build_app(args), name="dermaid-ood", route_prefix="/ood")
+    yield f"{base}/ood", calibrated_checkpoint, storage
+    serve.delete("dermaid-ood")
+
+
+def _document_jpeg() -> bytes:
+    from dermaid.data.synth_ood import iter_ood_images
+
+    return next(data for _kind, data in iter_ood_images(1, seed=3, size=(320, 240), kinds=("document",)))
+
+
+def test_a_document_abstains_with_the_retake_message_a_familiar_lesion_is_answered(calibrated_app, toy_prepared):
+    from dermaid.data.loading import load_records
+    from dermaid.inference import RETAKE_MESSAGE, Predictor
+    from dermaid.models.card import load_card
+
+    base, checkpoint, _ = calibrated_app
+    card = load_card(checkpoint)
+    model = requests.get(f"{base}/v1/model", timeout=30).json()
+    assert model["ood"] == {key: card.ood[key] for key in ("method", "threshold", "refuse_share")}
+    assert model["triage"] == card.triage and model["card"]["ood"] == card.ood
+
+    document = _document_jpeg()
+    refused = _classify(base, document, age=40)
+    assert refused.status_code == 200, refused.text
+    body = refused.json()
+    assert body["abstain"] is True and body["ood_score"] > card.ood["threshold"]
+    assert body["message"] == RETAKE_MESSAGE and body["disclaimer"] == DISCLAIMER
+    assert body["top"] is None and body["triage"] is None and body["malignancy_score"] is None
+    assert body["probabilities_reliable"] is False
+    assert sum(c["probability"] for c in body["probabilities"]) == pytest.approx(1.0, abs=1e-6)
+
+    # a training lesion the model itself scores in-distribution (in this process, the same Predictor)
+    lesions = load_records(toy_prepared, split="train", fold=0).head(12)["image"].tolist()
+    batch = Predictor(checkpoint).predict_full([(data, None, None, None) for data in lesions])
+    assert batch.abstain.mean() <= 0.5  # mostly answered
+    familiar = int(np.argmin(batch.ood_scores))
+    answered = _classify(base, lesions[familiar]).json()
+    assert answered["abstain"] is False
+    assert answered["ood_score"] == pytest.approx(batch.ood_scores[familiar], abs=1e-4)
+    assert answered["message"] is None and answered["probabilities_reliable"] is True
+    high = answered["malignancy_score"] >= card.triage["cutoff"]  # the card's operating point, not the fixed 0.5
+    assert answered["top"]["code"] in CLASS_CODES and (answered["triage"]["level"] == "high") == high
+
+
+def test_saliency_and_a_stored_upload_carry_abstain(calibrated_app):
+    import json
+
+    from dermaid.inference import RETAKE_MESSAGE
+    from dermaid.uploads.store import UploadStore
+
+    base, _, storage = calibrated_app
+    document = _document_jpeg()
+    files = {"image": ("doc.jpg", document, "image/jpeg")}
+    png = requests.post(f"{base}/v1/saliency", files=files, timeout=60)
+    assert png.status_code == 200 and png.headers["X-DermAID-Abstain"] == "true"
+    body = requests.post(f"{base}/v1/saliency", files=files, data={"format": "json"}, timeout=60).json()
+    assert body["abstain"] is True and body["message"] == RETAKE_MESSAGE and body["probabilities_reliable"] is False
+    assert body["ood_score"] == pytest.approx(float(png.headers["X-DermAID-OOD-Score"]), abs=1e-5)
+
+    stored = _classify(base, document, consent="true").json()
+    assert stored["stored"] is True and stored["abstain"] is True
+    store = UploadStore(storage)
+    record = json.loads(store.read_blob(store.get(stored["upload_id"])["blobs"]["record"]))
+    assert record["abstain"] is True and record["ood_score"] == pytest.approx(stored["ood_score"])
+
+
+def test_an_uncalibrated_checkpoint_serves_with_null_ood_and_says_how_to_add_it(server):
+    base, _ = server
+    model = requests.get(f"{base}/v1/model", timeout=30).json()
+    assert model["ood"]["missing"] is True and "dermaid calibrate" in model["ood"]["how"]
+    assert model["triage"] is None and "ood" not in model["card"]
+    data, _ = _valid_images()["jpeg"]
+    body = _classify(base, data).json()
+    assert body["ood_score"] is None and body["abstain"] is None and body["message"] is None
+    assert body["probabilities_reliable"] is True and body["top"]["code"] in CLASS_CODES
+    png = requests.post(f"{base}/v1/saliency", files={"image": ("x.jpg", data)}, timeout=60)
+    assert (png.headers["X-DermAID-OOD-Score"], png.headers["X-DermAID-Abstain"]) == ("null", "null")
+    saliency = requests.post(f"{base}/v1/saliency", files={"image": ("x.jpg", data)}, data={"format": "json"},
+                             timeout=60).json()
+    assert saliency["ood_score"] is None and saliency["abstain"] is None and saliency["probabilities_reliable"]
+
+
 # --- the demo's last step -------------------------------------------------------------------------------------
 
 def test_demo_serve_step_with_demo_serve_0(tiny_checkpoint, toy_raw, toy_prepared, tmp_path, monkeypatch, capsys):

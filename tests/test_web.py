@@ -433,6 +433,64 @@ def test_browser_consumer_page_then_review_page(app, browser, tmp_path):
         assert (tmp_path / name).stat().st_size > 5_000
 
 
+@pytest.fixture(scope="module")
+def calibrated_page(app, calibrated_checkpoint):
+    """The base URL of a second app on the module's Serve (route prefix /ood) serving conftest's
+    calibrated_checkpoint: its answers carry the OOD detector's abstain."""
+    from ray import serve
+
+    from serve import app as serve_app
+
+    args = {
+        "checkpoint": calibrated_checkpoint, "storage": {"url": str(app["tmp"] / "ood-uploads")},
+        "classifier": {"num_cpus": 0.25, "torch_threads": 1, "forward_lanes": 1},
+        "explainer": {"num_cpus": 0.25, "torch_threads": 1}, "ingress": {"num_cpus": 0.1},
+    }
+    serve.run(serve_app.build_app(args), name="dermaid-web-ood", route_prefix="/ood")
+    yield f"{app['base']}/ood"
+    serve.delete("dermaid-web-ood")
+
+
+def test_browser_an_abstained_photo_shows_only_the_retake_message(app, calibrated_page, calibrated_checkpoint,
+                                                                  browser, tmp_path):
+    from playwright.sync_api import expect
+
+    from dermaid.data.synth_ood import iter_ood_images
+    from dermaid.inference import RETAKE_MESSAGE, Predictor
+
+    document = tmp_path / "document.jpg"
+    document.write_bytes(next(data for _, data in iter_ood_images(1, seed=3, size=(320, 240), kinds=("document",))))
+    paths = [row["path"] for row in app["toy_rows"][:12]]
+    batch = Predictor(calibrated_checkpoint).predict_full([(Path(p).read_bytes(), None, None, None) for p in paths])
+    assert batch.abstain.mean() <= 0.5
+    lesion = paths[int(np.argmin(batch.ood_scores))]  # the toy lesion the model finds most familiar
+
+    errors: list[str] = []
+    saliency_requests: list[str] = []
+    page = browser.new_page(viewport=PHONE)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("request", lambda request: saliency_requests.append(request.url) if "v1/saliency" in request.url else None)
+    page.goto(f"{calibrated_page}/")
+    page.set_input_files("#choose", str(document))
+    page.click("#submit")
+    expect(page.locator("#retake")).to_have_text(RETAKE_MESSAGE, timeout=60_000)
+    for hidden in ("#triage", "#ranking", "#overlay-figure"):
+        expect(page.locator(hidden)).to_be_hidden()
+    expect(page.locator("#bars li")).to_have_count(0)
+    expect(page.locator("#disclaimer")).to_have_text(DISCLAIMER)
+    assert "Most likely" not in page.locator("#result").inner_text()
+    page.screenshot(path=str(tmp_path / "consumer-abstained.png"), full_page=True)
+
+    page.set_input_files("#choose", str(lesion))  # the next photo is answered as before
+    page.click("#submit")
+    expect(page.locator("#triage")).to_contain_text("Most likely:", timeout=60_000)
+    expect(page.locator("#retake")).to_be_hidden()
+    expect(page.locator("#bars li")).to_have_count(8)
+    expect(page.locator("#overlay")).to_have_attribute("src", re.compile(r"^blob:"), timeout=60_000)
+    assert len(saliency_requests) == 1  # only the answered photo asked for an overlay
+    assert not errors, errors
+
+
 # --- closing the loop ----------------------------------------------------------------------------------------
 
 def test_loop_classify_label_export_prepare_finetune(app, tmp_path):

@@ -2,7 +2,9 @@
 
 Kept apart from dermaid.data.prepare so a worker imports only numpy, PIL and pyarrow (no pandas,
 no Hydra): a fresh worker is ready sooner, which matters on small sets and on autoscaled nodes.
-Also the shard schema (docs/interfaces.md), shared with dermaid.data.loading.
+Also the shard schema (docs/interfaces.md), shared with dermaid.data.loading, and the card's
+`preparation` block (preparation_block): what process_image did to the images a model was trained and
+evaluated on, so dermaid.inference.Predictor can run process_image itself on an upload.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ SHARD_SCHEMA = pa.schema([
 ])
 _COMPRESSION = {f.name: ("NONE" if f.name == "image" else "SNAPPY") for f in SHARD_SCHEMA}  # JPEG won't shrink
 
+# process_image's fixed rule, named in every card's `preparation` block; change it together with process_image
+# (a card naming another rule is refused by the Predictor rather than served with different pixels).
+PREPARATION_RULE = {
+    "decode": "open_image, JPEG draft at image_size",
+    "resize": "shorter side to image_size, bicubic, never upsampled",
+    "format": "JPEG",
+}
+
 
 def process_image(data: bytes, image_size: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, int, int]:
     """Raw image bytes -> (JPEG bytes with shorter side image_size, width, height)."""
@@ -42,6 +52,11 @@ def process_image(data: bytes, image_size: int, quality: int, max_pixels: int = 
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue(), img.width, img.height
+
+
+def preparation_block(settings: dict[str, Any]) -> dict[str, Any]:
+    """The model card's `preparation` block for images prepared with a version's settings (its manifest's)."""
+    return {**PREPARATION_RULE, "image_size": int(settings["image_size"]), "quality": int(settings["quality"])}
 
 
 def prepare_shard(rows: list[dict[str, Any]], shard_url: str, settings: dict[str, Any]) -> dict[str, Any]:

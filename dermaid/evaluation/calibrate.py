@@ -6,7 +6,8 @@
 
 In this process (no Ray), through evaluate's prediction path (dermaid.evaluation.evaluate.
 predict_records_with_features: the same eval transform and loader):
-1. the training fold's penultimate features and raw logits fit every detector in `ood.methods`
+1. the training fold's features (the head's input and the backbone's per-level channel statistics:
+   LesionClassifier.forward_with_features) and raw logits fit every detector in `ood.methods`
    (dermaid.evaluation.ood);
 2. on the validation fold each detector's threshold refuses `ood.refuse_share` of the images, and its
    AUROC / FPR@95TPR / refused shares are measured against a generated OOD set
@@ -79,7 +80,7 @@ def calibrate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     ood_cfg = plain["ood"]
     generated = _generated_ood_outputs(model, card, ood_cfg["validation_set"], device, batch_size)
 
-    detectors = fit_detectors(ood_cfg, card, train)
+    detectors = fit_detectors(ood_cfg, card, train, model.feature_layout)
     ood_block = choose_detector(detectors, val, generated, ood_cfg, version)
     triage_block = choose_triage(val, plain["triage"])
     ood_block["statistics"] = save_statistics(checkpoint, detectors)
@@ -88,15 +89,23 @@ def calibrate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             "num_val": len(val["labels"]), "num_ood": len(generated["kinds"])}
 
 
-def fit_detectors(ood_cfg: dict[str, Any], card: ModelCard, train: Outputs) -> dict[str, Any]:
-    """Every method in ood.methods fitted on the training fold (msp/energy at the card's temperature)."""
-    from dermaid.evaluation.ood import create_detector
+def fit_detectors(ood_cfg: dict[str, Any], card: ModelCard, train: Outputs,
+                  layout: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """Every method in ood.methods fitted on the training fold (msp/energy at the card's temperature;
+    mahalanobis/knn on the head's features, multilayer on ood.multilayer_levels: LesionClassifier.feature_layout)."""
+    from dermaid.evaluation.ood import METHODS, create_detector
 
+    levels = [int(level) for level in ood_cfg["multilayer_levels"]]
+    missing = [level for level in levels if f"level{level}" not in layout]
+    if missing or not levels:
+        raise DermaidError(f"ood.multilayer_levels={levels}: this backbone has feature levels "
+                           f"0..{sum(key.startswith('level') for key in layout) - 1}; name at least one of them")
     options = {"msp": {"temperature": card.temperature}, "energy": {"temperature": card.temperature},
-               "knn": {"k": int(ood_cfg["knn_k"])}}
+               "mahalanobis": {"columns": layout["head"]}, "knn": {"k": int(ood_cfg["knn_k"]), "columns": layout["head"]},
+               "multilayer": {"levels": [layout[f"level{level}"] for level in levels]}}
     methods = list(ood_cfg["methods"])
     if not methods:
-        raise DermaidError("ood.methods is empty: name at least one of msp, energy, mahalanobis, knn")
+        raise DermaidError(f"ood.methods is empty: name at least one of {', '.join(METHODS)}")
     return {method: create_detector(method, **options.get(method, {})).fit(
         train["features"], train["logits"], train["labels"]) for method in methods}
 

@@ -14,6 +14,13 @@ Every score is "higher = more out-of-distribution":
                 to the class mean, with one shared (tied) covariance (Lee et al. 2018); the covariance is
                 Ledoit-Wolf shrunk (sklearn) so a small training fold (N < D) still gives a stable inverse
 - knn:          distance to the k-th nearest L2-normalised training feature (Sun et al. 2022)
+- multilayer:   per timm feature level, the Mahalanobis distance (as above) of the level's L2-normalised
+                per-channel mean|std pooled activations; each level's distance standardised by its mean and
+                std on the training fold, then summed (the layer ensemble of Lee et al. 2018, with the
+                channel statistics of feature-statistics OOD work). Early levels see colour, texture and
+                sharpness: on the toy model it lifts AUROC from ~0.82 (head features) to ~0.99.
+Feature methods take `columns` (mahalanobis, knn: one [start, stop) range; multilayer: one per level) of
+the model's feature vector (LesionClassifier.feature_layout); the ranges are part of their state.
 
 Why not pytorch-ood (0.4.0 fits torch/numpy here): its detectors are built around a model forward and
 a DataLoader; its Mahalanobis asserts that every class 0..C-1 occurs in the fitting data and inverts an
@@ -42,8 +49,8 @@ from dermaid.errors import DermaidError
 from dermaid.files import exists, join, read_bytes, write_bytes
 from dermaid.models.card import CheckpointError
 
-METHODS: tuple[str, ...] = ("msp", "energy", "mahalanobis", "knn")
-FEATURE_METHODS: tuple[str, ...] = ("mahalanobis", "knn")  # need penultimate features; msp/energy need logits
+METHODS: tuple[str, ...] = ("msp", "energy", "mahalanobis", "knn", "multilayer")
+FEATURE_METHODS: tuple[str, ...] = ("mahalanobis", "knn", "multilayer")  # need penultimate features; msp/energy need logits
 STATISTICS_FILE = "ood_statistics.npz"
 _QUERY_CHUNK = 1024  # kNN scores this many queries at a time: a (chunk, bank) distance matrix stays small
 
@@ -59,6 +66,21 @@ def _f64(array) -> np.ndarray:
 def _l2_normalise(features: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(features, axis=1, keepdims=True)  # (N, 1)
     return features / np.maximum(norms, 1e-12)  # (N, D)
+
+
+def _column_range(columns, feature_dim: int, method: str) -> np.ndarray:
+    """[start, stop) as an int64 (2,) array; None: every column."""
+    start, stop = (0, feature_dim) if columns is None else (int(columns[0]), int(columns[1]))
+    if not 0 <= start < stop <= feature_dim:
+        raise DermaidError(f"ood {method}: columns [{start}, {stop}) do not fit {feature_dim}-d features")
+    return np.array([start, stop], dtype=np.int64)
+
+
+def _stored_columns(state: dict[str, np.ndarray], feature_dim: int) -> np.ndarray:
+    """A state's column range; statistics written before `columns` existed used the whole vector."""
+    if "columns" not in state:
+        return np.array([0, feature_dim], dtype=np.int64)
+    return np.asarray(state["columns"], dtype=np.int64)
 
 
 def _logsumexp(z: np.ndarray) -> np.ndarray:
@@ -180,15 +202,18 @@ class MahalanobisDetector(OodDetector):
     name = "mahalanobis"
     needs_features = True
 
-    def __init__(self, normalise: bool = True) -> None:  # L2-normalised features separate far better (SSD, KNN papers)
+    # normalise: L2-normalised features separate far better (SSD, KNN papers); columns: None = all of them
+    def __init__(self, normalise: bool = True, columns: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.normalise = bool(normalise)
+        self.normalise, self.columns = bool(normalise), columns
 
     def _prepare(self, features: np.ndarray) -> np.ndarray:
-        return _l2_normalise(features) if self.normalise else features
+        x = features[:, self.columns[0]:self.columns[1]]  # (N, D')
+        return _l2_normalise(x) if self.normalise else x
 
     def _fit(self, features, logits, labels) -> None:
-        x = self._prepare(features)  # (N, D)
+        self.columns = _column_range(self.columns, features.shape[1], self.name)
+        x = self._prepare(features)  # (N, D')
         classes = np.unique(labels)  # classes absent from the fold get no mean
         means = np.stack([x[labels == c].mean(axis=0) for c in classes])  # (K, D)
         centred = x - means[np.searchsorted(classes, labels)]  # (N, D)
@@ -209,11 +234,12 @@ class MahalanobisDetector(OodDetector):
         return np.sqrt(np.maximum(squared.min(axis=1), 0.0))  # (N,)
 
     def _state(self) -> dict[str, np.ndarray]:
-        return {"normalise": np.array([self.normalise]), "classes": self.classes,
+        return {"normalise": np.array([self.normalise]), "columns": self.columns, "classes": self.classes,
                 "means": self.means, "precision": self.precision}
 
     def _load(self, state) -> None:
         self.normalise = bool(state["normalise"][0])
+        self.columns = _stored_columns(state, self.feature_dim)
         self.classes = np.asarray(state["classes"], dtype=np.int64)
         self._set(_f32(state["means"]), _f32(state["precision"]))
 
@@ -225,14 +251,15 @@ class KnnDetector(OodDetector):
     needs_features = True
 
     # k: conf/calibrate.yaml's ood.knn_k sets it (10 here for direct calls); max_bank: subsample large folds
-    def __init__(self, k: int = 10, max_bank: int | None = None) -> None:
+    def __init__(self, k: int = 10, max_bank: int | None = None, columns: tuple[int, int] | None = None) -> None:
         super().__init__()
         if int(k) < 1:
             raise DermaidError(f"ood knn: k must be >= 1, got {k}")
-        self.k, self.max_bank = int(k), max_bank
+        self.k, self.max_bank, self.columns = int(k), max_bank, columns
 
     def _fit(self, features, logits, labels) -> None:
-        bank = _l2_normalise(features)  # (N, D)
+        self.columns = _column_range(self.columns, features.shape[1], self.name)
+        bank = _l2_normalise(features[:, self.columns[0]:self.columns[1]])  # (N, D')
         if self.max_bank and len(bank) > self.max_bank:
             keep = np.random.default_rng(0).choice(len(bank), size=int(self.max_bank), replace=False)
             bank = bank[np.sort(keep)]  # deterministic subsample
@@ -241,7 +268,7 @@ class KnnDetector(OodDetector):
         self.bank = _f32(bank)
 
     def _score(self, features, logits) -> np.ndarray:
-        x = _f32(_l2_normalise(features))  # (N, D): float32 like the bank (cosine needs no more; half the memory)
+        x = _f32(_l2_normalise(features[:, self.columns[0]:self.columns[1]]))  # (N, D'): float32 like the bank (cosine needs no more; half the memory)
         out = np.empty(len(x), dtype=np.float64)
         for start in range(0, len(x), _QUERY_CHUNK):
             sim = _f64(x[start:start + _QUERY_CHUNK] @ self.bank.T)  # (n, M) cosine similarity
@@ -250,19 +277,57 @@ class KnnDetector(OodDetector):
         return out
 
     def _state(self) -> dict[str, np.ndarray]:
-        return {"k": np.array([self.k], dtype=np.int64), "bank": self.bank}
+        return {"k": np.array([self.k], dtype=np.int64), "columns": self.columns, "bank": self.bank}
 
     def _load(self, state) -> None:
         self.k, self.max_bank = int(state["k"][0]), None
+        self.columns = _stored_columns(state, self.feature_dim)
         self.bank = _f32(state["bank"])
 
 
+class MultiLayerDetector(OodDetector):
+    """Sum over feature levels of each level's Mahalanobis distance, standardised on the training fold."""
+
+    name = "multilayer"
+    needs_features = True
+
+    def __init__(self, levels: list[tuple[int, int]] | None = None) -> None:  # levels: [start, stop) per level
+        super().__init__()
+        self.levels = levels
+
+    def _fit(self, features, logits, labels) -> None:
+        if not self.levels:
+            raise DermaidError("ood multilayer: needs the feature levels' column ranges (levels=[(start, stop), ...])")
+        self.parts = [MahalanobisDetector(normalise=True, columns=columns).fit(features, logits, labels)
+                      for columns in self.levels]
+        train = np.stack([part._score(features, logits) for part in self.parts], axis=1)  # (N, L)
+        self.centre, self.spread = _f32(train.mean(axis=0)), _f32(np.maximum(train.std(axis=0), 1e-6))  # (L,)
+
+    def _score(self, features, logits) -> np.ndarray:
+        # (N, L); score() checked the features once, so the parts skip their own checks
+        per_level = np.stack([part._score(features, logits) for part in self.parts], axis=1)
+        return ((per_level - _f64(self.centre)) / _f64(self.spread)).sum(axis=1)  # (N,)
+
+    def _state(self) -> dict[str, np.ndarray]:
+        state = {"centre": self.centre, "spread": self.spread}
+        for index, part in enumerate(self.parts):
+            state.update({f"level{index}/{key}": value for key, value in part.state().items()})
+        return state
+
+    def _load(self, state) -> None:
+        self.centre, self.spread = _f32(state["centre"]), _f32(state["spread"])
+        self.parts = [MahalanobisDetector.from_state({key.split("/", 1)[1]: value for key, value in state.items()
+                                                      if key.startswith(f"level{index}/")})
+                      for index in range(len(self.centre))]
+        self.levels = [tuple(int(c) for c in part.columns) for part in self.parts]
+
+
 _DETECTORS: dict[str, type[OodDetector]] = {
-    cls.name: cls for cls in (MspDetector, EnergyDetector, MahalanobisDetector, KnnDetector)}
+    cls.name: cls for cls in (MspDetector, EnergyDetector, MahalanobisDetector, KnnDetector, MultiLayerDetector)}
 
 
 def create_detector(method: str, **options) -> OodDetector:
-    """A fresh detector; options go to its constructor (temperature, normalise, k, max_bank)."""
+    """A fresh detector; options go to its constructor (temperature, normalise, k, max_bank, columns, levels)."""
     if method not in _DETECTORS:
         raise DermaidError(f"ood: unknown method {method!r}; allowed: {', '.join(METHODS)}")
     try:
@@ -357,4 +422,5 @@ def check_compatible(detectors: dict[str, OodDetector], num_classes: int, featur
                                   f"model gives {num_classes}")
         if det.needs_features and det.feature_dim != feature_dim:
             raise CheckpointError(f"{source}: OOD statistics ({method}) for {det.feature_dim}-d features, "
-                                  f"model gives {feature_dim}")
+                                  f"model gives {feature_dim}; refit them with `dermaid calibrate checkpoint=...` "
+                                  "(statistics from before the feature levels were added cover the head only)")

@@ -1,8 +1,12 @@
 """Predictor: a checkpoint (any artifact kind) + its card -> calibrated probabilities for image bytes.
 
 The one preprocessing path shared with `dermaid evaluate`:
-    open_image(bytes) -> create_eval_transform(card.input) -> model(images, metadata)
-    -> softmax(logits / card.temperature)  (dermaid.training.loop.probabilities_from_logits)
+    [process_image(bytes, card.preparation) ->] open_image -> create_eval_transform(card.input)
+    -> model(images, metadata) -> softmax(logits / card.temperature)  (dermaid.training.loop.probabilities_from_logits)
+A card with a `preparation` block (every card trained since it exists) first gets `dermaid prepare`'s own
+process_image (dermaid.data.shards: JPEG draft, shorter side to image_size, JPEG re-encode), so an upload
+reaches the model as the same pixels `dermaid evaluate` reads from its prepared row; older cards decode the
+upload directly, as before.
 
     predictor = Predictor("runs/toy/best")
     probs = predictor.predict([(jpeg_bytes, 55, "male", "posterior torso")])   # (1, 8) numpy
@@ -15,21 +19,23 @@ ood_scores / abstain come from the card's OOD detector (dermaid.inference.ood_sc
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from timm.data.transforms import ResizeKeepRatio
 from torch import nn
 from torchvision import transforms as T
 
 from dermaid.classes import NUM_CLASSES
 from dermaid.data.images import DEFAULT_MAX_PIXELS
 from dermaid.data.transforms import create_eval_transform
-from dermaid.inference.decoding import check_aspect_ratio, decode_image
+from dermaid.data.shards import PREPARATION_RULE
+from dermaid.inference.decoding import check_aspect_ratio, decode_image, decode_prepared, decoded_size
 from dermaid.inference.loaders import create_model_fn
 from dermaid.inference.ood_scorer import OodScorer
 from dermaid.models.card import CheckpointError, load_card, model_version
@@ -37,14 +43,23 @@ from dermaid.models.metadata import encode_metadata
 from dermaid.training.loop import probabilities_from_logits
 
 
-@dataclass(frozen=True)
+@dataclass
 class Prepared:
-    """One decoded request image and what the model sees of it."""
+    """One decoded request image and what the model sees of it.
 
-    image: Image.Image            # upright RGB at the input size
+    With a card's `preparation` the model sees prepare's pixels (a smaller JPEG), but what people see stays the
+    upload: `image` (decoded on first use, for overlays), `upload_size` and `crop_box` are in upload pixels."""
+
     model_input: Image.Image      # the resized centre crop (what the model sees), RGB
     tensor: torch.Tensor          # (3, H, W) normalised
-    crop_box: tuple[float, float, float, float]  # the crop in input-image pixels (left, top, right, bottom)
+    crop_box: tuple[float, float, float, float]  # the crop in upload pixels (left, top, right, bottom)
+    upload_size: tuple[int, int]  # (width, height) of the upright upload
+    _decode_upload: Callable[[], Image.Image]
+
+    @cached_property
+    def image(self) -> Image.Image:
+        """The upload, upright RGB at its own size (what overlays are drawn on)."""
+        return self._decode_upload()
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,7 @@ class Predictor:
         self.temperature = self.card.temperature
         self.uses_metadata = self.card.uses_metadata
         self.input_spec = dict(self.card.input)
+        self.preparation = _preparation(self.card.preparation, self.checkpoint_url)  # None: decode as uploaded
         self.transform = create_eval_transform(self.input_spec)
         self._geometry, self._normalise = _split_eval_transform(self.transform)
         feature_dim = getattr(self.model, "feature_dim", None) if self.card.is_float else None
@@ -85,14 +101,22 @@ class Predictor:
 
     def prepare(self, data: bytes) -> Prepared:
         """bytes -> decoded image, model-input crop and tensor. Raises ImageDecodeError (a DermaidError)."""
-        image = decode_image(data, self.max_pixels)
+        if self.preparation is None:
+            image = decode_image(data, self.max_pixels)
+            check_aspect_ratio(image)
+            crop = self._geometry(image)
+            return Prepared(crop, self._normalise(crop), _crop_box(image, self._geometry), image.size, lambda: image)
+        upload_size = decoded_size(data, self.max_pixels)
+        image = decode_prepared(data, self.preparation, self.max_pixels)  # what evaluate reads from the shard
         check_aspect_ratio(image)
         crop = self._geometry(image)
-        tensor = self._normalise(crop)  # (3, H, W)
-        return Prepared(image, crop, tensor, _crop_box(image.size, self.input_spec))
+        left, top, right, bottom = _crop_box(image, self._geometry)
+        sx, sy = upload_size[0] / image.width, upload_size[1] / image.height  # prepared -> upload pixels
+        return Prepared(crop, self._normalise(crop), (left * sx, top * sy, right * sx, bottom * sy), upload_size,
+                        lambda: decode_image(data, self.max_pixels))
 
     def preprocess(self, data: bytes) -> torch.Tensor:
-        """bytes -> normalised model input (3, H, W): open_image -> create_eval_transform(card.input)."""
+        """bytes -> normalised model input (3, H, W): [process_image ->] open_image -> create_eval_transform."""
         return self.prepare(data).tensor
 
     def encode_metadata(self, age: Any = None, sex: Any = None, site: Any = None) -> torch.Tensor:
@@ -173,16 +197,30 @@ def _split_eval_transform(transform: T.Compose) -> tuple[T.Compose, T.Compose]:
     return T.Compose(steps[:cut]), T.Compose(steps[cut:])
 
 
-def _crop_box(size: tuple[int, int], spec: dict[str, Any]) -> tuple[float, float, float, float]:
-    """Where the eval transform's centre crop lies in the input image (torchvision's Resize + CenterCrop)."""
-    width, height = size
-    crop = int(spec["input_size"][-1])
-    resize_to = int(math.floor(crop / float(spec["crop_pct"])))
-    if width <= height:
-        new_w, new_h = resize_to, int(resize_to * height / width)
+def _preparation(block: dict[str, Any] | None, url: str) -> dict[str, Any] | None:
+    """The card's `preparation` block, checked: it must name the rule this DermAID's process_image applies."""
+    if block is None:
+        return None
+    differs = {key: block.get(key) for key, rule in PREPARATION_RULE.items() if block.get(key) != rule}
+    if differs or not {"image_size", "quality"} <= set(block):
+        raise CheckpointError(f"{url}: the card's preparation {block} is not the one this DermAID's prepare applies "
+                              f"({PREPARATION_RULE} with image_size and quality); serving it would change its pixels")
+    return dict(block)
+
+
+def _crop_box(image: Image.Image, geometry: T.Compose) -> tuple[float, float, float, float]:
+    """Where the eval transform's crop lies in the input image (left, top, right, bottom), for each of timm's crop
+    modes: its last two steps are a resize (shorter side, both sides, or keep-ratio) and a centre crop (or pad)."""
+    resize, crop = geometry.transforms[-2:]
+    width, height = image.size
+    if isinstance(resize, ResizeKeepRatio):
+        new_h, new_w = resize.get_params(image, resize.size, resize.longest)
+    elif isinstance(resize.size, int) or len(resize.size) == 1:  # shorter side, as torchvision's Resize
+        short = int(resize.size if isinstance(resize.size, int) else resize.size[0])
+        new_w, new_h = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
     else:
-        new_w, new_h = int(resize_to * width / height), resize_to
-    left = int(round((new_w - crop) / 2.0))
-    top = int(round((new_h - crop) / 2.0))
+        new_h, new_w = (int(v) for v in resize.size)
+    crop_h, crop_w = (crop.size, crop.size) if isinstance(crop.size, int) else crop.size
+    left, top = int(round((new_w - crop_w) / 2.0)), int(round((new_h - crop_h) / 2.0))
     sx, sy = width / new_w, height / new_h
-    return (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+    return (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)

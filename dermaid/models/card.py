@@ -16,8 +16,10 @@ to use the model without its training config:
     Optional blocks written by `dermaid calibrate` (dermaid.evaluation.calibrate): ood ({"method",
     "statistics" (file beside the weights), "threshold", "refuse_share", "scale", "validation" per method,
     "fitted_on"}) and triage ({"cutoff", "target_sensitivity", "sensitivity", "specificity", "tp", "fn", "tn",
-    "fp", "malignant_codes"}). Being optional, they leave format_version at 1: older cards load without
-    them (card.ood / card.triage are None) and older code keeps them in `extra` on re-save.
+    "fp", "malignant_codes"}). Written by training: preparation (dermaid.data.shards.preparation_block: the
+    prepare rule, image_size and JPEG quality of the training data; the Predictor repeats it on uploads).
+    Being optional, they leave format_version at 1: older cards load without them (card.ood / card.triage /
+    card.preparation are None) and older code keeps them in `extra` on re-save.
 
     card = load_card("runs/toy/best")        # CheckpointError: missing, unreadable, unknown format_version
     card.model_name, card.input_size, card.temperature, card.uses_metadata, card.compression_source
@@ -102,6 +104,7 @@ class ModelCard:
     compression: dict[str, Any] | None = None  # compressed artifacts only: {"source": float checkpoint, ...}
     ood: dict[str, Any] | None = None          # `dermaid calibrate`: the OOD detector (method, statistics, threshold)
     triage: dict[str, Any] | None = None       # `dermaid calibrate`: the validation-chosen triage cut-off
+    preparation: dict[str, Any] | None = None  # training: how prepare made the images (dermaid.data.shards)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept on re-save
 
     # --- typed reads -----------------------------------------------------------------------------------------
@@ -162,7 +165,7 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         """The card.json content (a compressed artifact's `compression` only when present)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        for optional in ("compression", "ood", "triage"):
+        for optional in ("compression", "ood", "triage", "preparation"):
             if data[optional] is None:
                 del data[optional]
         return {**data, **self.extra}
@@ -212,6 +215,7 @@ def build_card(
     temperature: float = 1.0,
     epoch: int | None = None,
     teacher: str | None = None,
+    preparation: dict[str, Any] | None = None,
     kind: str = FLOAT_KIND,
     artifact: str = WEIGHTS_FILE,
 ) -> ModelCard:
@@ -231,6 +235,7 @@ def build_card(
         epoch=epoch,
         teacher=teacher,
         created=_utc_now(),
+        preparation=dict(preparation) if preparation else None,
     )
 
 

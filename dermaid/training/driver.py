@@ -126,6 +126,7 @@ def prepare_run(plain: dict[str, Any], settings: TrainConfig) -> dict[str, Any]:
     """
     from dermaid.data.loading import read_manifest, split_filter
     from dermaid.data.prepare import check_raw_roots, ensure_prepared
+    from dermaid.data.shards import preparation_block
 
     out = absolute_url(settings.out)
     model_cfg, train_cfg = settings.model.model_dump(), settings.train.model_dump()
@@ -161,7 +162,8 @@ def prepare_run(plain: dict[str, Any], settings: TrainConfig) -> dict[str, Any]:
         "use_gpu": settings.scaling.use_gpu,
         "cpus_per_worker": settings.scaling.cpus_per_worker,
         "log_level": settings.run.log_level,
-        "data": {"version_url": version_url, "version": manifest["version"], "fold": fold},
+        "data": {"version_url": version_url, "version": manifest["version"], "fold": fold,
+                 "preparation": preparation_block(manifest["settings"])},
         "dataset_versions": dataset_versions,
         "loss_hook": {"path": train_cfg["loss_hook"], "settings": hook["settings"]} if hook else None,
         "config": resolved,

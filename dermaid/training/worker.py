@@ -296,6 +296,7 @@ def _epoch_card(cfg: WorkerConfig, trainee: _Trainee, row: dict[str, Any], detai
         metrics=json_safe({**row, "val": details}),
         temperature=temperature,
         epoch=row["epoch"],
+        preparation=cfg.data.preparation,
         **trainee.card_fields,
     )
 

@@ -151,6 +151,7 @@ class DataRef(_Section):
     version_url: str
     version: str
     fold: int
+    preparation: dict[str, Any] | None = None  # the card's block: dermaid.data.shards.preparation_block(settings)
 
 
 class LossHookRef(_Section):

@@ -71,8 +71,9 @@ class UploadStore:
     def save(self, *, image: bytes, model_input_png: bytes, probabilities: Sequence[float], model_version: str,
              age: float | None = None, sex: str | None = None, site: str | None = None,
              width: int | None = None, height: int | None = None, malignancy_score: float | None = None,
-             consent: bool = True) -> str:
-        """Store one upload; returns its id. Only with consent: without it nothing is written."""
+             consent: bool = True, ood: dict[str, Any] | None = None) -> str:
+        """Store one upload; returns its id. Only with consent: without it nothing is written.
+        ood: {"ood_score", "abstain"} of the prediction, kept in record.json only (no column yet)."""
         if not consent:
             raise DermaidError("consent: uploads are stored only with the user's consent")
         if len(probabilities) != NUM_CLASSES:
@@ -96,7 +97,7 @@ class UploadStore:
             blobs=blobs, image_format=image_format, width=width, height=height,
             sha256=hashlib.sha256(image).hexdigest(), consent=True,
         )
-        record = row_to_record(row)
+        record = {**row_to_record(row), **(ood or {})}
         # 1) blobs, 2) the row in one transaction: a row never points at missing blobs.
         write_bytes(self.url(blobs["image"]), image)
         write_bytes(self.url(blobs["input"]), model_input_png)

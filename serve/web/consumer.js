@@ -48,12 +48,26 @@
     return "";
   }
 
-  function showResult(body, consent) {
+  // abstain: the photo does not look like the lesion photos the model knows; no diagnosis, no triage, no overlay
+  function showAnswer(body) {
+    const abstained = body.abstain === true, triage = $("triage");
+    $("retake").textContent = abstained ? body.message : "";
+    $("retake").hidden = !abstained;
+    for (const id of ["triage", "overlay-figure", "ranking"]) $(id).hidden = abstained;
+    if (abstained) {
+      triage.className = "triage";
+      triage.replaceChildren();
+      $("bars").replaceChildren();
+      return;
+    }
     renderBars($("bars"), body.probabilities);
-    const triage = $("triage");
     triage.className = `triage ${body.triage.level}`;
     triage.replaceChildren(el("strong", { text: `Most likely: ${body.top.name} (${(100 * body.top.probability).toFixed(0)}%). ` }),
                            document.createTextNode(body.triage.message));
+  }
+
+  function showResult(body, consent) {
+    showAnswer(body);
     $("photo").src = photoUrl;
     $("disclaimer").textContent = body.disclaimer;
     const reference = $("reference"), notStored = $("not-stored");
@@ -107,7 +121,7 @@
       const result = await response.json();
       showResult(result, consent);
       $("result").scrollIntoView({ block: "start", behavior: "smooth" });
-      await loadOverlay(result.top.code);
+      if (result.abstain !== true) await loadOverlay(result.top.code);  // no overlay for a photo it refused
     } catch (_) {
       showError(errorBox, networkMessage());
     } finally {
