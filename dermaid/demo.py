@@ -8,7 +8,8 @@ Its settings are conf/demo.yaml: the pipeline config with `experiment=toy` plus 
 synth (~600 toy images in the ISIC 2019 layout at data.root, skipped when the same set is already
 there) -> prepare (dermaid.pipeline.prepare_data: shorter side 128 px, tagged `toy`) -> train
 (dermaid.pipeline.train_model: 2 Ray workers, demo.run_dir = runs/toy; an existing run there is resumed,
-so a finished one is re-used) -> evaluate (dermaid.pipeline.evaluate_model: the best checkpoint on the
+so a finished one is re-used) -> calibrate (dermaid.pipeline.calibrate_model: OOD detectors, abstention
+threshold and triage cut-off from the validation fold, into the best checkpoint) -> evaluate (dermaid.pipeline.evaluate_model: the best checkpoint on the
 held-out test part, metrics table) -> report (dermaid.pipeline.write_report: EDA and training reports
 under reports/, their HTML paths printed) -> serve (the toy model at http://127.0.0.1:8000 until Ctrl-C,
 with example curl commands; with `DEMO_SERVE=0`, one held-out toy image classified in-process and its
@@ -67,6 +68,16 @@ def step_train(state: State) -> None:
           f"val/auc_macro {best.get('val/auc_macro', float('nan')):.3f}, temperature {summary['temperature']:.2f}")
 
 
+def step_calibrate(state: State) -> None:
+    """The pipeline's calibrate step: OOD detectors, the abstention threshold and the triage cut-off from the
+    validation fold, stored with the best checkpoint (the served model then abstains on non-lesion photos)."""
+    result = pipeline.calibrate_model(state["config"], state["trained"]["checkpoint"])
+    ood, triage = result["ood"], result["triage"]
+    print(f"[calibrate] abstain above {ood['method']} score {ood['threshold']:.3g} (refuses {ood['refuse_share']:.0%} "
+          f"of validation lesions); see-a-doctor-soon cut-off {triage['cutoff']:.3f} (validation sensitivity "
+          f"{triage['sensitivity']:.2f}, specificity {triage['specificity']:.2f})")
+
+
 def step_evaluate(state: State) -> None:
     """The pipeline's evaluate step: the best checkpoint on the held-out test part, predictions.csv, metrics.json."""
     from dermaid.evaluation.metrics import format_metrics_table
@@ -114,7 +125,6 @@ def step_serve(state: State) -> None:
     import os
 
     from dermaid.auth import create_token, hash_token
-    from dermaid.files import read_bytes, write_bytes
 
     checkpoint = state["trained"]["checkpoint"]
     token = create_token()  # a fresh demo reviewer token each run; only its hash goes into the app's config
@@ -129,18 +139,41 @@ def step_serve(state: State) -> None:
         print(f"[serve] web page {url}/ ; dermatologist review {url}/review with the demo reviewer token {token}")
         serve(cfg, example_image=image, reviewer_token=token)
         return
-    from dermaid.inference import Explainer, Predictor, build_result, saliency_png
+    _classify_in_process(state, cfg, checkpoint, image, meta)
+
+
+def _scored(predictor, cfg, data: bytes, meta: dict[str, Any]) -> dict[str, Any]:
+    """One image scored as the served app scores it: probabilities, OOD decision, the card's triage cut-off."""
+    from dermaid.inference import build_result
+
+    batch = predictor.predict_full([(data, meta.get("age"), meta.get("sex"), meta.get("site"))])
+    ood = {} if batch.ood_scores is None else {"ood_score": batch.ood_scores[0], "abstain": batch.abstain[0]}
+    return build_result(batch.probabilities[0], list(cfg.malignant_codes), dict(cfg.triage),
+                        operating_point=predictor.card.triage, **ood)
+
+
+def _classify_in_process(state: State, cfg, checkpoint: str, image: str, meta: dict[str, Any]) -> None:
+    """DEMO_SERVE=0: a held-out toy image classified and explained in-process, and a photo of a document refused."""
+    from dermaid.data.synth_ood import iter_ood_images
+    from dermaid.files import read_bytes, write_bytes
+    from dermaid.inference import Explainer, Predictor, saliency_png
     from dermaid.models.card import float_weights_for
 
     predictor = Predictor(checkpoint)
     data = read_bytes(image)
-    probabilities = predictor.predict([(data, meta["age"], meta["sex"], meta["site"])])[0]
-    result = build_result(probabilities, list(cfg.malignant_codes), dict(cfg.triage))  # as the served app scores it
+    result = _scored(predictor, cfg, data, meta)
     print(f"[serve] DEMO_SERVE=0: {image} (age {meta['age']}, sex {meta['sex']}, site {meta['site']})")
     for row in result["probabilities"][:3]:
         print(f"[serve]   {row['code']:<5} {row['name']:<26} {row['probability']:.3f}")
-    print(f"[serve] malignancy score {result['malignancy_score']:.3f} ({result['triage']['level']}): "
-          f"{result['triage']['message']}")
+    if result.get("abstain"):
+        print(f"[serve] abstained (OOD score {result['ood_score']:.3g}): {result['message']}")
+    else:
+        print(f"[serve] malignancy score {result['malignancy_score']:.3f} ({result['triage']['level']}): "
+              f"{result['triage']['message']}")
+    _, document = next(iter_ood_images(1, seed=0, kinds=("document",)))
+    refused = _scored(predictor, cfg, document, {})
+    print(f"[serve] a photo of a document: abstain={refused.get('abstain')} (OOD score "
+          f"{refused.get('ood_score') or float('nan'):.3g}) {refused.get('message') or ''}")
     weights = float_weights_for(checkpoint)  # Grad-CAM needs float weights: a compressed model's source
     explainer = Explainer(predictor if weights == checkpoint else Predictor(weights))
     saliency = explainer.explain(data, meta["age"], meta["sex"], meta["site"])
@@ -152,8 +185,8 @@ def step_serve(state: State) -> None:
     print(f"[serve] {DISCLAIMER}")
 
 
-STEPS: list[Callable[[State], None]] = [step_synth, step_prepare, step_train, step_evaluate, step_report,
-                                        step_serve]
+STEPS: list[Callable[[State], None]] = [step_synth, step_prepare, step_train, step_calibrate, step_evaluate,
+                                        step_report, step_serve]
 
 
 def run_demo(overrides: list[str] | None = None, steps: list[Callable[[State], None]] | None = None) -> State:

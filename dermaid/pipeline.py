@@ -75,6 +75,10 @@ def run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     steps["train"] = _step(train_dir, force, lambda: train_model(config, train_dir))
     trained = _trained(steps["train"]["result"], train_dir)
 
+    # 2b. calibrate: OOD statistics, abstention threshold and triage cut-off into the best checkpoint
+    steps["calibrate"] = _step(files.join(out, f"calibrate-{train_key}"), force,
+                               lambda: calibrate_model(config, trained["checkpoint"]))
+
     # 3. evaluate on the held-out split
     eval_dir = files.join(out, f"evaluate-{train_key}-{pipe['evaluate_split']}-tta{pipe['tta']}")
     steps["evaluate"] = _step(eval_dir, force, lambda: _evaluation_record(
@@ -137,6 +141,16 @@ def _tune_model(config: dict[str, Any], out: str) -> dict[str, Any]:
         raise DermaidError(f"pipeline: the search in {out} ended without a finished trial to evaluate; "
                            "run the pipeline again to resume it")
     return {**summary, "run_dir": best["trial_dir"], "checkpoint": files.join(out, "best"), "tune_dir": out}
+
+
+def calibrate_model(config: dict[str, Any], checkpoint: str) -> dict[str, Any]:
+    """`dermaid calibrate` of `checkpoint` on the config's data: the OOD detectors fitted on its training fold, the
+    abstention threshold and the triage cut-off chosen on its validation fold, written into the checkpoint."""
+    from dermaid.evaluation.calibrate import calibrate
+
+    result = calibrate(_command_config("calibrate", config, checkpoint=checkpoint))
+    return {"ood": {k: result["ood"][k] for k in ("method", "threshold", "refuse_share")},
+            "triage": {k: result["triage"][k] for k in ("cutoff", "sensitivity", "specificity")}}
 
 
 def evaluate_model(config: dict[str, Any], checkpoint: str, out: str) -> dict[str, Any]:

@@ -112,8 +112,10 @@ def test_pipeline_runs_as_a_ray_job_and_skips_existing_steps(ray_head, toy_raw, 
     card = json.loads((registered[0].parent / "model" / "card.json").read_text())
     assert card["dataset_version"] == entry["dataset_version"]
     assert (registered[0].parent / "model" / card["artifact"]).stat().st_size > 0
+    assert card["ood"]["threshold"] is not None and card["triage"]["cutoff"] is not None  # the calibrate step ran
+    assert (registered[0].parent / "model" / card["ood"]["statistics"]).stat().st_size > 0
     metrics = json.loads((registered[0].parent / "metrics.json").read_text())
-    assert 0.0 <= metrics["balanced_accuracy"] <= 1.0
+    assert 0.0 <= metrics["balanced_accuracy"] <= 1.0 and "cutoff" in metrics["triage"]
     for name in ("eda", "train-report"):
         html = list((home / "runs" / "pipeline").glob(f"report-{name}-*/report/report.html"))
         assert html and "data:image/png;base64" in html[0].read_text(), name
@@ -122,7 +124,7 @@ def test_pipeline_runs_as_a_ray_job_and_skips_existing_steps(ray_head, toy_raw, 
     second = _submit(client, entrypoint=entrypoint, runtime_env=runtime_env)
     assert _wait(client, second, timeout_s=600) == "SUCCEEDED", client.get_job_logs(second)[-4000:]
     again = client.get_job_logs(second)
-    for step in ("train", "evaluate", "register"):
+    for step in ("train", "calibrate", "evaluate", "register"):
         assert any(line.split()[:1] == [step] and "skipped (exists)" in line for line in again.splitlines()), again[-3000:]
 
 
@@ -161,6 +163,7 @@ def test_search_pipeline_reports_on_the_best_trial_run_dir(tmp_path, monkeypatch
         "metrics": {"balanced_accuracy": 0.5}, "num_images": 3, "checkpoint": checkpoint})
     monkeypatch.setattr(runner, "build_report_from_config", fake_report)
     monkeypatch.setattr(pipeline, "register_model", lambda checkpoint, *args: {"source": checkpoint})
+    monkeypatch.setattr(pipeline, "calibrate_model", lambda config, checkpoint: {"checkpoint": checkpoint})
 
     summary = pipeline.run_pipeline(config)
     train_dir = summary["steps"]["train"]["out"]
@@ -168,6 +171,7 @@ def test_search_pipeline_reports_on_the_best_trial_run_dir(tmp_path, monkeypatch
     assert seen["reports"]["train-report"] == {"run_dir": f"{train_dir}/trials/t1"}
     assert seen["reports"]["tune-report"] == {"tune_dir": train_dir}
     assert summary["steps"]["register"]["result"]["source"] == f"{train_dir}/best"
+    assert summary["steps"]["calibrate"]["result"]["checkpoint"] == f"{train_dir}/best"  # the search's best copy
 
     again = pipeline.run_pipeline(config)  # every step's output exists: the recorded run_dir is reused
     assert again["steps"]["train"]["skipped"] and again["steps"]["report:train-report"]["skipped"]

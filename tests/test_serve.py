@@ -685,3 +685,19 @@ def test_ctrl_c_while_dermaid_serve_starts_is_one_line(tiny_checkpoint, tmp_path
     assert proc.returncode == 130, out[-3000:]
     assert "interrupted (Ctrl-C)" in out and "DermAID is serving at" not in out
     assert "Traceback" not in out, out[-3000:]
+
+
+def test_demo_serve_step_refuses_a_document_with_a_calibrated_model(calibrated_checkpoint, toy_raw, toy_prepared,
+                                                                    tmp_path, monkeypatch, capsys):
+    from dermaid.config import compose, to_plain
+    from dermaid.demo import step_serve
+
+    monkeypatch.setenv("DEMO_SERVE", "0")
+    config = to_plain(compose("demo", [f"paths.root={tmp_path}", f"data.root={toy_raw}"]))
+    state = {"overrides": [f"paths.root={tmp_path}"], "config": config,
+             "trained": {"checkpoint": calibrated_checkpoint}, "version_url": toy_prepared}
+    step_serve(state)
+    out = capsys.readouterr().out
+    refused = next(line for line in out.splitlines() if "a photo of a document" in line)
+    assert "abstain=True" in refused and "Retake" in refused, out
+    assert state["serve_result"]["abstain"] in (True, False) and state["serve_result"]["ood_score"] is not None
