@@ -433,10 +433,11 @@ def test_browser_consumer_page_then_review_page(app, browser, tmp_path):
         assert (tmp_path / name).stat().st_size > 5_000
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def calibrated_page(app, calibrated_checkpoint):
     """The base URL of a second app on the module's Serve (route prefix /ood) serving conftest's
-    calibrated_checkpoint: its answers carry the OOD detector's abstain."""
+    calibrated_checkpoint: its answers carry the OOD detector's abstain. Deleted after its test: on 2 CPUs its
+    replicas' reservations would leave a later Ray Train run (the fine-tune loop test) no CPU to start on."""
     from ray import serve
 
     from serve import app as serve_app
