@@ -424,13 +424,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """`dermaid synth out=DIR n=N seed=S`; kind=ood: the out-of-distribution set, n images per kind (synth_ood.py)."""
     if cfg.kind not in SYNTH_KINDS:
         raise DermaidError(f"synth: kind must be one of {', '.join(SYNTH_KINDS)}; got {cfg.kind!r}")
+    options = {"seed": int(cfg.seed), "quality": int(cfg.quality), "workers": int(cfg.workers),
+               "overwrite": bool(cfg.overwrite)}
     if cfg.kind == "ood":
-        from dermaid.data import synth_ood  # it imports this module's drawing
+        from dermaid.data.synth_ood import generate_ood  # it imports this module's drawing
 
-        return synth_ood.run(cfg)
-    summary = generate(str(cfg.out), n=int(cfg.n), seed=int(cfg.seed), quality=int(cfg.quality),
-                       workers=int(cfg.workers), overwrite=bool(cfg.overwrite))
+        summary = generate_ood(str(cfg.out), n_per_kind=int(cfg.n), **options)
+        what, size, counted = "out-of-distribution set (not lesions)", f"n={cfg.n} per kind", "kind"
+    else:
+        summary = generate(str(cfg.out), n=int(cfg.n), **options)
+        what, size, counted = "toy dataset (not real lesions)", f"n={summary['n']}", "class"
     state = "reused" if summary["reused"] else f"wrote in {summary['seconds']} s"
-    print(f"toy dataset (not real lesions): {summary['out']}  n={summary['n']} seed={summary['seed']} ({state})")
-    print("images per class: " + ", ".join(f"{c}={k}" for c, k in summary["counts"].items()))
+    print(f"{what}: {summary['out']}  {size} seed={cfg.seed} ({state})")
+    print(f"images per {counted}: " + ", ".join(f"{c}={k}" for c, k in summary["counts"].items()))
     return summary

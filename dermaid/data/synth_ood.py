@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from dermaid.classes import CLASS_CODES
@@ -491,13 +490,3 @@ def read_ood_set(url: str) -> list[tuple[str, str]]:
     if not rows or rows[0] != ["image", "kind"]:
         raise DermaidError(f"{manifest}: expected the header image,kind, got {rows[0] if rows else 'an empty file'}")
     return [(join(url, image), kind) for image, kind in rows[1:]]
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """`dermaid synth kind=ood out=DIR n=N seed=S`: N images per kind."""
-    summary = generate_ood(str(cfg.out), n_per_kind=int(cfg.n), seed=int(cfg.seed), quality=int(cfg.quality),
-                           workers=int(cfg.workers), overwrite=bool(cfg.overwrite))
-    state = "reused" if summary["reused"] else f"wrote in {summary['seconds']} s"
-    print(f"out-of-distribution set (not lesions): {summary['out']}  n={cfg.n} per kind, seed={cfg.seed} ({state})")
-    print("images per kind: " + ", ".join(f"{k}={n}" for k, n in summary["counts"].items()))
-    return summary
