@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("dermaid.compress", "run_export", "export a checkpoint to ONNX or TorchScript"),
     "serve": ("serve.launcher", "run", "serve a checkpoint over HTTP with Ray Serve"),
     "labels-export": ("dermaid.uploads.export", "run", "write reviewed uploads as an ISIC dataset"),
+    "db": ("dermaid.uploads.schema", "run", "upgrade | current | history of the uploads database's schema"),
     "report": ("dermaid.reporting.runner", "run", "execute a notebook report with papermill"),
     "pipeline": ("dermaid.pipeline", "run", "prepare -> train -> evaluate -> reports -> register"),
 }

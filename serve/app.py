@@ -24,6 +24,7 @@ Outputs are decision support, never a diagnosis (the disclaimer is in every resu
 
 from ray.serve import Application
 
+from dermaid.uploads.schema import migrate_uploads_database
 from serve.args import AppArgs, deployment_options
 from serve.classifier import Classifier
 from serve.explainer import Explainer
@@ -35,9 +36,11 @@ def build_app(args: AppArgs) -> Application:
     """Compose Classifier + Explainer + Ingress (`serve run serve.app:build_app checkpoint=...`).
 
     `args` is annotated with AppArgs alone, and no `from __future__ import annotations`: Serve validates
-    a config file's args into the annotated model. A plain dict (tests, scripts) is validated here."""
+    a config file's args into the annotated model. A plain dict (tests, scripts) is validated here.
+    Builds run once per deploy, before any replica: the uploads database is migrated here, once."""
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
+    migrate_uploads_database(args.storage.url, args.storage.db_url)
     c, e = args.classifier, args.explainer
     classifier = Classifier.options(**deployment_options(c), user_config=c.batching()).bind(
         args.checkpoint, args.device, args.max_pixels, c.torch_threads, c.decode_threads, c.forward_lanes,

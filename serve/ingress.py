@@ -19,7 +19,6 @@ where the class is declared: every helper, middleware, handler and router is def
 import asyncio
 import base64
 import logging
-import os
 from typing import Any
 
 from fastapi import FastAPI, UploadFile
@@ -43,7 +42,6 @@ from serve.schemas import (
 
 logger = logging.getLogger("ray.serve")
 
-DATABASE_URL_ENV = "DERMAID_DATABASE_URL"  # the uploads database when storage.db_url is not given
 SALIENCY_JSON_KEYS = ("target", "probability", "method", "layer", "width", "height", "model_version")
 CALIBRATE_HOW = "run `dermaid calibrate checkpoint=...` on the served checkpoint, then redeploy"
 
@@ -128,7 +126,7 @@ class Ingress:
     review (serve/review.py review_settings), as build_app passes them."""
 
     def __init__(self, classifier: DeploymentHandle, explainer: DeploymentHandle, settings: dict[str, Any]) -> None:
-        from dermaid.uploads.store import UploadStore
+        from dermaid.uploads.store import UploadStore, database_url
 
         self.classifier = classifier
         self.explainer = explainer
@@ -137,8 +135,9 @@ class Ingress:
         self.max_upload_bytes = int(float(settings["max_upload_mb"]) * MIB)
         self.malignant_codes = list(settings["malignant_codes"])
         self.triage = dict(settings["triage"])
-        db_url = settings["storage"]["db_url"] or os.environ.get(DATABASE_URL_ENV) or None
-        self.store = UploadStore(settings["storage"]["url"], db_url)
+        storage_url = settings["storage"]["url"]
+        # the schema was migrated once by build_app; UploadStore only checks it (dermaid.uploads.schema)
+        self.store = UploadStore(storage_url, database_url(storage_url, settings["storage"]["db_url"]))
         self.review = create_review_context(self.store, settings["review"])  # used by serve/review.py
         self._model: dict[str, Any] | None = None
 

@@ -60,10 +60,24 @@ def _probs(top: str, p_top: float) -> list[float]:
 
 
 def _upload(labels: LabelStore, top: str = "MEL", p_top: float = 0.6, seed: int = 0, fmt: str = "JPEG",
-            **meta) -> str:
+            ood: dict | None = None, **meta) -> str:
     meta = {"age": 55.0, "sex": "male", "site": "posterior torso", **meta}
     return labels.uploads.save(image=_image(fmt, seed), model_input_png=_image("PNG", seed, (16, 16)),
-                               probabilities=_probs(top, p_top), model_version="toy-float-abc", **meta)
+                               probabilities=_probs(top, p_top), model_version="toy-float-abc", ood=ood, **meta)
+
+
+def test_queue_puts_the_photos_the_model_refused_first(store):
+    unsure = _upload(store, "MEL", 0.30, seed=1, ood={"ood_score": 0.4, "abstain": False})
+    refused_certain = _upload(store, "NV", 0.95, seed=2, ood={"ood_score": 9.0, "abstain": True})
+    refused_unsure = _upload(store, "BCC", 0.40, seed=3, ood={"ood_score": 7.5, "abstain": True})
+    no_detector = _upload(store, "MEL", 0.20, seed=4)  # a model without an OOD detector: abstain None
+
+    page = store.queue()
+    assert [item["id"] for item in page["items"]] == [refused_unsure, refused_certain, no_detector, unsure]
+    first = page["items"][0]["prediction"]
+    assert first["abstain"] is True and first["ood_score"] == pytest.approx(7.5)
+    assert page["items"][2]["prediction"]["abstain"] is None and page["items"][2]["prediction"]["ood_score"] is None
+    assert store.uploads.get(unsure)["abstain"] is False
 
 
 def test_queue_is_most_uncertain_first_and_filters(store):

@@ -446,6 +446,7 @@ def calibrated_page(app, calibrated_checkpoint):
         "checkpoint": calibrated_checkpoint, "storage": {"url": str(app["tmp"] / "ood-uploads")},
         "classifier": {"num_cpus": 0.25, "torch_threads": 1, "forward_lanes": 1},
         "explainer": {"num_cpus": 0.25, "torch_threads": 1}, "ingress": {"num_cpus": 0.1},
+        "review": {"tokens": {name: hash_token(token) for name, token in TOKENS.items()}},
     }
     serve.run(serve_app.build_app(args), name="dermaid-web-ood", route_prefix="/ood")
     yield f"{app['base']}/ood"
@@ -473,6 +474,7 @@ def test_browser_an_abstained_photo_shows_only_the_retake_message(app, calibrate
     page.on("request", lambda request: saliency_requests.append(request.url) if "v1/saliency" in request.url else None)
     page.goto(f"{calibrated_page}/")
     page.set_input_files("#choose", str(document))
+    page.check("#consent")  # stored: a refused photo is what a dermatologist should see first
     page.click("#submit")
     expect(page.locator("#retake")).to_have_text(RETAKE_MESSAGE, timeout=60_000)
     for hidden in ("#triage", "#ranking", "#overlay-figure"):
@@ -489,6 +491,20 @@ def test_browser_an_abstained_photo_shows_only_the_retake_message(app, calibrate
     expect(page.locator("#bars li")).to_have_count(8)
     expect(page.locator("#overlay")).to_have_attribute("src", re.compile(r"^blob:"), timeout=60_000)
     assert len(saliency_requests) == 1  # only the answered photo asked for an overlay
+
+    review = browser.new_page(viewport=PHONE)  # both photos were stored with consent: the refused one comes first
+    review.on("pageerror", lambda exc: errors.append(str(exc)))
+    review.goto(f"{calibrated_page}/review")
+    review.fill("#token", TOKENS["dr_ana"])
+    review.click("#signin-form button")
+    expect(review.locator("#queue-list button")).to_have_count(2, timeout=30_000)
+    first = review.locator("#queue-list button").first
+    expect(first).to_contain_text("Model refused: unlike its training photos")
+    expect(first).to_have_class("refused")
+    expect(review.locator("#queue-list button").nth(1)).to_contain_text("Model: ")
+    first.click()
+    expect(review.locator("#item-meta")).to_contain_text("refused: unlike the model's training photos")
+    review.screenshot(path=str(tmp_path / "review-refused.png"), full_page=True)
     assert not errors, errors
 
 

@@ -1,9 +1,9 @@
 """SQL tables of DermAID (SQLAlchemy 2) and the engine factory. The one place for table definitions.
 
     engine = create_db_engine("sqlite:///uploads/uploads.db")   # or postgresql+psycopg2://user@host/db
-    init_db(engine)                                              # creates missing tables (idempotent)
+    init_db(engine)           # a new database: migrated to head; at head: nothing; older: error naming `dermaid db upgrade`
 
-Tables (`init_db` creates them all):
+Tables (their history: the Alembic migrations in dermaid/uploads/migrations, applied by dermaid.uploads.schema):
     uploads   one row per consented upload (written by dermaid.uploads.store after its blobs exist)
     labels    dermatologists' labels, several per upload, insert-only (written by dermaid.uploads.labels)
 
@@ -49,6 +49,8 @@ class Upload(Base):
     top_class: Mapped[str] = mapped_column(String(8), index=True)
     malignancy_score: Mapped[float] = mapped_column(Float)
     entropy: Mapped[float] = mapped_column(Float, index=True)                 # nats; the review queue's order
+    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)     # the OOD detector's; None: no detector
+    abstain: Mapped[bool | None] = mapped_column(Boolean, nullable=True, index=True)  # refused: first in the queue
     blobs: Mapped[dict[str, str]] = mapped_column(JSON)                      # {"image"|"input"|"record": key}
     image_format: Mapped[str | None] = mapped_column(String(8), nullable=True)
     width: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -68,6 +70,8 @@ class Upload(Base):
             "top_class": self.top_class,
             "malignancy_score": self.malignancy_score,
             "entropy": self.entropy,
+            "ood_score": self.ood_score,
+            "abstain": self.abstain,
             "blobs": dict(self.blobs),
             "image_format": self.image_format,
             "width": self.width,
@@ -105,8 +109,11 @@ def create_db_engine(db_url: str) -> Engine:
 
 
 def init_db(engine: Engine) -> None:
-    """Create the tables that do not exist yet (idempotent)."""
-    Base.metadata.create_all(engine)
+    """A new database gets every migration; one at head is used as is; an older one is refused with the
+    command that upgrades it (dermaid.uploads.schema.ensure_schema: replicas never alter tables)."""
+    from dermaid.uploads.schema import ensure_schema
+
+    ensure_schema(engine)
 
 
 # --- labels (dermatologist review; written by dermaid.uploads.labels) ------------------------------------------

@@ -27,7 +27,7 @@ import datetime as _dt
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import distinct, exists, func, select
+from sqlalchemy import case, distinct, exists, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
@@ -62,6 +62,8 @@ def public_upload(row: dict[str, Any]) -> dict[str, Any]:
             "top_class": row["top_class"],
             "malignancy_score": row["malignancy_score"],
             "entropy": row["entropy"],
+            "ood_score": row.get("ood_score"),
+            "abstain": row.get("abstain"),   # True: the model refused the photo (shown first in the queue)
         },
         "width": row.get("width"),
         "height": row.get("height"),
@@ -152,7 +154,8 @@ class LabelStore:
 
     def queue(self, *, top_class: str | None = None, reviewer: str | None = None, labels_below: int = 1,
               limit: int = 50, offset: int = 0) -> dict[str, Any]:
-        """Consented uploads with fewer than `labels_below` reviewers' labels, highest entropy first.
+        """Consented uploads with fewer than `labels_below` reviewers' labels: the ones the model refused
+        (abstain) first, then highest entropy first: what a dermatologist should see.
 
         top_class filters by the model's predicted class; `reviewer` leaves out uploads that reviewer
         already labeled (with labels_below=2 a second opinion is asked only of someone else).
@@ -173,7 +176,8 @@ class LabelStore:
         base = select(Upload, reviewers).outerjoin(counts, counts.c.upload_id == Upload.id).where(*conditions)
         with self._session() as session:
             total = session.scalar(select(func.count()).select_from(base.subquery())) or 0
-            rows = session.execute(base.order_by(Upload.entropy.desc(), Upload.created, Upload.id)
+            refused_first = case((Upload.abstain.is_(True), 0), else_=1)
+            rows = session.execute(base.order_by(refused_first, Upload.entropy.desc(), Upload.created, Upload.id)
                                    .limit(limit).offset(offset)).all()
             items = [{**public_upload(row.to_dict()), "reviewers": int(n)} for row, n in rows]
         return {"items": items, "total": int(total), "limit": limit, "offset": offset}

@@ -40,6 +40,16 @@ BLOBS_DIR = "blobs"
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 
 
+DATABASE_URL_ENV = "DERMAID_DATABASE_URL"  # the uploads database when storage.db_url is not given (a secret)
+
+
+def database_url(storage_url: str, db_url: str | None = None) -> str:
+    """The uploads database: db_url, else $DERMAID_DATABASE_URL, else SQLite beside local blobs."""
+    import os
+
+    return db_url or os.environ.get(DATABASE_URL_ENV) or default_db_url(storage_url)
+
+
 def default_db_url(storage_url: str) -> str:
     """SQLite file beside the blobs for a local storage URL; remote storage needs an explicit db_url."""
     if not is_local(storage_url):
@@ -73,7 +83,7 @@ class UploadStore:
              width: int | None = None, height: int | None = None, malignancy_score: float | None = None,
              consent: bool = True, ood: dict[str, Any] | None = None) -> str:
         """Store one upload; returns its id. Only with consent: without it nothing is written.
-        ood: {"ood_score", "abstain"} of the prediction, kept in record.json only (no column yet)."""
+        ood: {"ood_score", "abstain"} of the prediction (None / missing without an OOD detector)."""
         if not consent:
             raise DermaidError("consent: uploads are stored only with the user's consent")
         if len(probabilities) != NUM_CLASSES:
@@ -94,10 +104,11 @@ class UploadStore:
         row = Upload(
             id=upload_id, created=created, model_version=model_version, age=age, sex=sex, site=site,
             probabilities=probs, top_class=top, malignancy_score=score, entropy=entropy(list(probs.values())),
+            ood_score=_optional_float((ood or {}).get("ood_score")), abstain=_optional_bool((ood or {}).get("abstain")),
             blobs=blobs, image_format=image_format, width=width, height=height,
             sha256=hashlib.sha256(image).hexdigest(), consent=True,
         )
-        record = {**row_to_record(row), **(ood or {})}
+        record = row_to_record(row)
         # 1) blobs, 2) the row in one transaction: a row never points at missing blobs.
         write_bytes(self.url(blobs["image"]), image)
         write_bytes(self.url(blobs["input"]), model_input_png)
@@ -154,6 +165,14 @@ def row_to_record(row: Upload) -> dict[str, Any]:
         "entropy": record.pop("entropy"),
     }
     return record
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _optional_bool(value: Any) -> bool | None:
+    return None if value is None else bool(value)
 
 
 def entropy(probabilities: Sequence[float]) -> float:

@@ -59,14 +59,16 @@
     const list = $("queue-list");
     list.replaceChildren();
     $("queue-count").textContent = body.total
-      ? `${body.total} upload(s) waiting, most uncertain first.`
+      ? `${body.total} upload(s) waiting: photos the model refused first, then the most uncertain.`
       : "No uploads waiting for your review.";
     for (const item of body.items) {
       const top = item.prediction.probabilities[0];
       const meta = [item.metadata.age != null ? `age ${item.metadata.age}` : null, item.metadata.sex, item.metadata.site]
         .filter(Boolean).join(", ") || "no metadata";
-      const button = el("button", { type: "button", "data-id": item.id }, [
-        el("div", { class: "top", text: `Model: ${top.name} ${(100 * top.probability).toFixed(0)}%` }),
+      const refused = item.prediction.abstain === true;
+      const button = el("button", { type: "button", "data-id": item.id, class: refused ? "refused" : "" }, [
+        el("div", { class: "top", text: refused ? `Model refused: unlike its training photos (best guess ${top.name})`
+                                                : `Model: ${top.name} ${(100 * top.probability).toFixed(0)}%` }),
         el("div", { class: "hint", text: `uncertainty ${item.prediction.entropy.toFixed(2)} · ${meta} · ${new Date(item.created).toLocaleString()}` }),
       ]);
       button.addEventListener("click", () => openItem(item.id).catch(fail));
@@ -90,7 +92,8 @@
     meta.replaceChildren();
     const rows = [["Age", current.metadata.age ?? "not given"], ["Sex", current.metadata.sex || "not given"],
                   ["Body site", current.metadata.site || "not given"], ["Uploaded", new Date(current.created).toLocaleString()],
-                  ["Model", current.model_version], ["Uncertainty", `${current.prediction.entropy.toFixed(3)} nats`]];
+                  ["Model", current.model_version], ["Uncertainty", `${current.prediction.entropy.toFixed(3)} nats`],
+                  ["Familiarity", oodText(current.prediction)]];
     for (const [key, value] of rows) meta.append(el("dt", { text: key }), el("dd", { text: String(value) }));
     renderBars($("item-bars"), current.prediction.probabilities);
     renderHistory(body.labels, body.agreement);
@@ -102,6 +105,14 @@
     const image = await (await api(`v1/review/uploads/${encodeURIComponent(id)}/image`)).blob();
     $("item-photo").src = blobUrl(image);
     loadOverlay(image).catch(() => {});
+  }
+
+  // The OOD detector's decision in words (null: the model had no detector when the photo was uploaded).
+  function oodText(prediction) {
+    if (prediction.abstain == null) return "not measured (model without an OOD detector)";
+    const score = prediction.ood_score.toFixed(3);
+    return prediction.abstain ? `refused: unlike the model's training photos (OOD score ${score}); its answer is unreliable`
+                              : `answered (OOD score ${score})`;
   }
 
   async function loadOverlay(image) {
