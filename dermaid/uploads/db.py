@@ -134,6 +134,7 @@ class Label(Base):
     source: Mapped[str] = mapped_column(String(16), default="web")          # web | api | labelstudio
     external_id: Mapped[str | None] = mapped_column(String(160), nullable=True, unique=True)  # Label Studio annotation
     model_version: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the prediction the reviewer saw
+    imported_by: Mapped[str | None] = mapped_column(String(64), nullable=True)   # the token holder of an import
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,7 +147,24 @@ class Label(Base):
             "source": self.source,
             "external_id": self.external_id,
             "model_version": self.model_version,
+            "imported_by": self.imported_by,
         }
+
+
+class ReviewerToken(Base):
+    """A dermatologist's bearer token, added and revoked at run time (`dermaid reviewers add|revoke|list`).
+
+    Only the token's digest is stored (dermaid.auth: tokens are 256-bit random, so a digest lookup is safe and
+    costs the same for every request); revoking sets `revoked`, the row stays for the record. A name has at
+    most one active token."""
+
+    __tablename__ = "reviewer_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    reviewer: Mapped[str] = mapped_column(String(64), index=True)
+    digest: Mapped[str] = mapped_column(String(128), unique=True)            # dermaid.auth's stored form
+    created: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
+    revoked: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 def _utc(value: _dt.datetime) -> _dt.datetime:
