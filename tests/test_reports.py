@@ -163,13 +163,29 @@ def test_failing_cell_fails_the_report_and_names_the_cell(tmp_path, toy_raw):
 
 # --------------------------------------------------------------------------- the other notebooks
 
-def test_train_report(tmp_path, trained_run):
+def _calibrated_run(tmp_path: Path, trained_run: str, calibrated_checkpoint: str) -> str:
+    """A copy of trained_run whose best/ is the calibrated checkpoint (card with `ood` and `triage` blocks)."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    shutil.rmtree(run_dir / "best")
+    shutil.copytree(calibrated_checkpoint, run_dir / "best")
+    return str(run_dir)
+
+
+def test_train_report(tmp_path, trained_run, calibrated_checkpoint):
+    from dermaid.data.synth_ood import OOD_KINDS
+    from dermaid.models.card import load_card
+
+    run_dir = _calibrated_run(tmp_path, trained_run, calibrated_checkpoint)
     folder = build_report("train-report", notebooks_dir() / "02-train-report.ipynb",
-                          {"run_dir": trained_run, "num_errors": 3}, str(tmp_path), path_params=["run_dir"])
+                          {"run_dir": run_dir, "num_errors": 3, "ood_per_kind": 2}, str(tmp_path / "reports"),
+                          path_params=["run_dir"])
     html, figures = _report_files(folder)
     _assert_sections(html, ["Learning curves", "Confusion matrix", "Per-class ISIC metrics", "ROC curves per class",
                             "Calibration: reliability before and after temperature scaling", "Subgroup metrics",
-                            "Most confident errors"], min_figures=6)
+                            "Most confident errors", "Knowing when not to answer"], min_figures=8)
     summary = json.loads((Path(trained_run) / "summary.json").read_text())
     # the report re-predicts the best checkpoint on the run's validation fold: training's number comes back
     assert figures["val/balanced_accuracy"] == pytest.approx(summary["best_metrics"]["val/balanced_accuracy"], abs=1e-6)
@@ -178,6 +194,43 @@ def test_train_report(tmp_path, trained_run):
     assert 0 <= figures["val/ece"] <= 1 and 0 <= figures["val/ece_calibrated"] <= 1
     assert figures["val/nll_calibrated"] <= figures["val/nll"] + 1e-6  # T minimises the val NLL
     assert {"val/worst_balanced_accuracy/sex", "val/worst_balanced_accuracy/site"} <= set(figures)
+
+    # knowing when not to answer: the card's detector and cut-off, re-measured on the same validation fold
+    card = load_card(calibrated_checkpoint)
+    method = card.ood["method"]
+    assert figures["ood/method"] == method and figures["ood/threshold"] == pytest.approx(card.ood["threshold"])
+    assert figures["val/ood/refused_share"] == pytest.approx(card.ood["validation"][method]["refused_in"], abs=1e-9)
+    assert figures["ood_set/num_images"] == 2 * len(OOD_KINDS)
+    assert 0 <= figures["ood_set/refused_share"] <= 1 and 0.5 < figures["val/ood/auroc"] <= 1
+    assert all(0 <= figures[f"val/ood/auroc/{kind}"] <= 1 for kind in OOD_KINDS)
+    triage = card.triage
+    assert figures["triage/cutoff"] == pytest.approx(triage["cutoff"])
+    assert figures["triage/target_sensitivity"] == pytest.approx(triage["target_sensitivity"])
+    assert figures["val/triage/sensitivity"] == pytest.approx(triage["sensitivity"])
+    assert figures["val/triage/specificity"] == pytest.approx(triage["specificity"])
+    assert "OOD score is above" in html and "Triage operating point" in html
+
+
+def test_train_report_abstention_without_calibration(trained_run):
+    """An uncalibrated checkpoint: the section says so and how to fix it; no detector, no figures, no failure."""
+    from matplotlib.figure import Figure
+
+    from dermaid.evaluation.metrics import compute_metrics
+    from dermaid.reporting import abstention, training
+
+    run = training.load_run(trained_run)
+    assert run.card.ood is None and run.card.triage is None
+    preds = training.predict_split(run)
+    section = abstention.check_abstention(run, preds, ood_per_kind=1)
+    text = abstention.summary_markdown(section)
+    assert "No OOD detector" in text and "No triage cut-off" in text
+    assert f"dermaid calibrate checkpoint={run.checkpoint}" in text and "never a diagnosis" in text
+    assert isinstance(abstention.plot_ood_scores(section), Figure)
+    assert isinstance(abstention.plot_ood_methods(section), Figure)
+    assert abstention.ood_table(section).empty and abstention.triage_table(section).empty
+    figures = training.key_figures(run, preds, compute_metrics(preds.labels, preds.probs), abstention=section)
+    assert figures["ood/method"] is None and figures["triage/cutoff"] is None
+    assert not any(key.startswith(("val/ood/", "val/triage/", "ood_set/")) for key in figures)
 
 
 def test_saliency_gallery(tmp_path, trained_run, toy_raw):

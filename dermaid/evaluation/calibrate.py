@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from omegaconf import DictConfig
 
 from dermaid.classes import CLASS_CODES, DISCLAIMER, MALIGNANT_CODES
@@ -75,10 +76,12 @@ def calibrate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         raise DermaidError(f"data version {version} is not one the checkpoint was trained on ({card.trained_on}): "
                            "calibrate on the checkpoint's own version (leave data.version unset)")
     fold, batch_size = int(_training_fold(plain, card)), int(plain["batch_size"])
-    train = _split_outputs(model, card, version_url, "train", fold, device, batch_size)
-    val = _split_outputs(model, card, version_url, "val", fold, device, batch_size)
+    train = record_outputs(model, card, labelled_records(version_url, "train", fold), device, batch_size)
+    val = record_outputs(model, card, labelled_records(version_url, "val", fold), device, batch_size)
     ood_cfg = plain["ood"]
-    generated = _generated_ood_outputs(model, card, ood_cfg["validation_set"], device, batch_size)
+    set_cfg = ood_cfg["validation_set"]
+    generated = generated_ood_outputs(model, card, int(set_cfg["n_per_kind"]), int(set_cfg["seed"]), device,
+                                      batch_size)
 
     detectors = fit_detectors(ood_cfg, card, train, model.feature_layout)
     ood_block = choose_detector(detectors, val, generated, ood_cfg, version)
@@ -178,27 +181,32 @@ def _training_fold(plain: dict[str, Any], card: ModelCard) -> int:
     return int(plain["data"]["fold"] if trained is None else trained)
 
 
-def _split_outputs(model: Any, card: ModelCard, version_url: str, split: str, fold: int, device: Any,
-                   batch_size: int) -> Outputs:
-    """A split's labelled images through evaluate's path: features, raw logits, calibrated probs, labels."""
+def labelled_records(version_url: str, split: str, fold: int) -> pd.DataFrame:
+    """A split's labelled images (label_idx >= 0) of fold `fold`, image bytes included; an error when none."""
     from dermaid.data.loading import load_records
 
     records = load_records(version_url, split=split, fold=fold)
     records = records[records["label_idx"] >= 0].reset_index(drop=True)
     if records.empty:
         raise DermaidError(f"{version_url}: the {split} part of fold {fold} has no labelled images")
+    return records
+
+
+def record_outputs(model: Any, card: ModelCard, records: pd.DataFrame, device: Any, batch_size: int) -> Outputs:
+    """Labelled records through evaluate's path: features, raw logits, calibrated probs, labels (the training
+    report's predictions take this path too: dermaid.reporting.training.predict_split)."""
     features, logits, probs = predict_records_with_features(model, records, card.input, card.temperature, 0, device,
                                                             batch_size=batch_size)
     return {"features": features, "logits": logits, "probs": probs, "labels": records["label_idx"].to_numpy()}
 
 
-def _generated_ood_outputs(model: Any, card: ModelCard, set_cfg: dict[str, Any], device: Any,
-                           batch_size: int) -> Outputs:
-    """The generated non-lesion images (dermaid.data.synth_ood) through the same path, with their kinds."""
+def generated_ood_outputs(model: Any, card: ModelCard, n_per_kind: int, seed: int, device: Any,
+                          batch_size: int) -> Outputs:
+    """n_per_kind generated non-lesion images of every kind (dermaid.data.synth_ood) through the same path,
+    with their kinds (features (M, D), raw logits (M, K), kinds (M,))."""
     from dermaid.data.synth_ood import iter_ood_images
 
-    rows = [{"image": data, "kind": kind}
-            for kind, data in iter_ood_images(int(set_cfg["n_per_kind"]), int(set_cfg["seed"]))]
+    rows = [{"image": data, "kind": kind} for kind, data in iter_ood_images(n_per_kind, seed)]
     features, logits, _ = predict_records_with_features(model, rows, card.input, card.temperature, 0, device,
                                                         batch_size=batch_size)
     return {"features": features, "logits": logits, "kinds": np.asarray([row["kind"] for row in rows])}

@@ -1,7 +1,8 @@
-"""The training report: a run directory -> learning curves, ISIC metrics, calibration, subgroups, errors.
+"""The training report: a run directory -> learning curves, ISIC metrics, calibration, subgroups, errors
+(and, in dermaid.reporting.abstention, the checkpoint's OOD detector and triage cut-off).
 
     run = load_run("runs/toy")                       # card, config, summary, history of DIR
-    preds = predict_split(run, split="val")          # the checkpoint's logits on the run's val fold
+    preds = predict_split(run, split="val")          # the checkpoint's logits + features on the run's val fold
     metrics = compute_metrics(preds.labels, preds.probs)   # dermaid.evaluation.metrics
     plot_learning_curves(run.history, run.best_epoch); plot_confusion_matrix(metrics) ...
 
@@ -24,6 +25,7 @@ from dermaid.errors import DermaidError
 from dermaid.evaluation.calibration import calibration_report, softmax_with_temperature
 from dermaid.evaluation.metrics import compute_metrics, predicted_labels
 from dermaid.models.card import ModelCard
+from dermaid.reporting.abstention import Abstention, abstention_figures
 from dermaid.reporting.eda import MISSING, age_band
 from dermaid.reporting.figures import create_figure, heatmap, image_grid
 from dermaid.files import exists, join, read_text
@@ -63,6 +65,7 @@ class Predictions:
     temperature: float
     split: str
     version_url: str
+    features: np.ndarray | None = None  # (N, D) forward_with_features' features (feature-space OOD detectors)
     probs: np.ndarray = field(init=False)      # (N, K) softmax(logits / T): what users get
     probs_raw: np.ndarray = field(init=False)  # (N, K) softmax(logits): before temperature scaling
 
@@ -108,25 +111,22 @@ def resolve_version_url(run: Run, prepared_dir: str = "") -> str:
 
 def predict_split(run: Run, split: str = "val", prepared_dir: str = "", batch_size: int = 64,
                   device: str = "cpu") -> Predictions:
-    """Logits of the run's checkpoint on a split (val: the run's validation fold; test: held-out part)."""
+    """Logits and features of the run's checkpoint on a split (val: the run's validation fold; test: held-out
+    part), through calibrate's path (dermaid.evaluation.calibrate.record_outputs: evaluate's eval transform)."""
     import torch
 
-    from dermaid.data.loading import load_records
-    from dermaid.evaluation.evaluate import predict_records
+    from dermaid.evaluation.calibrate import labelled_records, record_outputs
     from dermaid.models.card import load_float_model
 
     if split not in ("val", "test", "all"):
         raise DermaidError(f"split={split!r}: expected val, test or all")
     version_url = resolve_version_url(run, prepared_dir)
     fold = int(run.config["data"]["fold"])  # every run config has it (conf/data/)
-    records = load_records(version_url, split=split, fold=fold)
-    records = records[records["label_idx"] >= 0].reset_index(drop=True)
-    if records.empty:
-        raise DermaidError(f"{version_url}: split {split!r} (fold {fold}) has no labelled images")
+    records = labelled_records(version_url, split, fold)
     model, card = load_float_model(run.checkpoint, device)
-    _, logits = predict_records(model, records, card.input, 1.0, 0, torch.device(device), batch_size=batch_size)
-    return Predictions(records, records["label_idx"].to_numpy().astype(int), logits, run.temperature, split,
-                       version_url)
+    outputs = record_outputs(model, card, records, torch.device(device), batch_size)
+    return Predictions(records, outputs["labels"].astype(int), outputs["logits"], run.temperature, split,
+                       version_url, features=outputs["features"])
 
 
 # --------------------------------------------------------------------------- learning curves
@@ -335,9 +335,10 @@ def plot_error_overlays(explainer: Any, preds: Predictions, errors: pd.DataFrame
 
 # --------------------------------------------------------------------------- key figures
 
-def key_figures(run: Run, preds: Predictions, metrics: dict[str, Any],
-                subgroups: dict[str, pd.DataFrame] | None = None) -> dict[str, Any]:
-    """The numbers automation tracks for a training run (metric names `split/metric`)."""
+def key_figures(run: Run, preds: Predictions, metrics: dict[str, Any], subgroups: dict[str, pd.DataFrame] | None = None,
+                abstention: Abstention | None = None) -> dict[str, Any]:
+    """The numbers automation tracks for a training run (metric names `split/metric`); with `abstention`
+    (abstention.check_abstention) also the OOD detector's and the triage cut-off's (abstention_figures)."""
     split = preds.split
     calibration = calibration_summary(preds)
     figures: dict[str, Any] = {
@@ -360,4 +361,6 @@ def key_figures(run: Run, preds: Predictions, metrics: dict[str, Any],
     for column, table in (subgroups or {}).items():
         if len(table):
             figures[f"{split}/worst_balanced_accuracy/{column}"] = float(table["balanced_accuracy"].min())
+    if abstention is not None:
+        figures.update(abstention_figures(abstention))
     return figures
