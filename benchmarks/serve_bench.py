@@ -166,15 +166,16 @@ class Client:
         raise RuntimeError("unreachable")
 
 
-def http_throughput(port: int, bodies: list[tuple[bytes, str]], total: int, concurrency: int) -> float:
-    """Requests/s of POST /v1/classify with `concurrency` clients until `total` requests are answered."""
+def http_throughput(port: int, bodies: list[tuple[bytes, str]], total: int, concurrency: int,
+                    path: str = "/v1/classify") -> float:
+    """Requests/s of POST `path` with `concurrency` clients until `total` requests are answered."""
     counter = itertools.count()
     errors: list[int] = []
 
     def worker() -> None:
         client = Client(port)
         while (i := next(counter)) < total:
-            status, _ = client.post("/v1/classify", *bodies[i % len(bodies)])
+            status, _ = client.post(path, *bodies[i % len(bodies)])
             if status != 200:
                 errors.append(status)
 

@@ -46,7 +46,8 @@ def build_app(args: AppArgs) -> Application:
         args.checkpoint, args.device, args.max_pixels, c.torch_threads, c.decode_threads, c.forward_lanes,
     )
     explainer = Explainer.options(**deployment_options(e)).bind(
-        args.explainer_checkpoint or args.checkpoint, args.device, args.max_pixels, e.torch_threads, e.concurrency,
+        args.explainer_checkpoint or args.checkpoint, args.device, min(args.saliency_max_pixels, args.max_pixels),
+        e.torch_threads, e.concurrency, args.overlay_max_side,
     )
     settings = {"max_upload_mb": args.max_upload_mb, "malignant_codes": args.malignant_codes,
                 "grpc_max_upload_mb": args.ingress.grpc_max_upload_mb,

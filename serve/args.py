@@ -9,7 +9,7 @@ of the deliberate overrides it lists.
     AppArgs                       checkpoint, device, limits, triage, storage, review, and per deployment:
       ClassifierArgs              replicas, resources, torch threads, decode threads, forward lanes, batching
       ExplainerArgs               replicas, resources, torch threads, model copies
-      IngressArgs                 replicas, resources, the gRPC upload limit
+      IngressArgs                 replicas, resources, the gRPC upload limit, /docs on or off (user_config)
     deployment_options(args)      one deployment's arguments -> Serve's .options(...) keywords
 """
 
@@ -24,6 +24,7 @@ from dermaid.classes import CLASS_CODES, MALIGNANT_CODES
 from dermaid.data.images import DEFAULT_MAX_PIXELS
 from dermaid.files import absolute_url
 from dermaid.inference import DEFAULT_TRIAGE
+from dermaid.inference.saliency import OVERLAY_MAX_SIDE
 
 MIB = 1024 * 1024
 # Serve's inter-deployment gRPC carries messages up to 4 MiB (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH);
@@ -89,6 +90,14 @@ class IngressArgs(DeploymentArgs):
     # where a Ray actor call is a streaming one (an acknowledgement, then the answer), ~3 ms more per
     # request on 2 cores. Larger uploads and saliency (a PNG at the input's size) use actor calls; 0: only those.
     grpc_max_upload_mb: float = Field(3.0, ge=0, le=GRPC_UPLOAD_LIMIT_MB)
+    # Swagger UI at /docs: FastAPI's page loads its script from a public CDN (no integrity hashes) on the
+    # origin of the review page and its token. Off: /docs is 404 and /openapi.json stays; on for development
+    # (`dermaid serve ... ingress.docs=true`). Reaches the Ingress as its user_config (no restart to change).
+    docs: bool = False
+
+    def user_config(self) -> dict[str, Any]:
+        """The user_config of the Ingress deployment (Ingress.reconfigure)."""
+        return {"docs": self.docs}
 
 
 class StorageArgs(BaseModel):
@@ -98,15 +107,40 @@ class StorageArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     url: str = Field("uploads", min_length=1)  # fsspec URL of the blobs (local dir, gs://bucket/prefix)
     db_url: str | None = None     # SQLAlchemy URL (PostgreSQL in deployment)
+    # What the public may store (serve/quotas.py); past a limit a consented classify gets 429 + Retry-After.
+    # Consented uploads per client address in a moving hour (None: no limit). Counted in each Ingress
+    # replica's memory: with N replicas a client may store up to N x this.
+    uploads_per_client_per_hour: int | None = Field(60, ge=1)
+    # MiB of blobs (photos, model inputs, records) stored per UTC day, counted from the database and the
+    # blob store, so every replica sees the same total (None: no quota). Exact duplicates are never stored twice.
+    daily_quota_mb: float | None = Field(1024.0, gt=0)
+    # The client address is the TCP peer's. X-Forwarded-For is believed only when the peer is one of these
+    # addresses or CIDR ranges (your TLS proxy or load balancer; a GKE Gateway: 35.191.0.0/16, 130.211.0.0/22);
+    # then the client is its rightmost entry that is not one of them. Empty: the header is ignored.
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR range (e.g. 10.0.0.0/8)") from None
+        return value
 
 
 class ReviewArgs(BaseModel):
-    """Who may use the review routes (serve/review.py)."""
+    """Who may use the review routes (serve/review.py): these tokens, fixed for a deploy, plus the uploads
+    database's (`dermaid reviewers add|revoke|list`: no redeploy)."""
 
     model_config = ConfigDict(extra="forbid")
-    tokens: dict[str, str] = Field(default_factory=dict,
-                                   description="reviewer -> token HASH (`python -m dermaid.auth new NAME`)")
-    tokens_env: str = Field(TOKENS_ENV, description="environment variable with plain 'name:token,...' (hashed on load)")
+    tokens: dict[str, str] = Field(default_factory=dict, description="reviewer -> token HASH 'sha256$<hex>' "
+                                                                     "(`python -m dermaid.auth new NAME`)")
+    tokens_env: str = Field(TOKENS_ENV, description="environment variable with plain 'name:token,...' (names required; "
+                                                    "random tokens only; hashed on load)")
 
 
 class AppArgs(BaseModel):
@@ -118,6 +152,12 @@ class AppArgs(BaseModel):
     device: str = "cpu"
     max_upload_mb: float = 20.0
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # /v1/saliency refuses (413) images over this many pixels (~5000x5000, a 24 MP camera's photo; capped at
+    # max_pixels, as the route classifies too). Its overlay is bounded by overlay_max_side; a full_size one costs
+    # the Explainer ~16 bytes per upload pixel (~0.4 GB at this limit; docs/benchmarks.md).
+    saliency_max_pixels: int = Field(25_000_000, ge=1)
+    # longest side of a saliency overlay in pixels (the upload scaled down; full_size=true asks for its own size)
+    overlay_max_side: int = Field(OVERLAY_MAX_SIDE, ge=64)
     malignant_codes: list[str] = Field(default_factory=lambda: list(MALIGNANT_CODES))
     triage: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TRIAGE))
     storage: StorageArgs = Field(default_factory=StorageArgs)
@@ -167,4 +207,6 @@ def deployment_options(spec: DeploymentArgs) -> dict[str, Any]:
         options["autoscaling_config"] = spec.autoscaling_config
     else:
         options["num_replicas"] = spec.num_replicas
+    if isinstance(spec, IngressArgs):
+        options["user_config"] = spec.user_config()
     return options

@@ -3,6 +3,8 @@
     ApiError(status, code, message)      raised by routes; rendered with its status
     describe_image_error(exc, data)      a decoding failure in a model replica -> status, code, message
     add_error_handling(api, max_bytes)   the body-size limit and the exception handlers of the FastAPI app
+    await read_json(request, limit)      a route's JSON body, read only when the route asks (after its
+                                         dependencies, e.g. the token check) and at most `limit` bytes
 
 Client input gets a 4xx naming what was wrong and what is allowed; anything else is a logged 500
 whose body says nothing about the server's insides.
@@ -12,9 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any, Callable
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -29,7 +33,8 @@ logger = logging.getLogger("ray.serve")
 
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed", 413: "body_too_large",
-                415: "unsupported_media_type", 422: "invalid_field", 500: "internal", 503: "unavailable"}
+                415: "unsupported_media_type", 422: "invalid_field", 429: "too_many_requests", 500: "internal",
+                503: "unavailable"}
 
 # What each form field accepts (named in 422 messages).
 ALLOWED_VALUES: dict[str, str] = {
@@ -61,15 +66,52 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.fields = status, code, message, fields
 
 
+class TooManyRequests(ApiError):
+    """429: a limit on what the public may store was reached (serve/quotas.py). The body names the reason
+    ("rate_limit" | "daily_quota") and retry_after_s; the Retry-After header says the same in whole seconds."""
+
+    def __init__(self, reason: str, message: str, retry_after_s: float) -> None:
+        super().__init__(429, STATUS_CODES[429], message)
+        self.retry_after = max(1, math.ceil(retry_after_s))
+        self.reason = reason
+        self.headers = {"Retry-After": str(self.retry_after)}
+
+
 class BodyTooLarge(HTTPException):
     """Raised from the body stream once more than the limit has arrived (FastAPI re-raises HTTPExceptions)."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body is larger than the {limit / MIB:g} MiB limit")
+        size = f"{limit / MIB:g} MiB" if limit >= MIB else f"{limit / 1024:g} KiB"
+        super().__init__(413, f"request body is larger than the {size} limit")
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request's JSON body, read now and at most `limit` bytes: 413 over it (nothing is read when the declared
+    Content-Length is over), 415 for another media type, 422 for text that is not JSON or is nested too deeply.
+
+    A route that declares a Body() parameter has FastAPI read and parse the whole body before any dependency
+    runs; a route that calls this instead reads nothing until its dependencies (the token check) have passed."""
+    media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise HTTPException(415, f"send the body as application/json (got {media[:60]!r})")
+    declared = request.headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge(limit)
+    try:
+        return await run_in_threadpool(json.loads, bytes(body))  # a few MiB parse in ~0.1 s: off the event loop
+    except RecursionError:
+        raise HTTPException(422, "body: JSON nested too deeply") from None
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise HTTPException(422, f"body: not JSON ({str(exc)[:80]})") from None
 
 
 def describe_image_error(exc: Exception, data: bytes) -> dict[str, Any]:
@@ -152,7 +194,10 @@ async def _send_json(send: Callable, status: int, body: dict) -> None:
 
 async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
     extra = {"fields": exc.fields} if exc.fields else {}
-    return JSONResponse(error_body(exc.code, exc.message, **extra), status_code=exc.status)
+    if isinstance(exc, TooManyRequests):
+        extra.update(reason=exc.reason, retry_after_s=exc.retry_after)
+    return JSONResponse(error_body(exc.code, exc.message, **extra), status_code=exc.status,
+                        headers=getattr(exc, "headers", None))
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

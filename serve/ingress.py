@@ -1,9 +1,11 @@
 """The Ingress deployment: DermAID's FastAPI app (validation, limits, the uploads store) in front of the models.
 
-Routes (OpenAPI at /docs):
+Routes (OpenAPI at /openapi.json; Swagger UI at /docs only with ingress.docs: true, for development):
     POST /v1/classify   multipart: image, optional age (0-120), sex, site, consent (store for review)
     POST /v1/saliency   the same plus target (class code), method (gradcam, ...), format (png | json)
-    GET  /v1/model      the model card, the OOD detector (or how to add one), the triage operating point
+    GET  /v1/model      the card's public part (PUBLIC_CARD_KEYS, validation metrics, intended use), the OOD
+                        detector (or how to add one), the triage operating point
+    GET  /v1/review/model   the whole card (training config, paths, commit): dermatologist token only
     GET  /healthz       alive                 GET /readyz   model loaded
     GET  /, /review     the consumer page and the dermatologist review page (serve/review.py, serve/web/)
     /v1/review/...      the dermatologist review API, bearer tokens (serve/review.py)
@@ -21,9 +23,10 @@ import base64
 import logging
 from typing import Any
 
-from fastapi import FastAPI, UploadFile
+from fastapi import Depends, FastAPI, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -33,17 +36,25 @@ from dermaid.inference import RETAKE_MESSAGE, build_result
 from dermaid.ray_compat import by_value_handle
 from serve.args import MIB, AppArgs, IngressArgs, deployment_options
 from serve.errors import ApiError, ErrorResponse, add_error_handling, error_body
-from serve.review import create_review_context
+from serve.quotas import UploadGuard
+from serve.review import REVIEW_HEADERS, create_review_context, require_reviewer
 from serve.review import router as review_router
 from serve.schemas import (
-    ERROR_RESPONSES, Age, ClassifyResponse, Consent, ImageFile, Method, ModelResponse, SaliencyFormat, SaliencyResponse,
-    Sex, Site, Target, only_fields,
+    ERROR_RESPONSES, Age, ClassifyResponse, Consent, FullSize, ImageFile, Method, ModelResponse, SaliencyFormat,
+    SaliencyResponse, Sex, Site, Target, only_fields,
 )
 
 logger = logging.getLogger("ray.serve")
 
 SALIENCY_JSON_KEYS = ("target", "probability", "method", "layer", "width", "height", "model_version")
 CALIBRATE_HOW = "run `dermaid calibrate checkpoint=...` on the served checkpoint, then redeploy"
+# What /v1/model shows of the card: what a client needs to use the model and judge it. The rest (training config
+# with its paths and bucket URLs, compression source, code commit, OOD statistics) is on /v1/review/model.
+PUBLIC_CARD_KEYS = ("format_version", "kind", "classes", "input", "metadata", "calibration")
+INTENDED_USE = ("Research decision support: a photo of one skin lesion (dermoscopic or phone), with optional age, "
+                "sex and body site, -> probabilities over the eight ISIC 2019 diagnoses, a malignancy score and a "
+                "triage message. Not a diagnosis and not a medical device; not for images other than a skin "
+                "lesion (those are refused when the card has an OOD detector).")
 
 
 def _replica_upload_limit() -> int:
@@ -99,19 +110,31 @@ def _saliency_json(out: dict[str, Any], ood: dict[str, Any]) -> JSONResponse:
     return JSONResponse(body)
 
 
+def _public_card(card: dict[str, Any]) -> dict[str, Any]:
+    """The card's public part: PUBLIC_CARD_KEYS, the backbone's name, the validation metrics, the intended use."""
+    metrics = {key: value for key, value in (card.get("metrics") or {}).items()
+               if key == "val" or key.startswith("val/")}  # validation only: no run ids, timings, learning rates
+    return {**{key: card[key] for key in PUBLIC_CARD_KEYS if key in card},
+            "architecture": (card.get("model") or {}).get("name"), "metrics": metrics, "intended_use": INTENDED_USE}
+
+
 def _model_body(info: dict[str, Any]) -> dict[str, Any]:
-    """/v1/model: the card, whether the OOD detector is there (or how to add it), the triage operating point."""
+    """/v1/model: the card's public part, whether the OOD detector is there (or how to add it), the triage
+    operating point."""
     card = info["card"]
     block = card.get("ood")
     ood = ({"method": block["method"], "threshold": block["threshold"], "refuse_share": block["refuse_share"]}
            if block else {"missing": True, "how": CALIBRATE_HOW})
-    return {**info, "ood": ood, "triage": card.get("triage"), "disclaimer": DISCLAIMER}
+    return {"model_version": info["model_version"], "card": _public_card(card), "ood": ood,
+            "triage": card.get("triage"), "disclaimer": DISCLAIMER}
 
 
 api = FastAPI(
     title="DermAID",
     version=__version__,
     description="Skin-lesion classification for research. " + DISCLAIMER,
+    docs_url=None,   # the Ingress serves /docs itself, only when ingress.docs is on (serve/args.py IngressArgs)
+    redoc_url=None,
 )
 add_error_handling(api, max_bytes=_replica_upload_limit)
 api.include_router(review_router)  # GET / and /review (pages), /v1/review/... (serve/review.py)
@@ -122,8 +145,8 @@ api.include_router(review_router)  # GET / and /review (pages), /v1/review/... (
 class Ingress:
     """HTTP routes: validation and limits here; model work in Classifier and Explainer; uploads store.
 
-    settings: max_upload_mb, malignant_codes, triage, storage ({url, db_url}), grpc_max_upload_mb and
-    review (serve/review.py review_settings), as build_app passes them."""
+    settings: max_upload_mb, malignant_codes, triage, storage (StorageArgs: url, db_url, the upload limits),
+    grpc_max_upload_mb and review (serve/review.py review_settings), as build_app passes them."""
 
     def __init__(self, classifier: DeploymentHandle, explainer: DeploymentHandle, settings: dict[str, Any]) -> None:
         from dermaid.uploads.store import UploadStore, database_url
@@ -138,8 +161,22 @@ class Ingress:
         storage_url = settings["storage"]["url"]
         # the schema was migrated once by build_app; UploadStore only checks it (dermaid.uploads.schema)
         self.store = UploadStore(storage_url, database_url(storage_url, settings["storage"]["db_url"]))
+        self.guard = UploadGuard(settings["storage"], self.store)  # what the public may store (serve/quotas.py)
         self.review = create_review_context(self.store, settings["review"])  # used by serve/review.py
-        self._model: dict[str, Any] | None = None
+        self.docs = False  # ingress.docs, set by reconfigure (the deployment's user_config)
+        self._info: dict[str, Any] | None = None
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """IngressArgs.user_config(): whether /docs serves Swagger UI."""
+        self.docs = bool(user_config.get("docs", False))
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs_page(self, request: Request) -> HTMLResponse:
+        """Swagger UI (FastAPI's page: its script comes from a CDN), only with ingress.docs on."""
+        if not self.docs:
+            raise HTTPException(404, "Swagger UI is off on this server (ingress.docs); the schema is /openapi.json")
+        root = (request.scope.get("root_path") or "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{api.title} - Swagger UI")
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -159,18 +196,39 @@ class Ingress:
 
     @api.get("/v1/model", response_model=ModelResponse)
     async def model(self) -> JSONResponse:
-        """The model card of the served checkpoint (classes, input, metadata, metrics, calibration), whether its
-        OOD detector is present (else how to add it) and its validation-chosen triage operating point."""
-        if self._model is None:
-            self._model = _model_body(await self.classifier.info.remote())
-        return JSONResponse(self._model)
+        """The public part of the served checkpoint's card (classes, input, metadata, validation metrics,
+        calibration, intended use), whether its OOD detector is present (else how to add it) and its
+        validation-chosen triage operating point."""
+        return JSONResponse(_model_body(await self._model_info()))
+
+    @api.get("/v1/review/model", tags=["review"], dependencies=[Depends(require_reviewer)],
+             responses={401: {"description": "no token"}, 403: {"description": "not a dermatologist token"}})
+    async def review_model(self) -> JSONResponse:
+        """The whole card of the served checkpoint (training config, provenance, compression source, OOD
+        statistics), for dermatologists and operators."""
+        return JSONResponse({**await self._model_info(), "disclaimer": DISCLAIMER}, headers=REVIEW_HEADERS)
+
+    async def _model_info(self) -> dict[str, Any]:
+        """The Classifier's {model_version, card}, asked once."""
+        if self._info is None:
+            self._info = await self.classifier.info.remote()
+        return self._info
 
     @api.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES,
               dependencies=[only_fields("image", "age", "sex", "site", "consent")])
-    async def classify(self, image: ImageFile, age: Age = None, sex: Sex = None, site: Site = None,
-                       consent: Consent = False) -> JSONResponse:
-        """Class probabilities, malignancy score and triage message for one image. Decision support only."""
+    async def classify(self, request: Request, image: ImageFile, age: Age = None, sex: Sex = None,
+                       site: Site = None, consent: Consent = False) -> JSONResponse:
+        """Class probabilities, malignancy score and triage message for one image. Decision support only.
+
+        consent=true also stores the photo for dermatologist review, within what the public may store
+        (serve/quotas.py): past the client's hourly limit or today's storage quota the whole request is refused
+        with 429 and Retry-After before the model runs (the message says to try later or classify without
+        consent), so no answer shows a result its sender believes stored. The same bytes stored before are not
+        stored again: the answer names that earlier upload (stored true; its metadata stay)."""
         data = await _read_image(image)
+        if consent:
+            self.guard.admit(request)
+            await run_in_threadpool(self.guard.check_quota, len(data))
         out = await self._classify(data, age, sex, site, consent)
         if "error" in out:
             raise ApiError(**out["error"])
@@ -185,14 +243,16 @@ class Ingress:
 
     @api.post("/v1/saliency", responses={200: {"model": SaliencyResponse, "content": {"image/png": {}}},
                                          **ERROR_RESPONSES},
-              dependencies=[only_fields("image", "age", "sex", "site", "target", "method", "format")])
+              dependencies=[only_fields("image", "age", "sex", "site", "target", "method", "format", "full_size")])
     async def saliency(self, image: ImageFile, age: Age = None, sex: Sex = None, site: Site = None,
-                       target: Target = None, method: Method = "gradcam",
+                       target: Target = None, method: Method = "gradcam", full_size: FullSize = False,
                        format: SaliencyFormat = "png") -> Response:  # noqa: A002 - the form field's name
-        """A Grad-CAM overlay at the input image's size (PNG), or JSON with the class and base64 PNG; both say
-        whether the model abstained on the image (the classifier's OOD decision)."""
+        """A Grad-CAM overlay (PNG): the upload scaled to at most overlay_max_side px on its long side, or at its own
+        size with full_size; or JSON with the class and base64 PNG. Both say whether the model abstained on the image
+        (the classifier's OOD decision). Images over saliency_max_pixels: 413 image_too_large."""
         data = await _read_image(image)
-        out, decision = await asyncio.gather(self.explainer.explain.remote(data, age, sex, site, target, method),
+        out, decision = await asyncio.gather(self.explainer.explain.remote(data, age, sex, site, target, method,
+                                                                           full_size),
                                              self._classify(data, age, sex, site, False))
         for answer in (out, decision):
             if "error" in answer:

@@ -19,6 +19,10 @@ Review API (header `Authorization: Bearer <dermatologist token>`: 401 without on
     GET  /v1/review/labelstudio/config               the Label Studio labeling config (XML)
     GET  /v1/review/labelstudio/tasks                pending uploads as Label Studio tasks (prediction pre-annotated)
     POST /v1/review/labelstudio/import               a Label Studio JSON export -> labels (idempotent)
+    GET  /v1/review/model                            the whole model card (a route of the Ingress: serve/ingress.py)
+The token is checked before a request body is read: the POST routes take no Body() parameter (FastAPI would
+parse it before any dependency) and read their JSON with serve.errors.read_json, capped per route
+(LABEL_BODY_LIMIT, IMPORT_BODY_LIMIT: far below the upload limit).
 
 Errors are raised as HTTPException and rendered by the ingress in its one JSON shape
 ({"error": {"code", "message"}}). Reviewer names come from the token, never from a request body.
@@ -34,18 +38,24 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Path as PathParam, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from dermaid.auth import ReviewerTokens, parse_bearer
 from dermaid.classes import AGE_RANGE, CLASS_CODES, DISCLAIMER, NOT_A_LESION, REVIEW_CODES, SEXES, SITES, class_table
 from dermaid.errors import DermaidError
 from dermaid.uploads.agreement import compute_agreement
-from dermaid.uploads.labels import MAX_PAGE, LabelStore, public_upload
+from dermaid.files import is_local
+from dermaid.uploads.labels import MAX_OFFSET, MAX_PAGE, LabelStore, public_upload
 from dermaid.uploads.labelstudio import LABELSTUDIO_CONFIG
+from dermaid.uploads.reviewers import ReviewerTokenStore
 from dermaid.uploads.validation import MAX_COMMENT_CHARS, InvalidUploadId, UnknownUpload, parse_upload_id
-from serve.args import ReviewArgs
+from serve.args import MIB, ReviewArgs
+from serve.errors import read_json
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 STATIC_FILES = {"app.css": "text/css", "common.js": "text/javascript", "consumer.js": "text/javascript",
@@ -58,12 +68,16 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 REVIEW_HEADERS = {"Cache-Control": "no-store"}  # review data never lands in a shared cache
+LABEL_BODY_LIMIT = 32 * 1024    # a label: a code and <= 2000 comment characters (12 KB even if all \u-escaped)
+IMPORT_BODY_LIMIT = 4 * MIB     # a Label Studio export of ~2000 annotated tasks; split larger ones
 
 
 def review_settings(args: ReviewArgs) -> dict[str, Any]:
     """Resolve the tokens where the app is built: config hashes + the environment's tokens, hashed.
 
-    Only hashes cross into the replicas; a malformed entry fails here, before anything is deployed.
+    Only hashes cross into the replicas; a malformed entry, a pbkdf2 hash, a bare or guessable environment
+    token fails here, before anything is deployed. Tokens in the uploads database (`dermaid reviewers add`)
+    are read by the replicas per request (ReviewContext.reviewer).
     """
     return {"tokens": ReviewerTokens.from_settings(args.model_dump()).hashes(), "tokens_env": args.tokens_env}
 
@@ -73,12 +87,20 @@ class ReviewContext:
     """What the review routes need inside the ingress replica."""
 
     labels: LabelStore
-    tokens: ReviewerTokens
+    tokens: ReviewerTokens                 # review.tokens + $DERMAID_REVIEWER_TOKENS: fixed for this deploy
+    database_tokens: ReviewerTokenStore    # reviewer_tokens (`dermaid reviewers add|revoke`): read per request
+
+    def reviewer(self, token: str) -> str | None:
+        """Who holds `token`: the deploy's tokens (in memory), else the database's active ones (one indexed
+        query, no cache: a revoked token is refused by the next request). Same cost for every wrong token."""
+        return self.tokens.verify(token) or self.database_tokens.lookup(token)
 
 
 def create_review_context(upload_store: Any, settings: dict[str, Any]) -> ReviewContext:
-    """Labels on the ingress' UploadStore (same database) + the token hashes of `review_settings(...)`."""
-    return ReviewContext(LabelStore(upload_store), ReviewerTokens(settings["tokens"]))
+    """Labels and reviewer tokens on the ingress' UploadStore (same database) + the token hashes of
+    `review_settings(...)`."""
+    return ReviewContext(LabelStore(upload_store), ReviewerTokens(settings["tokens"]),
+                         ReviewerTokenStore(upload_store.engine))
 
 
 def get_review_context() -> ReviewContext:
@@ -100,7 +122,11 @@ def require_reviewer(request: Request, context: Annotated[ReviewContext, Depends
     if token is None:
         raise HTTPException(401, "a dermatologist token is required: send the header 'Authorization: Bearer <token>'",
                             headers={"WWW-Authenticate": "Bearer"})
-    reviewer = context.tokens.verify(token)
+    try:
+        reviewer = context.reviewer(token)
+    except SQLAlchemyError:
+        raise HTTPException(503, "the reviewer tokens cannot be checked now (database unavailable); "
+                                 "try again shortly") from None
     if reviewer is None:
         raise HTTPException(403, "this token is not a dermatologist token")
     return reviewer
@@ -115,6 +141,12 @@ TopClass = Annotated[Literal[CLASS_CODES] | None,  # type: ignore[valid-type]
 router = APIRouter()
 review_api = APIRouter(prefix="/v1/review", tags=["review"], dependencies=[Depends(require_reviewer)],
                 responses={401: {"description": "no token"}, 403: {"description": "not a dermatologist token"}})
+
+
+def _json_body_doc(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    """OpenAPI for a route that reads its JSON body itself (serve.errors.read_json) instead of a Body() parameter."""
+    return {"requestBody": {"required": True, "description": description,
+                            "content": {"application/json": {"schema": schema}}}}
 
 
 class LabelIn(BaseModel):
@@ -146,15 +178,15 @@ def static_file(name: str) -> Response:
 # --- review API ----------------------------------------------------------------------------------------------
 
 @review_api.get("/me")
-def me(reviewer: Reviewer) -> dict[str, Any]:
-    return {"reviewer": reviewer, "disclaimer": DISCLAIMER}
+def me(reviewer: Reviewer) -> Response:
+    return _json({"reviewer": reviewer, "disclaimer": DISCLAIMER})
 
 
 @review_api.get("/queue")
 def queue(context: Context, reviewer: Reviewer, top_class: TopClass = None,
           labels_below: Annotated[int, Query(ge=1, le=100, description="fewer reviewers than this")] = 1,
           limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
-          offset: Annotated[int, Query(ge=0)] = 0) -> Response:
+          offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Response:
     """Consented uploads with fewer than labels_below reviewers, none of them this one; highest entropy first."""
     page = _call(context.labels.queue, top_class=top_class, reviewer=reviewer, labels_below=labels_below,
                  limit=limit, offset=offset)
@@ -181,11 +213,17 @@ def upload_labels(context: Context, upload_id: UploadId) -> Response:
     return _json({"upload_id": parse_upload_id(upload_id), "labels": labels, "agreement": compute_agreement(labels)})
 
 
-@review_api.post("/uploads/{upload_id}/labels", status_code=201)
-def add_label(context: Context, reviewer: Reviewer, upload_id: UploadId, body: LabelIn) -> Response:
+@review_api.post("/uploads/{upload_id}/labels", status_code=201,
+                 openapi_extra=_json_body_doc(LabelIn.model_json_schema(), "the label"))
+async def add_label(request: Request, context: Context, reviewer: Reviewer, upload_id: UploadId) -> Response:
     """Add this reviewer's label (earlier labels are kept: the newest label per reviewer is their vote)."""
-    label = _call(context.labels.add, upload_id, reviewer, body.code, body.comment, source=body.source)
-    return _json({"label": label, "agreement": _call(context.labels.agreement, label["upload_id"])}, status=201)
+    body = _label_in(await read_json(request, LABEL_BODY_LIMIT))  # the token was checked before this read
+
+    def add() -> dict[str, Any]:
+        label = _call(context.labels.add, upload_id, reviewer, body.code, body.comment, source=body.source)
+        return {"label": label, "agreement": _call(context.labels.agreement, label["upload_id"])}
+
+    return _json(await run_in_threadpool(add), status=201)
 
 
 @review_api.get("/labeled")
@@ -207,12 +245,16 @@ def labelstudio_config() -> PlainTextResponse:
 @review_api.get("/labelstudio/tasks")
 def labelstudio_tasks(request: Request, context: Context, top_class: TopClass = None,
                       limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
-                      offset: Annotated[int, Query(ge=0)] = 0,
+                      offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
                       images: Annotated[Literal["api", "storage"], Query(
                           description="api: this server's image route (needs the token); storage: the blob URL "
-                                      "(gs://..., for a Label Studio cloud storage source)")] = "api") -> Response:
+                                      "(gs://..., for a Label Studio cloud storage source; remote storage "
+                                      "only)")] = "api") -> Response:
     """Pending uploads as Label Studio tasks JSON (import it in Label Studio), most uncertain first."""
     base = str(request.base_url).rstrip("/")
+    if images == "storage" and is_local(context.labels.uploads.storage_url):
+        raise HTTPException(422, "images: storage names blob URLs, and this server keeps uploads on its own disk "
+                                 "(paths that are of no use to Label Studio and stay on the server); use images=api")
 
     def image_url(upload: dict[str, Any]) -> str:
         if images == "storage":
@@ -223,12 +265,15 @@ def labelstudio_tasks(request: Request, context: Context, top_class: TopClass = 
     return _json(tasks, headers={"Content-Disposition": 'attachment; filename="dermaid-labelstudio-tasks.json"'})
 
 
-@review_api.post("/labelstudio/import")
-def labelstudio_import(context: Context,
-                       export: Annotated[list[Any] | dict[str, Any], Body(description="Label Studio Export -> JSON")],
-                       ) -> Response:
-    """Store the annotations of a Label Studio JSON export as labels (all or nothing; a re-import adds nothing)."""
-    return _json(_call(context.labels.import_labelstudio, export))
+@review_api.post("/labelstudio/import", openapi_extra=_json_body_doc(
+    {"anyOf": [{"type": "array", "items": {"type": "object"}}, {"type": "object"}]},
+    f"Label Studio Export -> JSON (at most {IMPORT_BODY_LIMIT // MIB} MiB)"))
+async def labelstudio_import(request: Request, context: Context, reviewer: Reviewer) -> Response:
+    """Store the annotations of a Label Studio JSON export as this token's reviewer's labels (all or nothing; a
+    re-import adds nothing). The file's completed_by and created_at decide nothing: the labels are the token
+    holder's, dated no later than now (LabelStore.import_labelstudio)."""
+    export = await read_json(request, IMPORT_BODY_LIMIT)  # the token was checked before this read
+    return _json(await run_in_threadpool(_call, context.labels.import_labelstudio, export, reviewer=reviewer))
 
 
 router.include_router(review_api)
@@ -248,6 +293,14 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise HTTPException(422, str(exc)) from None
     except FileNotFoundError:
         raise HTTPException(404, "the stored image of this upload is missing") from None
+
+
+def _label_in(data: Any) -> LabelIn:
+    """A parsed label body as LabelIn; 422 naming the field as for any other request (serve.errors)."""
+    try:
+        return LabelIn.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

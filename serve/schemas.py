@@ -23,6 +23,8 @@ Target = Annotated[Literal[CLASS_CODES] | None,  # type: ignore[valid-type]
                    Form(description="class code; default: top class")]
 Method = Annotated[Literal[CAM_METHODS], Form(description="CAM method")]  # type: ignore[valid-type]
 SaliencyFormat = Annotated[Literal["png", "json"], Form(description="png image or json with base64")]
+FullSize = Annotated[bool, Form(description="overlay at the upload's own size; default: scaled to at most "
+                                           "overlay_max_side pixels (2048) on its long side")]
 
 
 def only_fields(*names: str) -> Any:
@@ -88,15 +90,16 @@ class SaliencyResponse(AbstentionFields):
     probability: float
     method: str
     layer: str
-    width: int
-    height: int
+    width: int = Field(description="the overlay's width: the upload's, scaled to overlay_max_side unless full_size")
+    height: int = Field(description="the overlay's height (the upload's aspect ratio)")
     model_version: str
     overlay_png_base64: str
 
 
 class ModelResponse(BaseModel):
     model_version: str
-    card: dict[str, Any] = Field(description="the checkpoint's card.json")
+    card: dict[str, Any] = Field(description="the public part of the checkpoint's card (classes, input, calibration, "
+                                             "validation metrics, intended use); the whole card: GET /v1/review/model")
     ood: dict[str, Any] = Field(description="{method, threshold, refuse_share}, or {missing: true, how} for a "
                                             "checkpoint without OOD statistics")
     triage: dict[str, Any] | None = Field(description="the validation-chosen triage operating point (cutoff, "
@@ -104,4 +107,4 @@ class ModelResponse(BaseModel):
     disclaimer: str
 
 
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 503)}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 429, 503)}

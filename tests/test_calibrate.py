@@ -162,6 +162,36 @@ def test_evaluate_reports_the_triage_point_and_an_unk_column_the_official_scorer
     assert score.per_category.loc["UNK", "auc"] > 0.9  # documents score far above the toy test lesions
 
 
+def test_forward_with_features_on_two_threads_keeps_each_calls_own_statistics():
+    """A serving replica runs forwards on two threads through one model (serve/lanes.py): each call's feature hooks
+    must keep only its own thread's activations (they once mixed: 500s, or another image's OOD statistics)."""
+    import threading
+
+    torch.manual_seed(0)
+    model = create_classifier({"name": "test_efficientnet", "use_metadata": False}).eval()
+    inputs = [torch.randn(2 + i % 2, 3, 64, 64) for i in range(2)]  # different batch sizes: (B_i, 3, H, W)
+    with torch.no_grad():
+        expected = [model.forward_with_features(images)[0] for images in inputs]  # one thread: (B_i, D)
+    mismatches, errors = [], []
+
+    def run(index: int) -> None:
+        try:
+            with torch.no_grad():
+                for _ in range(40):
+                    features, _ = model.forward_with_features(inputs[index])
+                    if not torch.allclose(features, expected[index], rtol=1e-5, atol=1e-5):
+                        mismatches.append(index)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and mismatches == []
+
+
 def test_forward_with_features_is_what_the_head_sees_and_forward_is_unchanged():
     torch.manual_seed(0)
     model = create_classifier({"name": "test_efficientnet", "use_metadata": True}).eval()

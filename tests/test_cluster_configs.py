@@ -213,6 +213,106 @@ def test_readme_render_fills_every_placeholder():
     assert "envsubst '" + " ".join(f"${k}" for k in PLACEHOLDERS) + "'" in readme
 
 
+
+# Ray's control plane: token authentication on, the dashboard and Jobs API inside the cluster
+
+RAY_CONTROL_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}  # remote code execution by design
+SERVE_PORT = 8000
+OPERATOR = {"app.kubernetes.io/name": "kuberay-operator"}  # the KubeRay Helm chart's pod label
+
+
+def test_every_ray_cluster_requires_rays_token():
+    """authOptions mode token (KubeRay 1.5.1+ makes the token Secret and gives it to the Ray containers, the
+    job submitter and itself); a container beside Ray that joins the cluster reads the same Secret."""
+    for path, doc in _ray_resources():
+        cluster = _cluster_spec(doc)
+        assert cluster.get("authOptions") == {"mode": "token"}, f"{path.name}: Ray token authentication is off"
+        for group, _, pod in _pod_specs(cluster):
+            for container in pod["containers"][1:]:
+                env = {e["name"]: e for e in container.get("env", [])}
+                if "RAY_ADDRESS" not in env:
+                    continue
+                where = f"{path.name}/{group}/{container['name']}"
+                assert env["RAY_AUTH_MODE"]["value"] == "token", where
+                secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+                assert secret == {"name": doc["metadata"].get("name"), "key": "auth_token"}, where  # KubeRay's Secret
+
+
+def test_gcp_launcher_cluster_requires_rays_token():
+    config = yaml.safe_load(_render(CLUSTER / "gcp.yaml"))
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert config["file_mounts"] == {"/home/ray/.ray/auth_token": "~/.ray/auth_token"}  # `ray get-auth-token --generate`
+    assert "ray get-auth-token --generate" in (CLUSTER / "gcp.yaml").read_text()
+
+
+def _network_policy() -> dict[str, Any]:
+    (policy,) = [doc for doc in _load_all(KUBERAY / "networkpolicy.yaml") if doc["kind"] == "NetworkPolicy"]
+    return policy
+
+
+def _sources(policy: dict[str, Any], port: int, name: str) -> list[Any]:
+    """The `from` lists of the policy's ingress rules that admit TCP `port` (None: a rule open to anyone)."""
+    sources = []
+    for rule in policy["spec"].get("ingress") or []:
+        ports = rule.get("ports")
+        if ports and not any(p.get("port") in (port, name) and p.get("protocol", "TCP") == "TCP" for p in ports):
+            continue
+        sources.append(rule.get("from"))
+    return sources
+
+
+def _pod_labels() -> list[tuple[str, dict[str, str]]]:
+    """(where, labels) of every pod template the Ray resources make, the RayJobs' submitters included."""
+    found = []
+    for path, doc in _ray_resources():
+        for group, spec, _ in _pod_specs(_cluster_spec(doc)):
+            found.append((f"{path.name}/{group}", spec["template"]["metadata"]["labels"]))
+        if doc["kind"] == "RayJob":
+            found.append((f"{path.name}/submitter", doc["spec"]["submitterPodTemplate"]["metadata"]["labels"]))
+    return found
+
+
+def test_network_policy_keeps_the_dashboard_and_jobs_api_inside_the_cluster():
+    policy = _network_policy()
+    spec = policy["spec"]
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and "Ingress" in spec["policyTypes"]
+    selector = spec["podSelector"]["matchLabels"]
+    assert selector and not spec["podSelector"].get("matchExpressions")
+    for where, labels in _pod_labels():
+        assert selector.items() <= labels.items(), f"{where}: not selected by the NetworkPolicy"
+    for path, doc in _ray_resources():  # the policy's port numbers are the ones the pods declare
+        for group, _, pod in _pod_specs(_cluster_spec(doc)):
+            for port in pod["containers"][0].get("ports", []):
+                if port["name"] in RAY_CONTROL_PORTS:
+                    assert port["containerPort"] == RAY_CONTROL_PORTS[port["name"]], f"{path.name}/{group}"
+
+    for name, port in RAY_CONTROL_PORTS.items():
+        sources = _sources(policy, port, name)
+        assert sources and None not in sources, f"{name} ({port}): open to anyone"
+        for peer in [peer for source in sources for peer in source]:
+            assert "ipBlock" not in peer, f"{name} ({port}): admits addresses {peer['ipBlock']}"
+            labels = peer.get("podSelector", {}).get("matchLabels") or {}
+            if "namespaceSelector" in peer:  # another namespace: only the operator's pods
+                assert labels == OPERATOR, f"{name} ({port}): admits whole namespaces: {peer}"
+            else:                            # this namespace: only DermAID's own Ray pods
+                assert labels.items() >= selector.items(), f"{name} ({port}): admits other pods: {peer}"
+    operator_ports = {p["port"] for rule in spec["ingress"] for peer in rule.get("from") or []
+                      if peer.get("podSelector", {}).get("matchLabels") == OPERATOR for p in rule.get("ports") or []}
+    assert operator_ports == {RAY_CONTROL_PORTS["dashboard"]}, "KubeRay needs the dashboard, and only that"
+    assert None in _sources(policy, SERVE_PORT, "serve"), "the Serve API must stay reachable"
+    jupyter = _sources(policy, 8888, "jupyter")  # JupyterLab: only the Ray pods; people port-forward
+    assert jupyter == [[{"podSelector": {"matchLabels": selector}}]], jupyter
+
+
+def test_rayjob_submitters_are_kuberays_default_with_our_label():
+    for path, doc in _rayjobs():
+        template = doc["spec"]["submitterPodTemplate"]
+        (container,) = template["spec"]["containers"]
+        assert container["image"] == PROJECT_IMAGE, path.name
+        assert not container.get("command") and not container.get("args"), f"{path.name}: KubeRay writes the command"
+        assert template["spec"]["restartPolicy"] == "Never" and template["spec"]["serviceAccountName"] == "dermaid-ray"
+
+
 # RayJob entrypoints: each is one Hydra command that composes
 
 
@@ -251,21 +351,27 @@ def test_serve_config_validates_against_serves_schema():
     assert app.args["storage"]["db_url"] == PLACEHOLDERS["DERMAID_DATABASE_URL"]
 
 
-def _build_serve_app(monkeypatch) -> tuple[Any, list[Any]]:
-    """What `serve deploy` / KubeRay do with import_path + args, short of deploying: -> (app, DeploymentSchemas)."""
+def _build_serve_app(monkeypatch, tmp_path) -> tuple[Any, list[Any]]:
+    """What `serve deploy` / KubeRay do with import_path + args, short of deploying: -> (app, DeploymentSchemas).
+
+    Building migrates the uploads database the args name (serve.app.build_app); the rendered placeholder host
+    does not exist here, so a local SQLite file stands in for it (every other argument as the manifest has it)."""
     from dermaid.ray_compat import build_serve_app
 
     (app_cfg,) = _serve_config()["applications"]
     module_name, attr = app_cfg["import_path"].split(":")
     builder = getattr(importlib.import_module(module_name), attr)
-    return build_serve_app(builder, copy.deepcopy(app_cfg.get("args", {})), app_cfg["name"])
+    args = copy.deepcopy(app_cfg.get("args", {}))
+    assert args["storage"]["db_url"] == PLACEHOLDERS["DERMAID_DATABASE_URL"]
+    args["storage"]["db_url"] = f"sqlite:///{tmp_path}/uploads.db"
+    return build_serve_app(builder, args, app_cfg["name"])
 
 
-def test_rayservice_import_path_and_args_build_the_app(monkeypatch):
+def test_rayservice_import_path_and_args_build_the_app(monkeypatch, tmp_path):
     from ray.serve.deployment import Application
 
     was_running = ray.is_initialized()
-    app, deployments = _build_serve_app(monkeypatch)
+    app, deployments = _build_serve_app(monkeypatch, tmp_path)
     assert isinstance(app, Application)
     names = {d.name for d in deployments}
     assert {"Classifier", "Explainer", "Ingress"} <= names
@@ -280,9 +386,9 @@ def test_rayservice_import_path_and_args_build_the_app(monkeypatch):
     assert ray.is_initialized() == was_running, "building the app must not start Ray"
 
 
-def test_rayservice_replicas_fit_its_worker_groups(monkeypatch):
+def test_rayservice_replicas_fit_its_worker_groups(monkeypatch, tmp_path):
     """Every replica fits a pod, and all CPU replicas at their maximum fit the CPU group at its maximum."""
-    _, deployments = _build_serve_app(monkeypatch)
+    _, deployments = _build_serve_app(monkeypatch, tmp_path)
     (service,) = [doc for _, doc in _ray_resources() if doc["kind"] == "RayService"]
     groups = _worker_groups(service["spec"]["rayClusterConfig"])
     needed = 0.0

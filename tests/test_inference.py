@@ -195,3 +195,67 @@ def test_a_threads_torch_thread_count_sticks_when_another_thread_sets_its_own():
     finally:
         torch.set_num_threads(callers_threads)
     assert seen == [1]
+
+
+# --- bounded overlays (issue #18 item 3) ---------------------------------------------------------------------------
+
+def _prepared_card_checkpoint(tiny_checkpoint: str, folder) -> str:
+    """tiny_checkpoint with a `preparation` block: the model reads prepare's pixels (JPEG draft, 96 px side)."""
+    import dataclasses
+    import shutil
+
+    from dermaid.data.shards import preparation_block
+    from dermaid.models.card import load_card, replace_card
+
+    checkpoint = str(folder / "prepared")
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    card = load_card(checkpoint)
+    preparation = preparation_block({"image_size": 96, "quality": 90})
+    replace_card(checkpoint, dataclasses.replace(card, preparation=preparation))
+    return checkpoint
+
+
+def _exif_rotated_jpeg(width: int, height: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    img = Image.open(io.BytesIO(_image(width, height, seed=7)))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_decode_bounded_is_the_upright_upload_scaled_to_the_long_side():
+    from dermaid.data.images import ImageTooLargeError
+    from dermaid.inference.decoding import decode_bounded, decode_image, fit_within
+
+    data = _exif_rotated_jpeg(2400, 1600)  # upright 1600 x 2400
+    bounded = decode_bounded(data, 600)  # a JPEG draft at 1/2 scale, then bicubic to 600 on the long side
+    assert bounded.size == (400, 600) and bounded.mode == "RGB"
+    reference = fit_within(decode_image(data), 600)  # the full-size decode, scaled: the same picture
+    assert np.abs(np.asarray(bounded, dtype=int) - np.asarray(reference, dtype=int)).mean() < 2
+    small = _image(300, 200)
+    assert decode_bounded(small, 600).size == (300, 200)  # never upsampled
+    one_bit = io.BytesIO()
+    Image.new("1", (3000, 1500)).save(one_bit, "PNG")  # a few KB for 4.5 MP
+    assert decode_bounded(one_bit.getvalue(), 600).size == (600, 300)
+    with pytest.raises(ImageTooLargeError, match="limit is 4000000"):
+        decode_bounded(one_bit.getvalue(), 600, max_pixels=4_000_000)
+
+
+def test_a_large_photos_overlay_is_bounded_full_size_on_request_and_the_model_input_is_unchanged(tiny_checkpoint,
+                                                                                                 tmp_path):
+    from dermaid.inference.decoding import fit_within
+
+    predictor = Predictor(_prepared_card_checkpoint(tiny_checkpoint, tmp_path))
+    explainer = Explainer(predictor, overlay_max_side=500)
+    data = _exif_rotated_jpeg(2000, 1200)  # upright 1200 x 2000
+    bounded = explainer.explain(data, 50, "male", "back")
+    full = explainer.explain(data, 50, "male", "back", full_size=True)
+    assert bounded.overlay.size == (300, 500) and full.overlay.size == (1200, 2000)
+    # the overlay's size never reaches the model: the same probabilities as classify (prepare's pixels)
+    probs = predictor.predict([(data, 50, "male", "back")])[0]
+    np.testing.assert_allclose(bounded.probabilities, probs, atol=1e-6)
+    np.testing.assert_allclose(full.probabilities, probs, atol=1e-6)
+    # the crop box follows the overlay's scale: the bounded overlay is the full one, scaled down
+    shrunk = np.asarray(fit_within(full.overlay, 500), dtype=int)
+    assert np.abs(np.asarray(bounded.overlay, dtype=int) - shrunk).mean() < 4

@@ -210,33 +210,102 @@ def test_labelstudio_tasks_and_import_round_trip(store):
     json.dumps(tasks)  # plain JSON
 
     export = _labelstudio_export(tasks)
-    summary = store.import_labelstudio(json.dumps(export).encode())
+    summary = store.import_labelstudio(json.dumps(export).encode(), reviewer="dr_a")
     assert summary == {"tasks": 1, "imported": 2, "already_imported": 0, "skipped_cancelled": 1,
-                       "skipped_without_diagnosis": 0}
+                       "skipped_without_diagnosis": 0, "reviewer": "dr_a", "labelstudio_users": 2}
     history = store.history(pending)
-    assert [(h["reviewer"], h["code"], h["source"]) for h in history] == [
-        ("derm@clinic.example", "NONE", "labelstudio"),  # 12:00+02:00 = 10:00Z
-        ("labelstudio-user-7", "BCC", "labelstudio")]    # 10:00:00.5Z
+    assert [(h["reviewer"], h["imported_by"], h["code"], h["source"]) for h in history] == [
+        ("dr_a", "dr_a", "NONE", "labelstudio"),  # 12:00+02:00 = 10:00Z
+        ("dr_a", "dr_a", "BCC", "labelstudio")]   # 10:00:00.5Z
     assert history[1]["comment"] == "agree with BCC" and history[0]["created"].startswith("2026-01-02T10:00:00+00:00")
-    assert store.import_labelstudio(export)["imported"] == 0  # a re-import adds nothing
+    assert store.import_labelstudio(export, reviewer="dr_a")["imported"] == 0  # a re-import adds nothing
 
     bad_code = json.loads(json.dumps(export))
     bad_code[0]["annotations"][0]["id"] = 5555
     bad_code[0]["annotations"][0]["result"][0]["value"]["choices"] = ["Melanoma"]
     with pytest.raises(DermaidError, match=r"task 0 \(id 100\), annotation 0: code: 'Melanoma' is not a review code"):
-        store.import_labelstudio(bad_code)
+        store.import_labelstudio(bad_code, reviewer="dr_a")
     unknown = json.loads(json.dumps(export))
     unknown[0]["data"]["upload_id"] = str(uuid.uuid4())
     unknown[0]["annotations"][0]["id"] = 6666
     with pytest.raises(UnknownUpload, match="nothing was imported"):
-        store.import_labelstudio(unknown)
+        store.import_labelstudio(unknown, reviewer="dr_a")
     tricky = [{"id": 1, "data": {"upload_id": "../../uploads.db"}, "annotations": []}]
     with pytest.raises(DermaidError, match="task 0 .*not an upload id"):
-        store.import_labelstudio(tricky)
+        store.import_labelstudio(tricky, reviewer="dr_a")
     with pytest.raises(DermaidError, match="not JSON"):
-        store.import_labelstudio(b"{not json")
+        store.import_labelstudio(b"{not json", reviewer="dr_a")
     assert len(store.history(pending)) == 2  # the refused imports wrote nothing
 
+
+
+def _forged_export(upload: str, annotations: list[tuple[int, object, str, str]], task_id: int = 900) -> list[dict]:
+    """One task whose annotations (id, completed_by, code, created_at) claim whatever the file's author chose."""
+    return [{"id": task_id, "data": {"upload_id": upload}, "annotations": [
+        {"id": annotation_id, "completed_by": user, "created_at": created,
+         "result": [{"from_name": "diagnosis", "to_name": "image", "type": "choices", "value": {"choices": [code]}}]}
+        for annotation_id, user, code, created in annotations]}]
+
+
+def test_labelstudio_import_cannot_invent_reviewers(store):
+    """Five invented Label Studio users voting MEL are one reviewer's labels: the importer's, one vote."""
+    upload = _upload(store, "NV", 0.5, seed=1)
+    store.add(upload, "dr_b", "NV")
+    forged = _forged_export(upload, [(i, {"id": i, "email": f"invented{i}@example.org"}, "MEL", "2026-01-02T10:00:00Z")
+                                     for i in range(1, 6)])
+    summary = store.import_labelstudio(forged, reviewer="dr_a")
+    assert (summary["imported"], summary["reviewer"], summary["labelstudio_users"]) == (5, "dr_a", 5)
+    assert {(h["reviewer"], h["imported_by"]) for h in store.history(upload) if h["source"] == "labelstudio"} == {
+        ("dr_a", "dr_a")}
+    agreement = store.agreement(upload)
+    assert agreement["reviewers"] == 2 and agreement["consensus"] is None  # dr_a MEL vs dr_b NV: a tie, no majority
+
+
+def test_labelstudio_import_cannot_vote_in_another_reviewers_name(store):
+    """completed_by naming a real reviewer changes nothing of theirs: the label is the importer's."""
+    upload = _upload(store, "NV", 0.5, seed=1)
+    store.add(upload, "dr_b", "NV")
+    forged = _forged_export(upload, [(1, "dr_b", "MEL", "2026-01-02T10:00:00Z"),
+                                     (2, {"id": 4, "email": "dr_b"}, "MEL", "2026-01-02T10:00:01Z")])
+    store.import_labelstudio(forged, reviewer="dr_a")
+    votes = {h["reviewer"]: h["code"] for h in store.history(upload)}  # the newest label per reviewer wins
+    assert votes == {"dr_b": "NV", "dr_a": "MEL"}
+    assert [h["code"] for h in store.history(upload) if h["reviewer"] == "dr_b"] == ["NV"]
+
+
+def test_labelstudio_import_cannot_date_a_vote_in_the_future(store):
+    """A label dated 2999 would stay the importer's newest vote forever: it is stored at the import's time, so
+    the reviewer's later web label still counts."""
+    import datetime as dt
+
+    upload = _upload(store, "NV", 0.5, seed=1)
+    before = dt.datetime.now(dt.timezone.utc)
+    store.import_labelstudio(_forged_export(upload, [(1, 7, "MEL", "2999-01-01T00:00:00Z")]), reviewer="dr_a")
+    after = dt.datetime.now(dt.timezone.utc)
+    (imported,) = store.history(upload)
+    assert before <= dt.datetime.fromisoformat(imported["created"]) <= after
+    store.add(upload, "dr_a", "NV")  # changes their mind later, on the review page
+    assert store.agreement(upload)["consensus"] == "NV"
+
+
+def test_labelstudio_import_ids_claimed_by_another_importer_skip_nothing(store):
+    """One token holder imports a file with the task and annotation ids of a genuine export first: the genuine
+    import by another reviewer still stores every annotation; the same reviewer's re-import adds nothing."""
+    upload = _upload(store, "NV", 0.5, seed=1)
+    genuine = _forged_export(upload, [(1, 7, "BCC", "2026-01-02T10:00:00Z"), (2, 7, "BCC", "2026-01-02T10:05:00Z")])
+    squatter = _forged_export(upload, [(1, 9, "NONE", "2026-01-02T09:00:00Z"), (2, 9, "NONE", "2026-01-02T09:00:00Z")])
+    assert store.import_labelstudio(squatter, reviewer="dr_b")["imported"] == 2
+    summary = store.import_labelstudio(genuine, reviewer="dr_a")
+    assert (summary["imported"], summary["already_imported"]) == (2, 0)
+    assert store.import_labelstudio(genuine, reviewer="dr_a")["imported"] == 0
+    ids = [h["external_id"] for h in store.history(upload)]
+    assert len(set(ids)) == 4 and all(i.startswith(("labelstudio:dr_a:", "labelstudio:dr_b:")) for i in ids)
+    assert {h["reviewer"]: h["code"] for h in store.history(upload)} == {"dr_b": "NONE", "dr_a": "BCC"}
+    long_ids = _forged_export(upload, [("a" * 150, 7, "BCC", "2026-01-02T10:00:00Z")], task_id="t" * 150)
+    assert store.import_labelstudio(long_ids, reviewer="dr_a")["imported"] == 1  # hashed into the 160-char column
+    assert store.import_labelstudio(long_ids, reviewer="dr_a")["imported"] == 0
+    with pytest.raises(DermaidError, match="reviewer"):
+        store.import_labelstudio(genuine, reviewer="")
 
 def test_export_writes_the_isic_layout_the_reader_takes(store, tmp_path):
     from dermaid.data.isic import read_records

@@ -39,9 +39,11 @@ def server(ray_session, tiny_checkpoint, tmp_path_factory):
     cfg = compose("serve", [
         f"checkpoint={tiny_checkpoint}", f"port={free_port()}", "app_name=dermaid-test", "blocking=false",
         f"max_upload_mb={MAX_UPLOAD_MB}", f"storage.url={storage}",
+        "storage.uploads_per_client_per_hour=10000",  # the module stores ~60 uploads from 127.0.0.1 (limit: its own test)
         "classifier.num_cpus=0.5", "classifier.torch_threads=1",       # a fraction of the session's 2 CPUs
         "explainer.num_cpus=0.25", "explainer.torch_threads=1", "explainer.concurrency=2",
         "ingress.num_cpus=0.1", f"ingress.grpc_max_upload_mb={GRPC_MAX_UPLOAD_MB}",
+        "ingress.docs=true",  # Swagger UI, as in development (off by default: tests/test_web.py)
     ])
     base = start(cfg)
     deadline = time.time() + 120
@@ -461,7 +463,7 @@ def test_an_onnx_variant_classifies_and_gets_grad_cam_from_its_float_source(serv
     serve.run(build_app(args), name="dermaid-onnx", route_prefix="/onnx")
     try:
         card = requests.get(f"{base}/onnx/v1/model", timeout=30).json()["card"]
-        assert card["kind"] == "onnx" and card["compression"]["source"] == tiny_checkpoint
+        assert card["kind"] == "onnx" and "compression" not in card  # its source path: /v1/review/model only
         images = _valid_images()
         for kind in ("jpeg", "png", "rgba"):
             data, size = images[kind]
@@ -512,7 +514,7 @@ def test_a_document_abstains_with_the_retake_message_a_familiar_lesion_is_answer
     card = load_card(checkpoint)
     model = requests.get(f"{base}/v1/model", timeout=30).json()
     assert model["ood"] == {key: card.ood[key] for key in ("method", "threshold", "refuse_share")}
-    assert model["triage"] == card.triage and model["card"]["ood"] == card.ood
+    assert model["triage"] == card.triage and "ood" not in model["card"]  # statistics etc.: /v1/review/model
 
     document = _document_jpeg()
     refused = _classify(base, document, age=40)
@@ -701,3 +703,221 @@ def test_demo_serve_step_refuses_a_document_with_a_calibrated_model(calibrated_c
     refused = next(line for line in out.splitlines() if "a photo of a document" in line)
     assert "abstain=True" in refused and "Retake" in refused, out
     assert state["serve_result"]["abstain"] in (True, False) and state["serve_result"]["ood_score"] is not None
+
+
+
+# --- what the public may store: rate limit per client, daily quota, duplicates (serve/quotas.py) ---------------
+
+LIMITED_PER_HOUR = 2
+LIMITED_QUOTA_MB = 0.1  # a few of these tests' uploads (photo + model input + record, ~15-20 KB each)
+
+
+@pytest.fixture()
+def limited_app(server, tiny_checkpoint, tmp_path):
+    """(base URL, storage) of a second app on the module's Serve with tight storage limits, behind a "proxy"
+    (127.0.0.1 is trusted, so X-Forwarded-For names the client); deleted after its test."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.args import AppArgs
+
+    base, _ = server
+    storage = str(tmp_path / "limited_uploads")
+    args = AppArgs.model_validate({
+        "checkpoint": tiny_checkpoint, "max_upload_mb": MAX_UPLOAD_MB,
+        "storage": {"url": storage, "uploads_per_client_per_hour": LIMITED_PER_HOUR,
+                    "daily_quota_mb": LIMITED_QUOTA_MB, "trusted_proxies": ["127.0.0.0/8", "::1"]},
+        "classifier": {"num_cpus": 0.1, "torch_threads": 1, "forward_lanes": 1},
+        "explainer": {"num_cpus": 0.05, "torch_threads": 1}, "ingress": {"num_cpus": 0.05},
+    })
+    serve.run(build_app(args), name="dermaid-limited", route_prefix="/limited")
+    yield f"{base}/limited", storage
+    serve.delete("dermaid-limited")
+
+
+def _from(client: str, base: str, data: bytes, **fields) -> requests.Response:
+    """A classify request as a proxy forwards it for `client` (the header our trusted 127.0.0.1 peer sets)."""
+    return requests.post(f"{base}/v1/classify", files={"image": ("lesion.jpg", data, "image/jpeg")},
+                         data={k: str(v) for k, v in fields.items()},
+                         headers={"X-Forwarded-For": f"198.51.100.250, {client}"}, timeout=60)
+
+
+def _refusal(response: requests.Response, reason: str) -> int:
+    """A 429 in the one JSON error shape, naming `reason`, with Retry-After: its seconds."""
+    assert response.status_code == 429, response.text
+    error = _error(response)
+    assert error["code"] == "too_many_requests" and error["reason"] == reason
+    assert "without consent" in error["message"]
+    assert int(response.headers["Retry-After"]) == error["retry_after_s"] >= 1
+    return error["retry_after_s"]
+
+
+def _lesion_jpeg(seed: int) -> bytes:
+    return _encode(Image.fromarray(_pixels(seed=seed)), "JPEG")
+
+
+def _wait_for_metric(name: str, labels: dict[str, str], accept, timeout_s: float = 60.0) -> list[float]:
+    """The values of Ray's Prometheus export series `ray_<name>` with these labels, once `accept(values)` holds
+    (replicas report every few seconds)."""
+    import re
+
+    import ray
+
+    url = f"http://127.0.0.1:{ray._private.worker.global_worker.node.metrics_export_port}/metrics"
+    pattern = re.compile(rf"^ray_{name}{{(.*)}} (\S+)$")
+    deadline, values = time.time() + timeout_s, []
+    while time.time() < deadline:
+        values = []
+        for line in requests.get(url, timeout=10).text.splitlines():
+            match = pattern.match(line)
+            if match and all(f'{key}="{value}"' in match.group(1) for key, value in labels.items()):
+                values.append(float(match.group(2)))
+        if accept(values):
+            return values
+        time.sleep(2)
+    raise AssertionError(f"ray_{name}{labels}: {values} after {timeout_s} s")
+
+
+def test_consented_uploads_are_limited_per_client_and_classification_is_not(limited_app):
+    from dermaid.uploads.store import UploadStore
+
+    base, storage = limited_app
+    stored = [_from("203.0.113.7", base, _lesion_jpeg(900 + i), consent="true") for i in range(LIMITED_PER_HOUR)]
+    assert [r.status_code for r in stored] == [200] * LIMITED_PER_HOUR and all(r.json()["stored"] for r in stored)
+    store = UploadStore(storage)
+    assert store.count() == LIMITED_PER_HOUR
+
+    retry = _refusal(_from("203.0.113.7", base, _lesion_jpeg(910), consent="true"), "rate_limit")
+    assert 3500 < retry <= 3600 and store.count() == LIMITED_PER_HOUR  # the moving hour's first upload ages out
+    assert _from("203.0.113.7", base, _lesion_jpeg(910)).status_code == 200  # without consent: classified
+    other = _from("203.0.113.8", base, _lesion_jpeg(911), consent="true")  # another client has its own limit
+    assert other.status_code == 200 and other.json()["stored"] is True and store.count() == LIMITED_PER_HOUR + 1
+
+    # the client the proxy names counts, not the first (client-written) entry of the header
+    forged = requests.post(f"{base}/v1/classify", files={"image": ("x.jpg", _lesion_jpeg(912), "image/jpeg")},
+                           data={"consent": "true"}, headers={"X-Forwarded-For": "203.0.113.99, 203.0.113.7"},
+                           timeout=60)
+    _refusal(forged, "rate_limit")
+    _wait_for_metric("dermaid_uploads_refused_total", {"application": "dermaid-limited", "reason": "rate_limit"},
+                     lambda values: sum(values) >= 2)
+
+
+def test_an_exact_duplicate_is_answered_with_the_first_upload_and_stored_once(limited_app):
+    from dermaid.uploads.store import UploadStore
+
+    base, storage = limited_app
+    photo = _lesion_jpeg(920)
+    first = _from("203.0.113.20", base, photo, age=40, consent="true").json()
+    again = _from("203.0.113.21", base, photo, age=70, sex="female", consent="true").json()
+    assert first["stored"] is again["stored"] is True and again["upload_id"] == first["upload_id"]
+    assert len(again["probabilities"]) == len(CLASS_CODES)  # classified as usual, with its own metadata
+    store = UploadStore(storage)
+    assert store.count() == 1 and store.get(first["upload_id"])["age"] == 40.0  # the first upload's metadata stay
+    assert len(list((Path(storage) / "blobs").iterdir())) == 1
+
+
+def test_the_daily_quota_refuses_storing_until_midnight_utc(limited_app):
+    from dermaid.uploads.store import UploadStore
+    from serve.quotas import seconds_to_midnight, today
+
+    base, storage = limited_app
+    quota = LIMITED_QUOTA_MB * 1024 * 1024
+    statuses = []
+    for i in range(40):  # one upload per client: only the quota can refuse
+        response = _from(f"203.0.113.{100 + i}", base, _lesion_jpeg(930 + i), consent="true")
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            break
+    assert statuses[-1] == 429 and set(statuses[:-1]) == {200} and len(statuses) > 2, statuses
+    retry = _refusal(response, "daily_quota")
+    assert abs(retry - seconds_to_midnight()) < 30
+    on_disk = sum(f.stat().st_size for f in (Path(storage) / "blobs").rglob("*") if f.is_file())
+    per_upload = on_disk / (len(statuses) - 1)
+    assert quota - 2 * per_upload < on_disk <= quota + per_upload  # stopped at the quota, not before
+    assert UploadStore(storage).stored_bytes(today()) == on_disk
+    _refusal(_from("203.0.113.250", base, _lesion_jpeg(960), consent="true"), "daily_quota")  # any client
+    _wait_for_metric("dermaid_uploads_stored_bytes_today", {"application": "dermaid-limited"},
+                     lambda values: on_disk in values)
+    _wait_for_metric("dermaid_uploads_refused_total", {"application": "dermaid-limited", "reason": "daily_quota"},
+                     lambda values: sum(values) >= 2)
+    assert _from("203.0.113.250", base, _lesion_jpeg(960)).status_code == 200  # classification goes on
+
+
+def test_the_client_address_is_the_peer_unless_a_trusted_proxy_names_it():
+    import ipaddress
+
+    from starlette.requests import Request
+
+    from serve.quotas import client_key
+
+    def request(peer: str, *forwarded: str) -> Request:
+        headers = [(b"x-forwarded-for", value.encode()) for value in forwarded]
+        return Request({"type": "http", "method": "POST", "path": "/", "headers": headers, "client": (peer, 5000)})
+
+    trusted = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")]
+    assert client_key(request("203.0.113.7", "198.51.100.1"), trusted) == "203.0.113.7"  # untrusted peer: header ignored
+    assert client_key(request("203.0.113.7", "198.51.100.1"), []) == "203.0.113.7"
+    assert client_key(request("10.1.2.3", "198.51.100.1, 203.0.113.9"), trusted) == "203.0.113.9"
+    assert client_key(request("10.1.2.3", "198.51.100.1, 203.0.113.9, 10.4.4.4"), trusted) == "203.0.113.9"
+    assert client_key(request("10.1.2.3", "198.51.100.1", "203.0.113.9"), trusted) == "203.0.113.9"  # two headers
+    assert client_key(request("10.1.2.3"), trusted) == "10.1.2.3"  # a proxy that names nobody
+    assert client_key(request("2001:db8:1:2:aaaa::1"), trusted) == "2001:db8:1:2::/64"  # one subscriber's block
+    assert client_key(request("2001:db8:1:2:bbbb::9"), trusted) == client_key(request("2001:db8:1:2::5"), trusted)
+    assert client_key(request("::ffff:203.0.113.7"), trusted) == "203.0.113.7"
+
+
+# --- what the public API says (issue #18): Swagger UI only when asked for, the card's public part --------------
+
+def test_swagger_ui_when_turned_on_and_the_public_model_card(server):
+    """ingress.docs=true (this module's app, as in development) serves FastAPI's Swagger page for this app's
+    schema (off by default: tests/test_web.py); /v1/model shows only the card's public part."""
+    base, _ = server
+    docs = requests.get(f"{base}/docs", timeout=10)
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    assert "url: '/openapi.json'" in docs.text and "swagger-ui" in docs.text
+    assert "/docs" not in requests.get(f"{base}/openapi.json", timeout=10).json()["paths"]
+    card = requests.get(f"{base}/v1/model", timeout=10).json()["card"]
+    assert card["architecture"] == "test_efficientnet" and card["input"]["input_size"] == [3, 64, 64]
+    assert "not a diagnosis" in card["intended_use"].lower()
+    assert not {"config", "code_version", "model", "artifact", "created", "dataset_version", "compression"} & set(card)
+
+
+# --- the cost of an image (issue #18 item 3) -------------------------------------------------------------------------
+
+def test_saliency_refuses_an_image_over_its_pixel_limit_that_classify_accepts(server):
+    """A valid 1-bit PNG of 36 MP is a few KB: under classify's max_pixels (50 MP), over saliency_max_pixels (25 MP),
+    whose overlay would be the costly part; saliency says so in a clear 413 before drawing anything."""
+    from serve.args import AppArgs
+
+    base, _ = server
+    side = 6000
+    limits = {name: AppArgs.model_fields[name].default for name in ("saliency_max_pixels", "max_pixels")}
+    assert limits["saliency_max_pixels"] < side * side < limits["max_pixels"]
+    data = _encode(Image.new("1", (side, side), 1), "PNG")
+    assert len(data) < 100_000
+    classified = _classify(base, data, "big.png", "image/png")
+    assert classified.status_code == 200, classified.text
+    assert len(classified.json()["probabilities"]) == len(CLASS_CODES)
+    response = requests.post(f"{base}/v1/saliency", files={"image": ("big.png", data, "image/png")},
+                             data={"format": "json"}, timeout=120)
+    assert response.status_code == 413, response.text
+    error = _error(response)
+    assert error["code"] == "image_too_large" and "limit is 25000000" in error["message"]
+
+
+def test_a_big_photos_overlay_comes_back_bounded_and_full_size_only_when_asked(server):
+    base, _ = server
+    data = _encode(Image.fromarray(_pixels(3000, 2000, seed=8)), "JPEG", quality=80)  # 6 MP, well under 1 MB
+    files = {"image": ("big.jpg", data, "image/jpeg")}
+    bounded = requests.post(f"{base}/v1/saliency", files=files, data={"format": "json"}, timeout=120).json()
+    assert (bounded["width"], bounded["height"]) == (2048, 1365)  # overlay_max_side on the long side, aspect kept
+    assert Image.open(io.BytesIO(base64.b64decode(bounded["overlay_png_base64"]))).size == (2048, 1365)
+    png = requests.post(f"{base}/v1/saliency", files=files, timeout=120)
+    assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (2048, 1365)
+    full = requests.post(f"{base}/v1/saliency", files=files, data={"format": "json", "full_size": "true"},
+                         timeout=120).json()
+    assert (full["width"], full["height"]) == (3000, 2000)
+    assert Image.open(io.BytesIO(base64.b64decode(full["overlay_png_base64"]))).size == (3000, 2000)
+    assert full["target"] == bounded["target"]
+    assert full["probability"] == pytest.approx(bounded["probability"], abs=1e-9)
+    assert len(full["overlay_png_base64"]) > 1.5 * len(bounded["overlay_png_base64"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import multiprocessing
@@ -76,8 +77,46 @@ def test_save_then_read_back(tmp_path):
 
 def test_ids_are_random_and_never_from_input(tmp_path):
     store = UploadStore(str(tmp_path / "up"))
-    ids = {_save(store, seed=1) for _ in range(3)}  # identical bytes and metadata
-    assert len(ids) == 3 and store.count() == 3
+    ids = [_save(store, seed=seed) for seed in range(3)]  # identical metadata
+    assert len(set(ids)) == 3 and store.count() == 3 and all(uuid.UUID(i).version == 4 for i in ids)
+    other = UploadStore(str(tmp_path / "elsewhere"))
+    assert _save(other, seed=0) not in ids  # the same bytes elsewhere: another random id
+
+
+def test_an_exact_duplicate_is_not_stored_again(tmp_path):
+    """The same bytes again (any metadata): the first upload's id, nothing written; other bytes are stored."""
+    store = UploadStore(str(tmp_path / "up"))
+    first = _save(store, seed=1)
+    again = _save(store, seed=1, age=30.0, sex="female", site="palms/soles", probabilities=PROBS[::-1])
+    assert again == first and store.count() == 1
+    assert len(list((tmp_path / "up" / "blobs").iterdir())) == 1
+    assert store.get(first)["age"] == 55.0 and store.get(first)["top_class"] == "MEL"  # the first one's stay
+    assert _save(store, seed=2) != first and store.count() == 2
+    assert store.find_duplicate(hashlib.sha256(_jpeg(1)).hexdigest()) == first
+    assert store.find_duplicate("0" * 64) is None
+
+
+def test_stored_bytes_counts_every_writers_blobs_since_a_time(tmp_path):
+    """The daily quota's figure: the blobs' sizes of the uploads since a time, including another writer's."""
+    import datetime as dt
+
+    url = str(tmp_path / "up")
+    store, other = UploadStore(url), UploadStore(url)
+    start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+
+    def on_disk() -> int:
+        return sum(f.stat().st_size for f in (tmp_path / "up" / "blobs").rglob("*") if f.is_file())
+
+    assert store.stored_bytes(start) == 0
+    _save(store, seed=1)
+    assert store.stored_bytes(start) == on_disk() > len(_jpeg(1))  # photo + model input + record
+    _save(other, seed=2)   # another replica's upload
+    _save(other, seed=2)   # a duplicate: nothing more
+    assert store.stored_bytes(start) == on_disk()
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)
+    assert store.stored_bytes(later) == 0  # a new day starts from nothing
+    next(iter((tmp_path / "up" / "blobs").glob("*/input.png"))).unlink()  # a blob removed by hand counts 0
+    assert UploadStore(url).stored_bytes(start) == on_disk()
 
 
 def test_without_consent_nothing_is_written(tmp_path):
@@ -91,7 +130,12 @@ def test_failed_insert_leaves_no_row_and_no_counted_blobs(tmp_path, monkeypatch)
     store = UploadStore(str(tmp_path / "up"))
     _save(store)
 
+    real = store._session
+
     class Broken:
+        def __call__(self):  # reads still work (the duplicate lookup before the blobs are written)
+            return real()
+
         def begin(self):
             raise RuntimeError("database went away")
 
@@ -144,17 +188,17 @@ def test_fifty_concurrent_writers_all_stored(tmp_path):
     assert store.find_orphans() == []
 
 
-def _write_many(args: tuple[str, int]) -> list[str]:
-    url, n = args
+def _write_many(args: tuple[str, int, int]) -> list[str]:
+    url, first, n = args
     store = UploadStore(url)
-    return [_save(store, seed=i) for i in range(n)]
+    return [_save(store, seed=i) for i in range(first, first + n)]
 
 
 def test_concurrent_processes_share_one_sqlite_file(tmp_path):
     url = str(tmp_path / "up")
     UploadStore(url)  # create the tables once
     with multiprocessing.get_context("fork").Pool(3) as pool:
-        ids = [i for chunk in pool.map(_write_many, [(url, 10)] * 3) for i in chunk]
+        ids = [i for chunk in pool.map(_write_many, [(url, 10 * k, 10) for k in range(3)]) for i in chunk]
     assert len(set(ids)) == 30 and UploadStore(url).count() == 30
 
 

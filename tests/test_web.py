@@ -8,12 +8,14 @@ land in the browser tests' tmp_path.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -41,16 +43,31 @@ PHONE = {"width": 390, "height": 844}  # an iPhone 12-14 sized viewport
 def test_tokens_are_stored_hashed_and_verified():
     token = create_token()
     stored = hash_token(token)
-    assert stored.startswith("sha256$") and token not in stored
-    slow = hash_token(token, "pbkdf2_sha256", iterations=2000)
-    assert slow.startswith("pbkdf2_sha256$2000$") and token not in slow
-    tokens = ReviewerTokens({"dr_a": stored, "dr_b": slow})
-    assert tokens.verify(token) == "dr_a"  # both hashes match the same token: the first reviewer wins
-    assert ReviewerTokens({"dr_b": slow}).verify(token) == "dr_b"
+    assert re.fullmatch(r"sha256\$[0-9a-f]{64}", stored) and token not in stored
+    other = create_token()
+    tokens = ReviewerTokens({"dr_a": stored, "dr_b": hash_token(other)})
+    assert tokens.verify(token) == "dr_a" and tokens.verify(other) == "dr_b"
     assert tokens.verify(token[:-1] + ("A" if token[-1] != "A" else "B")) is None
     assert tokens.verify("") is None and tokens.verify("x" * 10_000) is None and tokens.verify(None) is None
     assert parse_bearer(f"Bearer {token}") == token and parse_bearer(f"bearer  {token} ") == token
     assert parse_bearer("Basic dXNlcjpwdw==") is None and parse_bearer("Bearer ") is None and parse_bearer(None) is None
+    # PBKDF2 made every wrong token cost 200k iterations per entry: such hashes are refused with the fix named
+    salt = "00" * 16
+    pbkdf2 = f"pbkdf2_sha256$200000${salt}${hashlib.pbkdf2_hmac('sha256', token.encode(), salt.encode(), 1000).hex()}"
+    with pytest.raises(DermaidError, match=r"pbkdf2_sha256 hashes are no longer accepted.*python -m dermaid.auth new"):
+        ReviewerTokens({"dr_a": pbkdf2})
+    with pytest.raises(DermaidError, match="'dr_a' and 'dr_b' have the same token"):
+        ReviewerTokens({"dr_a": stored, "dr_b": stored})
+
+
+def test_a_wrong_token_costs_one_digest_whatever_the_number_of_reviewers():
+    """The old check hashed a wrong token against every entry (PBKDF2: ~0.2 s each here); now one digest + one
+    lookup: 20,000 wrong tokens against 2,000 reviewers take well under a second (~40 ms on this 2-core VM)."""
+    tokens = ReviewerTokens({f"dr_{i}": hash_token(create_token()) for i in range(2000)})
+    wrong = [create_token() for _ in range(20_000)]
+    start = time.perf_counter()
+    assert not any(tokens.verify(token) for token in wrong)
+    assert time.perf_counter() - start < 1.0
 
 
 def test_tokens_from_the_environment_are_hashed_and_bad_config_is_refused():
@@ -59,20 +76,41 @@ def test_tokens_from_the_environment_are_hashed_and_bad_config_is_refused():
                                           environ={"DERMAID_REVIEWER_TOKENS": f"dr_env:{token}"})
     assert tokens.verify(token) == "dr_env" and token not in json.dumps(tokens.hashes())
     assert set(hashes_from_env(f" dr_x:{token} , dr_y:{create_token()} ")) == {"dr_x", "dr_y"}
+    assert set(hashes_from_env(f"dr_hex:{'%064x' % int.from_bytes(os.urandom(32), 'big')}")) == {"dr_hex"}
     with pytest.raises(DermaidError, match="review.tokens.dr_a: not a token hash"):
         ReviewerTokens({"dr_a": token})  # a plain token in config is refused: config holds hashes only
-    with pytest.raises(DermaidError, match="at least 16 characters"):
-        hashes_from_env("dr_a:short")
-    bare = hashes_from_env(f"{token},{create_token()}")  # the cluster secret's form: tokens without names
-    assert len(bare) == 2 and all(re.fullmatch(r"reviewer-[0-9a-f]{8}", name) for name in bare)
-    assert ReviewerTokens(bare).verify(token) == f"reviewer-{hashlib.sha256(token.encode()).hexdigest()[:8]}"
-    with pytest.raises(DermaidError, match="not 'reviewer:token' or a token"):
+    with pytest.raises(DermaidError, match="at least 32 random characters.*python -m dermaid.auth new NAME"):
+        hashes_from_env("dr_a:short-but-not-32-chars")
+    for guessable in ("ab" * 24, "passwordpasswordpasswordpassword", os.urandom(16).hex()):  # 128-bit hex: ~115
+        with pytest.raises(DermaidError, match=r"dr_a.*looks guessable.*python -m dermaid.auth new NAME"):
+            hashes_from_env(f"dr_a:{guessable}")
+    # a bare token (no name) is refused: a name derived from the token would tell every reader of a label
+    # something about that token; labels need a name people recognise anyway
+    with pytest.raises(DermaidError, match="entry 2 is a token without a name; write it as 'name:token'"):
+        hashes_from_env(f"dr_a:{token},{create_token()}")
+    with pytest.raises(DermaidError, match="not 'name:token'"):
         hashes_from_env(f":{token}")
     with pytest.raises(DermaidError, match="reviewer name"):
         ReviewerTokens({"dr a/../": hash_token(token)})
     with pytest.raises(DermaidError, match="also has a token"):
         ReviewerTokens.from_settings({"tokens": {"dr_a": hash_token(token)}},
                                      environ={"DERMAID_REVIEWER_TOKENS": f"dr_a:{token}"})
+
+
+def test_auth_command_makes_tokens_for_the_configuration_route(capsys, monkeypatch):
+    from dermaid.auth import main
+
+    assert main(["new", "dr_smith"]) == 0
+    out = capsys.readouterr().out
+    token = re.search(r"it is not stored\): (\S+)", out).group(1)
+    stored = re.search(r'dr_smith: "(sha256\$[0-9a-f]{64})"', out).group(1)
+    assert ReviewerTokens({"dr_smith": stored}).verify(token) == "dr_smith"
+    assert f"DERMAID_REVIEWER_TOKENS=dr_smith:{token}" in out and len(token) >= 43
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{token}\n"))
+    assert main(["hash"]) == 0 and capsys.readouterr().out.strip() == stored
+    monkeypatch.setattr("sys.stdin", io.StringIO("hunter2hunter2hunter2hunter2hunter2\n"))
+    assert main(["hash"]) == 2 and "looks guessable" in capsys.readouterr().err
+    assert main(["new", "bad name"]) == 2 and "reviewer name" in capsys.readouterr().err
 
 
 def test_pages_work_under_a_route_prefix():
@@ -131,7 +169,8 @@ def app(ray_session, toy_prepared, toy_raw, trained_run, tmp_path_factory):
     port = _serve_http_port()  # the port Serve really listens on (an already running Serve keeps its own)
     args = {
         "checkpoint": checkpoint,
-        "storage": {"url": storage},
+        # every upload comes from 127.0.0.1: a high rate limit (the limit has its own test in tests/test_serve.py)
+        "storage": {"url": storage, "uploads_per_client_per_hour": 10_000},
         "review": {"tokens": {name: hash_token(token) for name, token in TOKENS.items()}},
         "classifier": {"num_cpus": 0.25, "torch_threads": 1, "decode_threads": 1},
         "explainer": {"num_cpus": 0.25, "torch_threads": 1},
@@ -219,6 +258,30 @@ def test_review_needs_a_dermatologist_token(app):
                           headers={"Authorization": "Bearer " + TOKENS["dr_ana"][:-2]})
     assert wrong.status_code == 403
     assert requests.get(f"{base}/v1/review/me", headers=_auth("dr_ben"), timeout=10).json()["reviewer"] == "dr_ben"
+
+
+def test_database_tokens_work_and_are_refused_at_once(app):
+    """`dermaid reviewers add|revoke` on the running app's database: no redeploy, no delay either way."""
+    from dermaid.uploads.reviewers import ReviewerTokenStore
+
+    base = app["base"]
+    store = ReviewerTokenStore.open(app["storage"])  # the app's SQLite database (storage.url, no db_url)
+    try:
+        token = store.add("dr_live")
+        me = requests.get(f"{base}/v1/review/me", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert me.status_code == 200 and me.json()["reviewer"] == "dr_live", me.text
+        store.revoke("dr_live")
+        refused = requests.get(f"{base}/v1/review/me", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert _error(refused, 403) == "this token is not a dermatologist token"
+        again = store.add("dr_live")
+        assert requests.get(f"{base}/v1/review/me", headers={"Authorization": f"Bearer {again}"},
+                            timeout=10).json()["reviewer"] == "dr_live"
+        assert requests.get(f"{base}/v1/review/me", headers={"Authorization": f"Bearer {token}"},
+                            timeout=10).status_code == 403
+    finally:
+        with contextlib.suppress(DermaidError):  # already revoked when an assertion above failed after revoke
+            store.revoke("dr_live")
+        store.close()
 
 
 def test_queue_is_consented_unlabeled_most_uncertain_first(app):
@@ -317,18 +380,23 @@ def test_labelstudio_export_and_import_over_http(app):
     assert prediction["result"][0]["value"]["choices"] == [task["data"]["top_class"]]
     assert prediction["result"][0]["from_name"] == "diagnosis" and 0 < prediction["score"] <= 1
 
+    # the file claims dr_ben voted, in the year 2999: the label is the token holder's (dr_ana), dated now
     annotated = [{**task, "id": 41, "annotations": [
-        {"id": 77, "completed_by": {"id": 3, "email": "derm@clinic.example"}, "created_at": "2026-02-03T04:05:06Z",
+        {"id": 77, "completed_by": {"id": 3, "email": "dr_ben"}, "created_at": "2999-02-03T04:05:06Z",
          "result": [{"from_name": "diagnosis", "to_name": "image", "type": "choices", "value": {"choices": ["DF"]}},
                     {"from_name": "comment", "to_name": "image", "type": "textarea", "value": {"text": ["firm"]}}]}]}]
     imported = requests.post(f"{base}/v1/review/labelstudio/import", headers=_auth(), json=annotated, timeout=30)
-    assert imported.status_code == 200 and imported.json()["imported"] == 1
+    assert imported.status_code == 200 and imported.json()["imported"] == 1 and imported.json()["reviewer"] == "dr_ana"
     again = requests.post(f"{base}/v1/review/labelstudio/import", headers=_auth(), json=annotated, timeout=30)
     assert again.json() | {"tasks": None} == {"tasks": None, "imported": 0, "already_imported": 1,
-                                              "skipped_cancelled": 0, "skipped_without_diagnosis": 0}
+                                              "skipped_cancelled": 0, "skipped_without_diagnosis": 0,
+                                              "reviewer": "dr_ana", "labelstudio_users": 1}
     labels = requests.get(f"{base}/v1/review/uploads/{upload}/labels", headers=_auth(), timeout=10).json()["labels"]
-    assert [(h["reviewer"], h["code"], h["comment"], h["source"]) for h in labels] == [
-        ("derm@clinic.example", "DF", "firm", "labelstudio")]
+    assert [(h["reviewer"], h["imported_by"], h["code"], h["comment"], h["source"]) for h in labels] == [
+        ("dr_ana", "dr_ana", "DF", "firm", "labelstudio")]
+    assert labels[0]["created"] < "2999" and labels[0]["external_id"].startswith("labelstudio:dr_ana:")
+    by_ben = requests.post(f"{base}/v1/review/labelstudio/import", headers=_auth("dr_ben"), json=annotated, timeout=30)
+    assert by_ben.json()["imported"] == 1  # dr_ana's import claims no ids in dr_ben's name
     annotated[0]["annotations"][0]["result"][0]["value"]["choices"] = ["Dermatofibroma"]
     annotated[0]["annotations"][0]["id"] = 78
     assert "is not a review code" in _error(requests.post(f"{base}/v1/review/labelstudio/import", headers=_auth(),
@@ -380,9 +448,15 @@ def test_browser_consumer_page_then_review_page(app, browser, tmp_path):
     expect(page.locator("#error")).to_be_hidden()
     expect(page.locator("#triage")).to_contain_text("Most likely:")
     expect(page.locator("#overlay")).to_have_attribute("src", re.compile(r"^blob:"), timeout=60_000)
-    overlay_width = page.locator("#overlay").evaluate("img => img.decode().then(() => img.naturalWidth)")
-    photo_width = Image.open(toy["path"]).width
-    assert overlay_width == photo_width  # the overlay is at the photo's size, beside it
+    overlay = page.locator("#overlay").evaluate("img => img.decode().then(() => [img.naturalWidth, img.naturalHeight])")
+    photo = Image.open(toy["path"]).size
+    from serve.args import AppArgs
+    # the overlay is the photo scaled to at most overlay_max_side on its long side (aspect kept, to a pixel) ...
+    assert max(overlay) == min(max(photo), AppArgs.model_fields["overlay_max_side"].default)
+    assert abs(overlay[0] * photo[1] - overlay[1] * photo[0]) <= max(photo)
+    # ... and the page shows it over the same area as the photo, whatever its pixel size
+    box = "img => { const r = img.getBoundingClientRect(); return [r.width, r.height]; }"
+    assert page.locator("#overlay").evaluate(box) == page.locator("#photo").evaluate(box)
     top_name = page.locator("#triage strong").text_content().removeprefix("Most likely: ").rsplit(" (", 1)[0]
     expect(page.locator("#overlay-caption")).to_have_text(f"Where the model looked for “{top_name}”")
     widths = page.locator("#bars .fill").evaluate_all("fills => fills.map(f => f.getBoundingClientRect().width)")
@@ -572,3 +646,136 @@ def test_loop_classify_label_export_prepare_finetune(app, tmp_path):
     new = records[records["source"] == "labels"]
     assert sorted(new["label"]) == sorted(expected.values())
     assert Path(result["last_checkpoint"], "model.pt").exists()
+
+
+# --- issue #18: the token before the body, less in public, small holes ------------------------------------------
+
+def _raw_post(base: str, path: str, headers: dict[str, str], chunks: list[bytes] = ()) -> tuple[int, dict]:
+    """POST over a raw socket: the headers, then only `chunks` (possibly far less than Content-Length says);
+    (status, JSON body). A server that waited for the declared body would make this time out."""
+    port = int(base.rsplit(":", 1)[1])
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"{head}\r\n".encode())
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for chunk in chunks:
+                sock.sendall(chunk)
+        response = b""
+        while not (b"\r\n\r\n" in response and response.rstrip().endswith(b"}")):
+            part = sock.recv(65536)
+            if not part:
+                break
+            response += part
+    status_line, _, body = response.partition(b"\r\n\r\n")
+    return int(status_line.split(b" ", 2)[1]), json.loads(body)
+
+
+def test_review_checks_the_token_before_reading_a_body(app):
+    """The POST routes used to parse up to 20 MiB of JSON before the token check (~0.55 GB of Ingress memory per
+    request: benchmarks/review_body_cost.py). A 16 MiB body declared but never sent now gets 401 / 403 at once:
+    nothing of it was read. A reviewer's body is capped per route (label 32 KiB, import 4 MiB)."""
+    base = app["base"]
+    upload = _classify(base, _jpeg(700))["upload_id"]
+    declared = {"Content-Type": "application/json", "Content-Length": str(16 * 1024 * 1024)}
+    for path in ("/v1/review/labelstudio/import", f"/v1/review/uploads/{upload}/labels"):
+        assert _raw_post(base, path, declared)[1]["error"]["code"] == "unauthorized"
+        status, body = _raw_post(base, path, {**declared, "Authorization": f"Bearer {create_token()}"})
+        assert (status, body["error"]["code"]) == (403, "forbidden")
+        status, body = _raw_post(base, path, {**declared, **_auth()})  # a reviewer, over the route's own limit
+        assert (status, body["error"]["code"]) == (413, "body_too_large")
+    block = b" " * 16384
+    status, body = _raw_post(base, f"/v1/review/uploads/{upload}/labels",  # streamed: no Content-Length to refuse
+                             {"Content-Type": "application/json", "Transfer-Encoding": "chunked", **_auth()},
+                             [b"%x\r\n%s\r\n" % (len(block), block)] * 8 + [b"0\r\n\r\n"])
+    assert status == 413 and "32 KiB" in body["error"]["message"]
+
+    json_type = {"Content-Type": "application/json"}
+    no_token = requests.post(f"{base}/v1/review/labelstudio/import", data=b"{not json", headers=json_type, timeout=10)
+    assert no_token.status_code == 401  # the token first (FastAPI's body parsing used to answer 422 here)
+    deep = requests.post(f"{base}/v1/review/labelstudio/import", data=b"[" * 200_000 + b"]" * 200_000,
+                         headers={**json_type, **_auth()}, timeout=30)
+    assert "nested too deeply" in _error(deep, 422)
+    assert "not JSON" in _error(requests.post(f"{base}/v1/review/uploads/{upload}/labels", data=b"{code: MEL",
+                                              headers={**json_type, **_auth()}, timeout=10), 422)
+    form = requests.post(f"{base}/v1/review/uploads/{upload}/labels", data={"code": "MEL"}, headers=_auth(), timeout=10)
+    assert "application/json" in _error(form, 415)
+    assert _label(base, upload, "MEL").status_code == 201  # an ordinary label still goes through
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_public_model_card_is_a_subset_and_the_whole_card_needs_a_token(app):
+    base = app["base"]
+    public = requests.get(f"{base}/v1/model", timeout=30)
+    assert "dermatologist token is required" in _error(requests.get(f"{base}/v1/review/model", timeout=10), 401)
+    full = requests.get(f"{base}/v1/review/model", headers=_auth(), timeout=30)
+    assert full.status_code == 200 and full.headers["cache-control"] == "no-store"
+    card, whole = public.json()["card"], full.json()["card"]
+    assert set(card) == {"format_version", "kind", "classes", "input", "metadata", "calibration", "architecture",
+                         "metrics", "intended_use"}
+    assert (card["classes"], card["input"], card["architecture"]) == (whole["classes"], whole["input"],
+                                                                     whole["model"]["name"])
+    assert card["metrics"]["val"] == whole["metrics"]["val"]
+    assert all(key == "val" or key.startswith("val/") for key in card["metrics"])
+    assert public.json()["model_version"] == full.json()["model_version"] and "not a diagnosis" in public.text
+    assert whole["config"] and whole["code_version"]
+    paths = {text for text in _strings(whole["config"]) if text.startswith("/")}  # the training run's own paths
+    assert paths and not [path for path in paths if path in public.text]
+
+
+def test_swagger_ui_is_off_unless_configured(app):
+    """FastAPI's /docs loads a CDN script on the review page's origin: off by default (ingress.docs)."""
+    base = app["base"]
+    assert "ingress.docs" in _error(requests.get(f"{base}/docs", timeout=10), 404)
+    assert requests.get(f"{base}/redoc", timeout=10).status_code == 404
+    assert "/v1/classify" in requests.get(f"{base}/openapi.json", timeout=10).json()["paths"]
+
+
+def test_review_small_holes_are_4xx_not_500(app):
+    base = app["base"]
+    upload = _classify(base, _jpeg(701))["upload_id"]
+    for path in ("/v1/review/queue", "/v1/review/labelstudio/tasks"):  # a 20-digit offset overflowed the database
+        huge = requests.get(f"{base}{path}", params={"offset": "9" * 20}, headers=_auth(), timeout=10)
+        assert "offset" in _error(huge, 422)
+    assert requests.get(f"{base}/v1/review/me", headers=_auth(), timeout=10).headers["cache-control"] == "no-store"
+    hex_id = upload.replace("-", "")
+    assert requests.get(f"{base}/v1/review/uploads/{hex_id}", headers=_auth(), timeout=10).status_code == 200
+    trailing = requests.get(f"{base}/v1/review/uploads/{hex_id}%0A", headers=_auth(), timeout=10)
+    assert "not an upload id" in _error(trailing, 400)  # `$` used to accept a trailing newline
+
+    task = {"id": 90, "data": {"upload_id": upload}, "annotations": [{
+        "id": 91, "created_at": "9999-12-31T23:00:00-05:00",  # past the last UTC datetime: overflowed (500)
+        "result": [{"from_name": "diagnosis", "to_name": "image", "type": "choices", "value": {"choices": ["NV"]}}]}]}
+    imported = requests.post(f"{base}/v1/review/labelstudio/import", headers=_auth(), json=[task], timeout=30)
+    assert "out of range" in _error(imported, 422)
+    storage = requests.get(f"{base}/v1/review/labelstudio/tasks", params={"images": "storage"}, headers=_auth(),
+                           timeout=30)
+    assert "use images=api" in _error(storage, 422) and app["storage"] not in storage.text  # local paths stay here
+
+
+def test_upload_ids_are_matched_whole_and_offsets_and_dates_are_bounded(tmp_path):
+    """In process: parse_upload_id, LabelStore.queue's offset, a Label Studio created_at out of range."""
+    from dermaid.uploads.labels import MAX_OFFSET, LabelStore
+    from dermaid.uploads.labelstudio import parse_labelstudio_export
+    from dermaid.uploads.validation import InvalidUploadId, parse_upload_id
+
+    good = uuid.uuid4()
+    assert parse_upload_id(good.hex) == parse_upload_id(str(good)) == str(good)
+    for bad in (good.hex + "\n", str(good) + "\n", "\n" + good.hex, good.hex + "\r"):
+        with pytest.raises(InvalidUploadId):
+            parse_upload_id(bad)
+    labels = LabelStore.open(str(tmp_path / "uploads"))
+    assert labels.queue(offset=MAX_OFFSET)["items"] == []
+    with pytest.raises(DermaidError, match="offset: at most"):
+        labels.queue(offset=10 ** 20)
+    for when in ("9999-12-31T23:00:00-05:00", "0001-01-01T00:00:00+01:00"):
+        task = {"data": {"upload_id": str(good)}, "annotations": [{"created_at": when, "result": [
+            {"from_name": "diagnosis", "type": "choices", "value": {"choices": ["NV"]}}]}]}
+        with pytest.raises(DermaidError, match="out of range"):
+            parse_labelstudio_export([task])

@@ -4,7 +4,7 @@
     probs = predictor.predict([(jpeg_bytes, 55, "male", "posterior torso")])   # (1, 8) numpy
     result = build_result(probs[0])             # sorted classes, top class, malignancy score, triage
     explainer = Explainer(predictor)            # Grad-CAM family; one model copy per concurrent call
-    saliency = explainer.explain(jpeg_bytes, method="gradcam")   # overlay PIL image at the input size
+    saliency = explainer.explain(jpeg_bytes, method="gradcam")   # overlay PIL image: the upload, long side <= overlay_max_side
 
 Modules, one idea each:
     loaders.py    artifact kind (card.kind) -> model function: float, onnx, torchscript, quantized

@@ -2,12 +2,14 @@
 
     image = decode_image(data, max_pixels)   # ImageDecodeError / ImageTooLargeError, never a crash
     image = decode_prepared(data, card.preparation, max_pixels)  # the same, after prepare's own process_image
+    image = decode_bounded(data, max_side, max_pixels)  # for people to see: long side <= max_side, JPEG draft
     check_aspect_ratio(image)                # ImageShapeError for a strip that cannot be a lesion photo
 """
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -59,6 +61,26 @@ def decode_prepared(data: bytes, preparation: dict[str, Any], max_pixels: int = 
     encoded, _, _ = _guarded(lambda: process_image(data, int(preparation["image_size"]),
                                                    int(preparation["quality"]), max_pixels))
     return decode_image(encoded, max_pixels)
+
+
+def decode_bounded(data: bytes, max_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The upload, upright RGB, scaled down (never up) so its longer side is at most max_side: what an overlay is
+    drawn on. A JPEG decodes at libjpeg's reduced scale (draft) whose longer side is still at least max_side, so a
+    50 MP photo never exists at full size here; other formats decode at full size first, then shrink."""
+    width, height = decoded_size(data, max_pixels)
+    draft = math.ceil(max_side * min(width, height) / max(width, height)) if max(width, height) > max_side else None
+    return fit_within(_guarded(lambda: open_image(data, max_pixels=max_pixels, draft_size=draft)), max_side)
+
+
+def fit_within(image: Image.Image, max_side: int) -> Image.Image:
+    """image scaled down (never up, aspect kept) so its longer side is at most max_side; bicubic, with PIL's
+    reducing_gap (a box reduction first, then the bicubic pass: fast for large factors)."""
+    width, height = image.size
+    if max(width, height) <= max_side:
+        return image
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
 
 
 def _guarded(decode: Callable[[], _T]) -> _T:

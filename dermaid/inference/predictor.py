@@ -35,7 +35,8 @@ from dermaid.classes import NUM_CLASSES
 from dermaid.data.images import DEFAULT_MAX_PIXELS
 from dermaid.data.transforms import create_eval_transform
 from dermaid.data.shards import PREPARATION_RULE
-from dermaid.inference.decoding import check_aspect_ratio, decode_image, decode_prepared, decoded_size
+from dermaid.inference.decoding import (check_aspect_ratio, decode_bounded, decode_image, decode_prepared, decoded_size,
+                                        fit_within)
 from dermaid.inference.loaders import create_model_fn
 from dermaid.inference.ood_scorer import OodScorer
 from dermaid.models.card import CheckpointError, load_card, model_version
@@ -48,18 +49,30 @@ class Prepared:
     """One decoded request image and what the model sees of it.
 
     With a card's `preparation` the model sees prepare's pixels (a smaller JPEG), but what people see stays the
-    upload: `image` (decoded on first use, for overlays), `upload_size` and `crop_box` are in upload pixels."""
+    upload: `image` (decoded on first use), `upload_size` and `crop_box` are in upload pixels; `display(max_side)`
+    is the upload at a bounded size (what overlays are drawn on) with the crop in its pixels."""
 
     model_input: Image.Image      # the resized centre crop (what the model sees), RGB
     tensor: torch.Tensor          # (3, H, W) normalised
     crop_box: tuple[float, float, float, float]  # the crop in upload pixels (left, top, right, bottom)
     upload_size: tuple[int, int]  # (width, height) of the upright upload
-    _decode_upload: Callable[[], Image.Image]
+    _decode_upload: Callable[[int | None], Image.Image]  # max_side (None: full size) -> the upload, upright RGB
 
     @cached_property
     def image(self) -> Image.Image:
-        """The upload, upright RGB at its own size (what overlays are drawn on)."""
-        return self._decode_upload()
+        """The upload, upright RGB at its own size."""
+        return self._decode_upload(None)
+
+    def display(self, max_side: int | None) -> tuple[Image.Image, tuple[float, float, float, float]]:
+        """The upload scaled down (never up) so its longer side is at most max_side (None: its own size; a JPEG
+        decoded at a reduced scale for it), and crop_box in that image's pixels."""
+        if max_side is None or max(self.upload_size) <= max_side:
+            image = self.image
+        else:
+            image = self._decode_upload(max_side)
+        sx, sy = image.width / self.upload_size[0], image.height / self.upload_size[1]
+        left, top, right, bottom = self.crop_box
+        return image, (left * sx, top * sy, right * sx, bottom * sy)
 
 
 @dataclass(frozen=True)
@@ -105,7 +118,8 @@ class Predictor:
             image = decode_image(data, self.max_pixels)
             check_aspect_ratio(image)
             crop = self._geometry(image)
-            return Prepared(crop, self._normalise(crop), _crop_box(image, self._geometry), image.size, lambda: image)
+            return Prepared(crop, self._normalise(crop), _crop_box(image, self._geometry), image.size,
+                            lambda max_side: image if max_side is None else fit_within(image, max_side))
         upload_size = decoded_size(data, self.max_pixels)
         image = decode_prepared(data, self.preparation, self.max_pixels)  # what evaluate reads from the shard
         check_aspect_ratio(image)
@@ -113,7 +127,13 @@ class Predictor:
         left, top, right, bottom = _crop_box(image, self._geometry)
         sx, sy = upload_size[0] / image.width, upload_size[1] / image.height  # prepared -> upload pixels
         return Prepared(crop, self._normalise(crop), (left * sx, top * sy, right * sx, bottom * sy), upload_size,
-                        lambda: decode_image(data, self.max_pixels))
+                        lambda max_side: self._decode_upload(data, max_side))
+
+    def _decode_upload(self, data: bytes, max_side: int | None) -> Image.Image:
+        """The upload for people to see: at its own size (None), else bounded (decode_bounded: JPEG draft)."""
+        if max_side is None:
+            return decode_image(data, self.max_pixels)
+        return decode_bounded(data, max_side, self.max_pixels)
 
     def preprocess(self, data: bytes) -> torch.Tensor:
         """bytes -> normalised model input (3, H, W): [process_image ->] open_image -> create_eval_transform."""

@@ -1,7 +1,8 @@
 """Grad-CAM family saliency for a float Predictor: which pixels drove a class score, as an overlay.
 
     explainer = Explainer(predictor)            # one model copy per concurrent call
-    saliency = explainer.explain(jpeg_bytes, method="gradcam")   # overlay PIL image at the input size
+    saliency = explainer.explain(jpeg_bytes, method="gradcam")   # overlay: the upload, long side <= OVERLAY_MAX_SIDE
+    saliency = explainer.explain(jpeg_bytes, full_size=True)      # overlay at the upload's own size
     png = saliency_png(saliency, predictor.version)              # with "decision support only" text chunks
 
 Saliency needs float weights (an nn.Module with gradients): for a compressed artifact, load its float
@@ -46,6 +47,11 @@ def _cam_classes() -> dict[str, type]:
         "gradcamelementwise": pgc.GradCAMElementWise,
     }
 
+
+# Longest side of an overlay unless full_size is asked for: a screen's width, whatever the upload's size. A 50 MP
+# upload's full-size overlay added ~0.9 GB to the Explainer and a ~20 MB PNG; at 2048 px, 35-250 MB (mostly the
+# decode: a JPEG drafts, a PNG cannot) and ~2-3 MB (benchmarks/image_cost.py, docs/benchmarks.md).
+OVERLAY_MAX_SIDE = 2048
 
 CAM_METHODS: tuple[str, ...] = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam",
                                 "eigengradcam", "gradcamelementwise")
@@ -139,7 +145,7 @@ class Saliency:
     probability: float           # its calibrated probability
     probabilities: list[float]   # all 8, CLASS_CODES order
     method: str
-    overlay: Image.Image         # RGB at the input image's size
+    overlay: Image.Image         # RGB: the upright upload, long side <= overlay_max_side unless full_size
     layer: str
 
 
@@ -164,10 +170,12 @@ class Explainer:
     A CAM object registers hooks and keeps activations and gradients of its call, and hooks on a shared
     module would see every concurrent forward. So each concurrent call takes its own model copy from a
     pool (`concurrency` copies) and builds a fresh CAM object on it; nothing per-call is shared.
+    Overlays are the upload scaled to at most `overlay_max_side` on its long side (full_size=True: its own size).
     """
 
-    def __init__(self, predictor: Predictor, concurrency: int = 1) -> None:
+    def __init__(self, predictor: Predictor, concurrency: int = 1, overlay_max_side: int = OVERLAY_MAX_SIDE) -> None:
         self.predictor = predictor
+        self.overlay_max_side = int(overlay_max_side)
         base = predictor.module
         self._pool: queue.Queue = queue.Queue()
         for i in range(max(1, int(concurrency))):
@@ -188,8 +196,9 @@ class Explainer:
         self.explain(buf.getvalue())
 
     def explain(self, data: bytes, age: Any = None, sex: Any = None, site: Any = None,
-                target: str | None = None, method: str = "gradcam") -> Saliency:
-        """bytes -> Saliency for `target` (default: the top class). Raises DermaidError for bad input."""
+                target: str | None = None, method: str = "gradcam", full_size: bool = False) -> Saliency:
+        """bytes -> Saliency for `target` (default: the top class), the overlay at most overlay_max_side on its long
+        side (full_size: at the upload's size). Raises DermaidError for bad input."""
         if method not in CAM_METHODS:
             raise DermaidError(f"method: unknown saliency method {method!r}; allowed: {list(CAM_METHODS)}")
         if target is not None and target not in CLASS_INDEX:
@@ -211,7 +220,8 @@ class Explainer:
             self._pool.put((model, cam_target))
         probs = probabilities_from_logits(logits, self.predictor.temperature)[0].tolist()
         index = CLASS_INDEX[target] if target is not None else int(np.argmax(probs))
-        overlay = create_overlay(prepared.image, heat, prepared.crop_box)
+        shown, crop_box = prepared.display(None if full_size else self.overlay_max_side)  # the crop in its pixels
+        overlay = create_overlay(shown, heat, crop_box)
         return Saliency(CLASS_CODES[index], float(probs[index]), probs, method, overlay, cam_target.name)
 
 
@@ -219,19 +229,22 @@ def create_overlay(image: Image.Image, heat: np.ndarray, crop_box: tuple[float, 
                    image_weight: float = 0.55) -> Image.Image:
     """Blend a heat map (h, w in [0, 1], over the model's crop) onto the full image; outside the crop, dimmed.
 
-    uint8 arithmetic throughout (about 3 bytes per pixel), so large inputs stay affordable.
+    uint8 arithmetic, in place where OpenCV allows (about 3 bytes per pixel per array, four arrays at the peak), so
+    a full-size overlay of a large upload stays affordable.
     """
     import cv2
 
-    rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
-    out = (rgb // 2).astype(np.uint8)        # the model did not see outside the crop: dimmed
+    rgb = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # (H, W, 3) uint8, a writable copy
     height, width = rgb.shape[:2]
     left, top, right, bottom = crop_box
     x0, y0 = max(0, int(round(left))), max(0, int(round(top)))
     x1, y1 = min(width, max(x0 + 1, int(round(right)))), min(height, max(y0 + 1, int(round(bottom))))
     heat_u8 = np.uint8(np.clip(np.nan_to_num(heat), 0.0, 1.0) * 255)  # (h, w)
     heat_u8 = cv2.resize(heat_u8, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
-    colour = cv2.cvtColor(cv2.applyColorMap(heat_u8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)  # (h', w', 3)
+    colour = cv2.applyColorMap(heat_u8, cv2.COLORMAP_JET)  # (h', w', 3) BGR
+    cv2.cvtColor(colour, cv2.COLOR_BGR2RGB, dst=colour)
     region = np.ascontiguousarray(rgb[y0:y1, x0:x1])
-    out[y0:y1, x0:x1] = cv2.addWeighted(region, image_weight, colour, 1.0 - image_weight, 0.0)
-    return Image.fromarray(out)
+    cv2.addWeighted(region, image_weight, colour, 1.0 - image_weight, 0.0, dst=colour)
+    rgb //= 2                                # the model did not see outside the crop: dimmed
+    rgb[y0:y1, x0:x1] = colour
+    return Image.fromarray(rgb)

@@ -13,6 +13,7 @@ forward_with_features(images, metadata) -> (features (B, D), logits (B, NUM_CLAS
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import timm
@@ -91,9 +92,14 @@ class LesionClassifier(nn.Module):
         """(features (B, D) as feature_layout says, logits (B, NUM_CLASSES) exactly as forward gives them)."""
         modules = [self.backbone.get_submodule(name) for name, _ in self.feature_levels]
         pooled: list[torch.Tensor | None] = [None] * len(modules)
+        # a module's hooks fire for every thread's forward through it: a serving replica runs forwards on two
+        # threads (serve/lanes.py) through one model, so each call keeps only its own thread's activations
+        owner = threading.get_ident()
 
         def keep(index: int):
             def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+                if threading.get_ident() != owner:
+                    return
                 flat = output.float().flatten(2)  # (B, C_l, H_l * W_l)
                 mean = flat.mean(dim=2)  # (B, C_l)
                 # population std from E[x^2] - E[x]^2: 5x faster than torch.std_mean on CPU, exact enough here

@@ -5,7 +5,7 @@
     labels.add(upload_id, reviewer="dr_a", code="MEL", comment="asymmetric, two colours")
     labels.history(upload_id); labels.agreement(upload_id)
     tasks = labels.labelstudio_tasks(image_url=lambda upload: f"https://host/v1/review/uploads/{upload['id']}/image")
-    labels.import_labelstudio(json.load(open("project-1-export.json")))
+    labels.import_labelstudio(json.load(open("project-1-export.json")), reviewer="dr_a")  # all as dr_a's
 
 Rules:
 - Labels are only inserted, never updated or deleted: every label keeps its reviewer and time. A reviewer who
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -35,13 +36,14 @@ from dermaid.classes import BY_CODE, CLASS_CODES
 from dermaid.errors import DermaidError
 from dermaid.uploads.agreement import compute_agreement
 from dermaid.uploads.db import Label, Upload
-from dermaid.uploads.labelstudio import labelstudio_task, parse_labelstudio_export
+from dermaid.uploads.labelstudio import EXTERNAL_ID_CHARS, labelstudio_task, parse_labelstudio_export
 from dermaid.uploads.store import UploadStore, require_database
 from dermaid.uploads.validation import (
     UnknownUpload, check_code, check_comment, check_reviewer, check_source, parse_upload_id,
 )
 
 MAX_PAGE = 200                 # queue page size cap (one page is what a reviewer works through)
+MAX_OFFSET = 1_000_000_000     # far past any queue; keeps OFFSET inside every database's integer (else a 500)
 
 _MEDIA_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
                 "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
@@ -165,6 +167,8 @@ class LabelStore:
         if not 1 <= int(labels_below) <= 100:
             raise DermaidError("labels_below: must be between 1 and 100")
         limit, offset = max(1, min(int(limit), MAX_PAGE)), max(0, int(offset))
+        if offset > MAX_OFFSET:
+            raise DermaidError(f"offset: at most {MAX_OFFSET}")
         counts = (select(Label.upload_id, func.count(distinct(Label.reviewer)).label("reviewers"))
                   .group_by(Label.upload_id).subquery())
         reviewers = func.coalesce(counts.c.reviewers, 0)
@@ -210,40 +214,52 @@ class LabelStore:
             rows = {row.id: row.to_dict() for row in session.scalars(select(Upload).where(Upload.id.in_(ids)))}
         return [labelstudio_task(rows[i], image_url(rows[i])) for i in ids]
 
-    def import_labelstudio(self, export: Any) -> dict[str, Any]:
-        """Store the annotations of a Label Studio JSON export as labels (source "labelstudio").
+    def import_labelstudio(self, export: Any, *, reviewer: str) -> dict[str, Any]:
+        """Store the annotations of a Label Studio JSON export as labels of `reviewer`, the importer (source
+        "labelstudio"; the review API passes the token's reviewer).
+
+        Nothing in the file decides who voted or when: every label is recorded under `reviewer` with
+        imported_by = `reviewer`, whatever user the file's completed_by names (one token holder could otherwise
+        invent reviewers, or vote in a colleague's name, and so decide the consensus that labels-export feeds
+        into fine-tuning); a created_at after now becomes now. Several annotations of one upload become several
+        labels of this reviewer, and the newest is their vote (dermaid.uploads.agreement).
+        External ids (Label Studio task + annotation) are scoped to the importer: ids claimed by another token
+        holder's import never make a genuine import skip annotations.
 
         All or nothing: a malformed export or an unknown upload raises before anything is written.
-        Annotations imported before (same Label Studio task and annotation id) are skipped, so
-        importing the same export twice adds nothing.
+        Annotations this reviewer imported before are skipped, so importing the same export twice adds nothing.
         """
+        reviewer = check_reviewer(reviewer)
         rows, skipped = parse_labelstudio_export(export)
         wanted = sorted({row["upload_id"] for row in rows})
+        now = _dt.datetime.now(_dt.timezone.utc)
         try:
             with self._session.begin() as session:
-                found = set(session.scalars(select(Upload.id).where(Upload.id.in_(wanted)))) if wanted else set()
-                missing = [i for i in wanted if i not in found]
+                versions = dict(session.execute(select(Upload.id, Upload.model_version)
+                                                .where(Upload.id.in_(wanted))).all()) if wanted else {}
+                missing = [i for i in wanted if i not in versions]
                 if missing:
                     raise UnknownUpload(f"Label Studio export: {len(missing)} task(s) name uploads that do not exist: "
                                         f"{', '.join(missing[:5])}; nothing was imported")
-                externals = [row["external_id"] for row in rows]
+                externals = [_scoped_external_id(reviewer, row["external_id"]) for row in rows]
                 known = set(session.scalars(select(Label.external_id).where(Label.external_id.in_(externals)))) \
                     if externals else set()
-                versions = dict(session.execute(select(Upload.id, Upload.model_version)
-                                                .where(Upload.id.in_(wanted))).all()) if wanted else {}
-                new = [row for row in rows if row["external_id"] not in known]
                 seen: set[str] = set()
-                for row in new:
-                    if row["external_id"] in seen:
+                for row, external in zip(rows, externals):
+                    if external in known or external in seen:
                         continue
-                    seen.add(row["external_id"])
-                    session.add(Label(**row, source="labelstudio", model_version=versions.get(row["upload_id"])))
+                    seen.add(external)
+                    session.add(Label(upload_id=row["upload_id"], reviewer=reviewer, code=row["code"],
+                                      comment=row["comment"], created=min(row["created"], now),
+                                      source="labelstudio", external_id=external,
+                                      model_version=versions[row["upload_id"]], imported_by=reviewer))
         except IntegrityError:
             raise DermaidError("Label Studio export: another import of the same annotations ran at the same "
                                "time; nothing was imported by this one, try again") from None
         return {"tasks": skipped["tasks"], "imported": len(seen),
                 "already_imported": len(rows) - len(seen), "skipped_cancelled": skipped["cancelled"],
-                "skipped_without_diagnosis": skipped["without_diagnosis"]}
+                "skipped_without_diagnosis": skipped["without_diagnosis"], "reviewer": reviewer,
+                "labelstudio_users": len({row["reviewer"] for row in rows})}
 
     # -- helpers --------------------------------------------------------------------------------------
 
@@ -252,3 +268,13 @@ class LabelStore:
         if upload is None or not upload["consent"]:
             raise UnknownUpload(f"upload {parse_upload_id(upload_id)}: no such upload")
         return upload
+
+
+def _scoped_external_id(importer: str, external: str) -> str:
+    """A Label Studio annotation's external id within the importer's own namespace (the column is unique: an
+    unscoped id pre-claimed by one token holder would make another's genuine import skip it)."""
+    scoped = f"labelstudio:{importer}:{external.removeprefix('labelstudio:')}"
+    if len(scoped) <= EXTERNAL_ID_CHARS:
+        return scoped
+    return f"labelstudio:{importer}:sha256:{hashlib.sha256(scoped.encode()).hexdigest()[:32]}"
+

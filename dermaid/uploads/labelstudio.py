@@ -74,7 +74,9 @@ def labelstudio_task(upload: dict[str, Any], image_url: str) -> dict[str, Any]:
 
 def parse_labelstudio_export(export: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """A Label Studio JSON export (list, bytes or text) -> label rows (not yet stored) and counts of what was
-    skipped (cancelled annotations, annotations without a diagnosis)."""
+    skipped (cancelled annotations, annotations without a diagnosis). A row's reviewer and created are what the
+    file claims (completed_by, created_at): unverified, so LabelStore.import_labelstudio records the importer
+    and clamps the time instead."""
     tasks = _load_tasks(export)
     rows: list[dict[str, Any]] = []
     skipped = {"tasks": len(tasks), "cancelled": 0, "without_diagnosis": 0}
@@ -174,7 +176,9 @@ def _parse_time(value: Any, where: str) -> _dt.datetime:
         return _dt.datetime.now(_dt.timezone.utc)
     try:
         parsed = _dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        # Stored in UTC: SQLite keeps the wall time only, so another offset would shift the history.
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=_dt.timezone.utc)).astimezone(_dt.timezone.utc)
     except ValueError:
         raise DermaidError(f"Label Studio export: {where}: created_at {str(value)[:40]!r} is not an ISO time") from None
-    # Stored in UTC: SQLite keeps the wall time only, so another offset would shift the history.
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=_dt.timezone.utc)).astimezone(_dt.timezone.utc)
+    except OverflowError:  # e.g. 9999-12-31T23:00-05:00 is past the last UTC datetime
+        raise DermaidError(f"Label Studio export: {where}: created_at {str(value)[:40]!r} is out of range") from None

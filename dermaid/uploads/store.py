@@ -10,6 +10,10 @@ Layout under the storage URL:
     blobs/<id>/input.png      what the model saw (resized centre crop, before normalisation)
     blobs/<id>/record.json    metadata + prediction (the row's content, readable without the database)
 
+An exact duplicate (the same bytes as a stored upload, by sha256) is not stored again: `save` returns the
+first upload's id, whose metadata and prediction stay. `stored_bytes(since)` sums the blobs of the uploads
+stored since a time (the daily quota of serve/quotas.py).
+
 Writes are atomic from a reader's point of view: the blobs are written first, then the row is inserted
 in one transaction. A crash in between leaves blobs without a row ("orphans"); they are never counted
 as uploads (everything counts rows) and `find_orphans` lists them for cleanup. A row never exists
@@ -21,6 +25,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import threading
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +46,9 @@ _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF":
 
 
 DATABASE_URL_ENV = "DERMAID_DATABASE_URL"  # the uploads database when storage.db_url is not given (a secret)
+# A row's `created` is set before its blobs are written, so a slow write commits after rows created later:
+# stored_bytes looks this far behind the newest row it has seen for rows committed since.
+COMMIT_LAG = _dt.timedelta(minutes=10)
 
 
 def database_url(storage_url: str, db_url: str | None = None) -> str:
@@ -77,17 +85,29 @@ class UploadStore:
         self.engine = create_db_engine(self.db_url)
         init_db(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self._usage_lock = threading.Lock()
+        self._usage: dict[str, int] = {}      # upload id -> bytes of its blobs, for uploads since _usage_since
+        self._usage_since: _dt.datetime | None = None
+        self._usage_newest: _dt.datetime | None = None
 
     def save(self, *, image: bytes, model_input_png: bytes, probabilities: Sequence[float], model_version: str,
              age: float | None = None, sex: str | None = None, site: str | None = None,
              width: int | None = None, height: int | None = None, malignancy_score: float | None = None,
              consent: bool = True, ood: dict[str, Any] | None = None) -> str:
         """Store one upload; returns its id. Only with consent: without it nothing is written.
-        ood: {"ood_score", "abstain"} of the prediction (None / missing without an OOD detector)."""
+        ood: {"ood_score", "abstain"} of the prediction (None / missing without an OOD detector).
+
+        The same bytes stored before are not stored again: the earlier upload's id comes back (its metadata
+        and prediction stay; reviewers see the photo once). Two identical uploads at the same instant may
+        both be stored (the sha256 index is not unique: a duplicate costs space, never a lost upload)."""
         if not consent:
             raise DermaidError("consent: uploads are stored only with the user's consent")
         if len(probabilities) != NUM_CLASSES:
             raise ValueError(f"expected {NUM_CLASSES} probabilities, got {len(probabilities)}")
+        digest = hashlib.sha256(image).hexdigest()
+        earlier = self.find_duplicate(digest)
+        if earlier is not None:
+            return earlier
         upload_id = str(uuid.uuid4())
         created = _dt.datetime.now(_dt.timezone.utc)
         image_format = sniff_format(image)
@@ -106,7 +126,7 @@ class UploadStore:
             probabilities=probs, top_class=top, malignancy_score=score, entropy=entropy(list(probs.values())),
             ood_score=_optional_float((ood or {}).get("ood_score")), abstain=_optional_bool((ood or {}).get("abstain")),
             blobs=blobs, image_format=image_format, width=width, height=height,
-            sha256=hashlib.sha256(image).hexdigest(), consent=True,
+            sha256=digest, consent=True,
         )
         record = row_to_record(row)
         # 1) blobs, 2) the row in one transaction: a row never points at missing blobs.
@@ -132,6 +152,31 @@ class UploadStore:
             row = session.get(Upload, str(upload_id))
             return row.to_dict() if row is not None else None
 
+    def find_duplicate(self, sha256: str) -> str | None:
+        """The id of the first stored upload with these bytes (their sha256), or None."""
+        with self._session() as session:
+            return session.scalar(select(Upload.id).where(Upload.sha256 == sha256, Upload.consent.is_(True))
+                                  .order_by(Upload.created, Upload.id).limit(1))
+
+    def stored_bytes(self, since: _dt.datetime) -> int:
+        """Bytes of the blobs (photo, model input, record) of the uploads stored since `since`, by any writer:
+        the rows come from the database, the sizes from the blob store. Each upload's size is read once and
+        remembered (blobs never change), so a call reads only the rows committed since the last one."""
+        since = _utc(since)
+        with self._usage_lock:
+            if self._usage_since != since:
+                self._usage, self._usage_since, self._usage_newest = {}, since, since
+            start = max(since, self._usage_newest - COMMIT_LAG)
+            with self._session() as session:
+                rows = session.execute(select(Upload.id, Upload.created, Upload.blobs)
+                                       .where(Upload.created >= start)).all()
+            new = [(upload_id, created, blobs) for upload_id, created, blobs in rows if upload_id not in self._usage]
+            sizes = self._blob_sizes([key for _, _, blobs in new for key in blobs.values()])
+            for upload_id, created, blobs in new:
+                self._usage[upload_id] = sum(sizes[key] for key in blobs.values())
+                self._usage_newest = max(self._usage_newest, _utc(created))
+            return sum(self._usage.values())
+
     def count(self) -> int:
         with self._session() as session:
             return int(session.scalar(select(func.count()).select_from(Upload)) or 0)
@@ -145,6 +190,25 @@ class UploadStore:
         with self._session() as session:
             known = set(session.scalars(select(Upload.id).where(Upload.id.in_(ids))).all()) if ids else set()
         return sorted(f"{BLOBS_DIR}/{i}" for i in ids - known)
+
+    def _blob_sizes(self, keys: list[str]) -> dict[str, int]:
+        """{key: bytes} of blobs, asked in one batch (gcsfs sends the requests concurrently: a replica's first
+        count reads a whole day's uploads); a missing blob counts 0 (removed by hand)."""
+        if not keys:
+            return {}
+        fs, _ = get_fs(self.storage_url)
+        paths = [get_fs(self.url(key))[1] for key in keys]
+        try:
+            return {key: int(size or 0) for key, size in zip(keys, fs.sizes(paths))}
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        sizes = {}
+        for key, path in zip(keys, paths):
+            try:
+                sizes[key] = int(fs.size(path) or 0)
+            except (FileNotFoundError, NotADirectoryError):
+                sizes[key] = 0
+        return sizes
 
     def _remove_prefix(self, prefix: str) -> None:
         try:
@@ -165,6 +229,11 @@ def row_to_record(row: Upload) -> dict[str, Any]:
         "entropy": record.pop("entropy"),
     }
     return record
+
+
+def _utc(value: _dt.datetime) -> _dt.datetime:
+    """In UTC; a naive time is UTC already (SQLite returns stored times without their zone)."""
+    return value.astimezone(_dt.timezone.utc) if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)
 
 
 def _optional_float(value: Any) -> float | None:

@@ -15,7 +15,8 @@ from typing import Any
 from dermaid.classes import NOT_A_LESION, REVIEW_CODES
 from dermaid.errors import DermaidError
 
-UPLOAD_ID_PATTERN = re.compile(r"^[0-9a-f]{8}-?[0-9a-f]{4}-?4[0-9a-f]{3}-?[89ab][0-9a-f]{3}-?[0-9a-f]{12}$")
+# matched with fullmatch: `$` with re.match would also accept an id followed by a newline
+UPLOAD_ID_PATTERN = re.compile(r"[0-9a-f]{8}-?[0-9a-f]{4}-?4[0-9a-f]{3}-?[89ab][0-9a-f]{3}-?[0-9a-f]{12}")
 MAX_COMMENT_CHARS = 2000       # a paragraph; longer text belongs in the clinical record, not a label
 MAX_REVIEWER_CHARS = 64        # the labels.reviewer column
 LABEL_SOURCES = ("web", "api", "labelstudio")
@@ -32,7 +33,7 @@ class UnknownUpload(DermaidError):
 def parse_upload_id(value: Any) -> str:
     """A client-supplied upload id -> the canonical uuid4 string (lowercase, dashed); InvalidUploadId otherwise."""
     text = value if isinstance(value, str) else ""
-    if len(text) > 36 or not UPLOAD_ID_PATTERN.match(text):
+    if len(text) > 36 or not UPLOAD_ID_PATTERN.fullmatch(text):
         shown = repr(value)[:60]
         raise InvalidUploadId(f"upload id {shown} is not an upload id (a uuid4: 32 lowercase hex digits, "
                               "optionally with dashes)")

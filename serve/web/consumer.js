@@ -87,7 +87,11 @@
     $("result").hidden = false;
   }
 
-  // target: the class the result shows (a compressed model's float explainer may rank classes differently)
+  // target: the class the result shows (a compressed model's float explainer may rank classes differently).
+  // The overlay is the photo scaled down to at most overlay_max_side px (2048) on its long side (body.width x
+  // body.height), not the photo's own size: the figure's CSS box (app.css `figure img`) shows it over the same area
+  // as the photo, so no full-size overlay is asked for (full_size stays off) and a 413 for a photo over the
+  // saliency pixel limit is shown in the caption, the result above it complete.
   async function loadOverlay(target) {
     const caption = $("overlay-caption"), overlay = $("overlay");
     caption.textContent = "Where the model looked (loading…)";
