@@ -57,6 +57,9 @@ class Upload(Base):
     height: Mapped[int | None] = mapped_column(Integer, nullable=True)
     sha256: Mapped[str] = mapped_column(String(64), index=True)              # of the raw bytes (duplicates)
     consent: Mapped[bool] = mapped_column(Boolean, default=True)
+    # digest of the consumer's secret lookup/deletion token (shown once at consent, never stored in the clear)
+    lookup_digest: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True, index=True)
+    exported: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # first labels-export
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +81,7 @@ class Upload(Base):
             "height": self.height,
             "sha256": self.sha256,
             "consent": self.consent,
+            "exported": self.exported.isoformat() if self.exported else None,   # (lookup_digest is never shown)
         }
 
 
@@ -135,6 +139,9 @@ class Label(Base):
     external_id: Mapped[str | None] = mapped_column(String(160), nullable=True, unique=True)  # Label Studio annotation
     model_version: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the prediction the reviewer saw
     imported_by: Mapped[str | None] = mapped_column(String(64), nullable=True)   # the token holder of an import
+    confidence: Mapped[str | None] = mapped_column(String(8), nullable=True)     # low | medium | high
+    advice: Mapped[str | None] = mapped_column(String(16), nullable=True)        # none | visit | biopsy
+    blinded: Mapped[bool | None] = mapped_column(Boolean, nullable=True)         # chosen before seeing the model
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,6 +155,9 @@ class Label(Base):
             "external_id": self.external_id,
             "model_version": self.model_version,
             "imported_by": self.imported_by,
+            "confidence": self.confidence,
+            "advice": self.advice,
+            "blinded": self.blinded,
         }
 
 
