@@ -205,9 +205,8 @@ def toy_run(toy_prepared, ray_session, tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
-    """A fresh PostgreSQL database for this session on $DERMAID_TEST_POSTGRES_URL's server (dropped at the end).
+def fresh_postgres_database(prefix: str = "dermaid_test"):
+    """A new empty database on $DERMAID_TEST_POSTGRES_URL's server, dropped after: a generator of its URL.
 
     Skips when the variable is unset (CI sets it: .ci/run starts PostgreSQL on loopback)."""
     import uuid
@@ -217,14 +216,28 @@ def postgres_url():
     server = os.environ.get("DERMAID_TEST_POSTGRES_URL")
     if not server:
         pytest.skip("DERMAID_TEST_POSTGRES_URL is not set (no PostgreSQL server for this run)")
-    name = f"dermaid_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh PostgreSQL database for this session (fresh_postgres_database); skips without a server."""
+    yield from fresh_postgres_database()
+
+
+@pytest.fixture()
+def fresh_postgres_url():
+    """A fresh PostgreSQL database for one test (fresh_postgres_database); skips without a server."""
+    yield from fresh_postgres_database("dermaid_fresh")
 
 
 @pytest.fixture(scope="session")

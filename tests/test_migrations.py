@@ -5,7 +5,6 @@ dermaid/uploads/db.py, one migrator at a time, and an out-of-date database is re
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import threading
 import uuid
 
@@ -29,17 +28,7 @@ def fresh_db_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/uploads.db"
         return
-    server = os.environ.get("DERMAID_TEST_POSTGRES_URL")
-    if not server:
-        pytest.skip("DERMAID_TEST_POSTGRES_URL is not set (no PostgreSQL server for this run)")
-    name = f"dermaid_migrate_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    yield request.getfixturevalue("fresh_postgres_url")
 
 
 def _pre_migration_metadata() -> sa.MetaData:
