@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "labels-export": ("dermaid.uploads.export", "run", "write reviewed uploads as an ISIC dataset"),
     "db": ("dermaid.uploads.schema", "run", "upgrade | current | history of the uploads database's schema"),
     "reviewers": ("dermaid.uploads.reviewers", "run", "add NAME | revoke NAME | list dermatologist tokens"),
+    "uploads": ("dermaid.uploads.purge", "run", "purge: delete unreviewed uploads older than storage.retention_days"),
     "report": ("dermaid.reporting.runner", "run", "execute a notebook report with papermill"),
     "pipeline": ("dermaid.pipeline", "run", "prepare -> train -> evaluate -> reports -> register"),
 }

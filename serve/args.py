@@ -118,6 +118,9 @@ class StorageArgs(BaseModel):
     # addresses or CIDR ranges (your TLS proxy or load balancer; a GKE Gateway: 35.191.0.0/16, 130.211.0.0/22);
     # then the client is its rightmost entry that is not one of them. Empty: the header is ignored.
     trusted_proxies: list[str] = Field(default_factory=list)
+    # Days an upload no dermatologist has labelled is kept; `dermaid uploads purge` (run it daily) deletes older
+    # ones. The consumer page states it in its privacy note (GET /v1/privacy). None: no automatic deletion.
+    retention_days: float | None = Field(None, gt=0)
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -141,6 +144,10 @@ class ReviewArgs(BaseModel):
                                                                      "(`python -m dermaid.auth new NAME`)")
     tokens_env: str = Field(TOKENS_ENV, description="environment variable with plain 'name:token,...' (names required; "
                                                     "random tokens only; hashed on load)")
+    # Blinded review: a reviewer sees the photo and its metadata, chooses (class, confidence, advice), and only
+    # then the model's answer, its saliency and the other reviewers' labels; Label Studio tasks carry no
+    # pre-annotation and the queue is not filtered by the model's class. false: everything shown at once.
+    blinded: bool = True
 
 
 class AppArgs(BaseModel):

@@ -9,6 +9,7 @@ Routes (OpenAPI at /openapi.json; Swagger UI at /docs only with ingress.docs: tr
     GET  /healthz       alive                 GET /readyz   model loaded
     GET  /, /review     the consumer page and the dermatologist review page (serve/review.py, serve/web/)
     /v1/review/...      the dermatologist review API, bearer tokens (serve/review.py)
+    GET, DELETE /v1/uploads/{ref}, GET /v1/privacy   a consumer's own upload with its lookup token (serve/uploads_api.py)
 
 Every answer carries ood_score and abstain (null / null for a checkpoint without OOD statistics): when the
 detector abstains there is no diagnosis and no triage, only dermaid.inference.RETAKE_MESSAGE, and the
@@ -43,6 +44,8 @@ from serve.schemas import (
     ERROR_RESPONSES, Age, ClassifyResponse, Consent, FullSize, ImageFile, Method, ModelResponse, SaliencyFormat,
     SaliencyResponse, Sex, Site, Target, only_fields,
 )
+from serve.uploads_api import NO_STORE, consent_fields, create_consumer_context
+from serve.uploads_api import router as uploads_router
 
 logger = logging.getLogger("ray.serve")
 
@@ -138,6 +141,7 @@ api = FastAPI(
 )
 add_error_handling(api, max_bytes=_replica_upload_limit)
 api.include_router(review_router)  # GET / and /review (pages), /v1/review/... (serve/review.py)
+api.include_router(uploads_router)  # /v1/uploads/{ref} (a consumer's lookup, deletion), /v1/privacy (serve/uploads_api.py)
 
 
 @serve.deployment(name="Ingress", **deployment_options(IngressArgs()))
@@ -163,6 +167,7 @@ class Ingress:
         self.store = UploadStore(storage_url, database_url(storage_url, settings["storage"]["db_url"]))
         self.guard = UploadGuard(settings["storage"], self.store)  # what the public may store (serve/quotas.py)
         self.review = create_review_context(self.store, settings["review"])  # used by serve/review.py
+        self.consumer = create_consumer_context(self.store, settings["storage"])  # used by serve/uploads_api.py
         self.docs = False  # ingress.docs, set by reconfigure (the deployment's user_config)
         self._info: dict[str, Any] | None = None
 
@@ -223,8 +228,10 @@ class Ingress:
         consent=true also stores the photo for dermatologist review, within what the public may store
         (serve/quotas.py): past the client's hourly limit or today's storage quota the whole request is refused
         with 429 and Retry-After before the model runs (the message says to try later or classify without
-        consent), so no answer shows a result its sender believes stored. The same bytes stored before are not
-        stored again: the answer names that earlier upload (stored true; its metadata stay)."""
+        consent), so no answer shows a result its sender believes stored. The photo is stored without its
+        metadata (EXIF, GPS, ...) and the answer carries its reference (upload_id) and a secret lookup_token, once:
+        GET / DELETE /v1/uploads/{upload_id} (serve/uploads_api.py). The same photo stored before is not stored
+        again: stored true, duplicate true, no reference and no token (the earlier upload's are not this sender's)."""
         data = await _read_image(image)
         if consent:
             self.guard.admit(request)
@@ -235,11 +242,12 @@ class Ingress:
         result = build_result(out["probabilities"], self.malignant_codes, self.triage,
                               operating_point=out["operating_point"], ood_score=out["ood_score"],
                               abstain=out["abstain"])
-        upload_id = None
+        saved = None
         if consent:
-            upload_id = await run_in_threadpool(self._store, data, out, age, sex, site, result["malignancy_score"])
-        return JSONResponse({"upload_id": upload_id, "stored": upload_id is not None,
-                             "model_version": out["model_version"], **_ood_fields(out), **result})
+            saved = await run_in_threadpool(self._store, data, out, age, sex, site, result["malignancy_score"])
+        return JSONResponse({**consent_fields(saved, consent),
+                             "model_version": out["model_version"], **_ood_fields(out), **result},
+                            headers=NO_STORE if consent else None)  # a lookup token is in no cache
 
     @api.post("/v1/saliency", responses={200: {"model": SaliencyResponse, "content": {"image/png": {}}},
                                          **ERROR_RESPONSES},
@@ -266,12 +274,13 @@ class Ingress:
         return await (self.classifier_grpc if small else self.classifier).classify.remote(
             data, age, sex, site, return_input)
 
-    def _store(self, data: bytes, out: dict, age: Any, sex: Any, site: Any, score: float | None) -> str | None:
+    def _store(self, data: bytes, out: dict, age: Any, sex: Any, site: Any, score: float | None) -> Any:
+        """The upload stored, its photo cleaned of metadata (UploadStore.save_with_token -> SavedUpload), or None."""
         try:
-            return self.store.save(image=data, model_input_png=out["input_png"], probabilities=out["probabilities"],
-                                   model_version=out["model_version"], age=age, sex=sex, site=site,
-                                   width=out["width"], height=out["height"], malignancy_score=score,
-                                   ood={"ood_score": out["ood_score"], "abstain": out["abstain"]})
+            return self.store.save_with_token(
+                image=data, model_input_png=out["input_png"], probabilities=out["probabilities"],
+                model_version=out["model_version"], age=age, sex=sex, site=site, malignancy_score=score,
+                ood={"ood_score": out["ood_score"], "abstain": out["abstain"]})
         except Exception:  # noqa: BLE001 - the prediction still goes back; nothing half-stored is counted
             logger.exception("storing a consented upload failed")
             return None

@@ -6,23 +6,30 @@
 
 Pages (plain HTML, CSS and JavaScript in serve/web/; no build step):
     GET /                 the consumer page: photo -> probabilities, saliency overlay, triage, disclaimer
-    GET /review           the dermatologist page: token -> queue -> image, prediction, saliency -> label
+    GET /review           the dermatologist page: token -> queue -> image -> label -> prediction, saliency, labels
     GET /web/{file}       their CSS and JavaScript
 Review API (header `Authorization: Bearer <dermatologist token>`: 401 without one, 403 for a wrong one):
     GET  /v1/review/me                               who the token belongs to
-    GET  /v1/review/queue?top_class=&labels_below=1&limit=&offset=   consented, unlabeled, most uncertain first
+    GET  /v1/review/queue?top_class=&labels_below=1&limit=&offset=   consented, unlabeled or tied, refused first
     GET  /v1/review/uploads/{id}                     metadata, prediction, label history, agreement
     GET  /v1/review/uploads/{id}/image?kind=image    the photo (kind=input: what the model saw, PNG)
     GET  /v1/review/uploads/{id}/labels              label history + agreement
-    POST /v1/review/uploads/{id}/labels              {"code": "MEL", "comment": "..."} -> 201
+    POST /v1/review/uploads/{id}/labels              {"code": "MEL", "comment": "...", "confidence": "high",
+                                                      "advice": "biopsy"} -> 201
     GET  /v1/review/labeled?min_agreement=0.6        labeled uploads with a consensus
+    GET  /v1/review/stats                            per reviewer counts, pairwise Cohen's kappa, Krippendorff's alpha
     GET  /v1/review/labelstudio/config               the Label Studio labeling config (XML)
-    GET  /v1/review/labelstudio/tasks                pending uploads as Label Studio tasks (prediction pre-annotated)
+    GET  /v1/review/labelstudio/tasks                pending uploads as Label Studio tasks (blinded: no pre-annotation)
     POST /v1/review/labelstudio/import               a Label Studio JSON export -> labels (idempotent)
     GET  /v1/review/model                            the whole model card (a route of the Ingress: serve/ingress.py)
 The token is checked before a request body is read: the POST routes take no Body() parameter (FastAPI would
 parse it before any dependency) and read their JSON with serve.errors.read_json, capped per route
 (LABEL_BODY_LIMIT, IMPORT_BODY_LIMIT: far below the upload limit).
+
+Blinded review (`review.blinded`, default true; dermaid.uploads.labels): until the token's reviewer has labelled an
+upload, its item and labels carry no prediction, labels or agreement (revealed: false), the queue shows no
+prediction (only model_refused) and is not filtered by class, /labeled leaves out uploads they have not labelled,
+and Label Studio tasks carry no pre-annotation. The page asks for the label first and reveals the rest after it.
 
 Errors are raised as HTTPException and rendered by the ingress in its one JSON shape
 ({"error": {"code", "message"}}). Reviewer names come from the token, never from a request body.
@@ -48,12 +55,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from dermaid.auth import ReviewerTokens, parse_bearer
 from dermaid.classes import AGE_RANGE, CLASS_CODES, DISCLAIMER, NOT_A_LESION, REVIEW_CODES, SEXES, SITES, class_table
 from dermaid.errors import DermaidError
-from dermaid.uploads.agreement import compute_agreement
 from dermaid.files import is_local
+from dermaid.uploads.agreement import ADVICE, CONFIDENCE_LEVELS
 from dermaid.uploads.labels import MAX_OFFSET, MAX_PAGE, LabelStore, public_upload
 from dermaid.uploads.labelstudio import LABELSTUDIO_CONFIG
 from dermaid.uploads.reviewers import ReviewerTokenStore
-from dermaid.uploads.validation import MAX_COMMENT_CHARS, InvalidUploadId, UnknownUpload, parse_upload_id
+from dermaid.uploads.validation import MAX_COMMENT_CHARS, InvalidUploadId, UnknownUpload
 from serve.args import MIB, ReviewArgs
 from serve.errors import read_json
 
@@ -79,7 +86,8 @@ def review_settings(args: ReviewArgs) -> dict[str, Any]:
     token fails here, before anything is deployed. Tokens in the uploads database (`dermaid reviewers add`)
     are read by the replicas per request (ReviewContext.reviewer).
     """
-    return {"tokens": ReviewerTokens.from_settings(args.model_dump()).hashes(), "tokens_env": args.tokens_env}
+    return {"tokens": ReviewerTokens.from_settings(args.model_dump()).hashes(), "tokens_env": args.tokens_env,
+            "blinded": args.blinded}
 
 
 @dataclass
@@ -97,9 +105,10 @@ class ReviewContext:
 
 
 def create_review_context(upload_store: Any, settings: dict[str, Any]) -> ReviewContext:
-    """Labels and reviewer tokens on the ingress' UploadStore (same database) + the token hashes of
-    `review_settings(...)`."""
-    return ReviewContext(LabelStore(upload_store), ReviewerTokens(settings["tokens"]),
+    """Labels and reviewer tokens on the ingress' UploadStore (same database) + the token hashes and the blinded
+    switch of `review_settings(...)` (blinded unless it says otherwise)."""
+    return ReviewContext(LabelStore(upload_store, blinded=settings.get("blinded", True)),
+                         ReviewerTokens(settings["tokens"]),
                          ReviewerTokenStore(upload_store.engine))
 
 
@@ -153,6 +162,10 @@ class LabelIn(BaseModel):
     code: str = Field(description=f"one of {', '.join(REVIEW_CODES)} ({NOT_A_LESION}: not a lesion / unusable)")
     comment: str | None = Field(None, description=f"optional, at most {MAX_COMMENT_CHARS} characters")
     source: Literal["web", "api"] = Field("api", description="web: the review page; api: any other client")
+    confidence: Literal[CONFIDENCE_LEVELS] | None = Field(  # type: ignore[valid-type]
+        None, description=f"the reviewer's confidence: {', '.join(CONFIDENCE_LEVELS)} (optional)")
+    advice: Literal[ADVICE] | None = Field(  # type: ignore[valid-type]
+        None, description=f"advised next step: {', '.join(ADVICE)} (none; an in-person visit; a biopsy; optional)")
 
 
 # --- pages ---------------------------------------------------------------------------------------------------
@@ -187,15 +200,19 @@ def queue(context: Context, reviewer: Reviewer, top_class: TopClass = None,
           labels_below: Annotated[int, Query(ge=1, le=100, description="fewer reviewers than this")] = 1,
           limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
           offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Response:
-    """Consented uploads with fewer than labels_below reviewers, none of them this one; highest entropy first."""
+    """Consented uploads with fewer than labels_below reviewers or whose reviewers tie, none labelled by this
+    one; the photos the model refused first, then ties, then highest entropy. Blinded: no prediction shown."""
     page = _call(context.labels.queue, top_class=top_class, reviewer=reviewer, labels_below=labels_below,
                  limit=limit, offset=offset)
-    return _json({**page, "order": "entropy of the calibrated probabilities, highest first", "disclaimer": DISCLAIMER})
+    return _json({**page, "blinded": context.labels.blinded,
+                  "order": "photos the model refused first, then ties (needs_tiebreak), then the entropy of the "
+                           "calibrated probabilities, highest first", "disclaimer": DISCLAIMER})
 
 
 @review_api.get("/uploads/{upload_id}")
-def upload_item(context: Context, upload_id: UploadId) -> Response:
-    return _json({**_call(context.labels.item, upload_id), "disclaimer": DISCLAIMER})
+def upload_item(context: Context, reviewer: Reviewer, upload_id: UploadId) -> Response:
+    """Metadata, prediction, labels and agreement; blinded: the prediction and labels after this reviewer's own."""
+    return _json({**_call(context.labels.item, upload_id, reviewer), "disclaimer": DISCLAIMER})
 
 
 @review_api.get("/uploads/{upload_id}/image", responses={200: {"content": {"image/*": {}}}})
@@ -208,9 +225,9 @@ def upload_image(context: Context, upload_id: UploadId,
 
 
 @review_api.get("/uploads/{upload_id}/labels")
-def upload_labels(context: Context, upload_id: UploadId) -> Response:
-    labels = _call(context.labels.history, upload_id)
-    return _json({"upload_id": parse_upload_id(upload_id), "labels": labels, "agreement": compute_agreement(labels)})
+def upload_labels(context: Context, reviewer: Reviewer, upload_id: UploadId) -> Response:
+    """Label history + agreement (blinded: null until this reviewer has labelled the upload)."""
+    return _json(_call(context.labels.labels_view, upload_id, reviewer))
 
 
 @review_api.post("/uploads/{upload_id}/labels", status_code=201,
@@ -220,20 +237,33 @@ async def add_label(request: Request, context: Context, reviewer: Reviewer, uplo
     body = _label_in(await read_json(request, LABEL_BODY_LIMIT))  # the token was checked before this read
 
     def add() -> dict[str, Any]:
-        label = _call(context.labels.add, upload_id, reviewer, body.code, body.comment, source=body.source)
+        label = _call(context.labels.add, upload_id, reviewer, body.code, body.comment, source=body.source,
+                      confidence=body.confidence, advice=body.advice)
         return {"label": label, "agreement": _call(context.labels.agreement, label["upload_id"])}
 
     return _json(await run_in_threadpool(add), status=201)
 
 
 @review_api.get("/labeled")
-def labeled(context: Context,
+def labeled(context: Context, reviewer: Reviewer,
             min_agreement: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
             min_reviewers: Annotated[int, Query(ge=1, le=100)] = 1) -> Response:
-    """Uploads with a consensus label that reach the thresholds (what `dermaid labels-export` would write)."""
+    """Uploads with a consensus label that reach the thresholds (what `dermaid labels-export` would write);
+    blinded: only those this reviewer has labelled (the others' consensus would show before they choose)."""
     items = _call(context.labels.labeled, min_agreement, min_reviewers)
-    rows = [{"upload": public_upload(item["upload"]), "agreement": item["agreement"]} for item in items]
-    return _json({"items": rows, "total": len(rows)})
+    shown = items
+    if context.labels.blinded:
+        mine = _call(context.labels.labeled_by, reviewer)
+        shown = [item for item in items if item["upload"]["id"] in mine]
+    rows = [{"upload": public_upload(item["upload"]), "agreement": item["agreement"]} for item in shown]
+    return _json({"items": rows, "total": len(rows), "withheld": len(items) - len(shown)})
+
+
+@review_api.get("/stats")
+def stats(context: Context) -> Response:
+    """Per reviewer counts (labels, uploads, blinded votes, confidence, advice), Cohen's kappa per pair of
+    reviewers, Krippendorff's alpha over all (reviewers per upload vary, which Fleiss' kappa cannot take), ties."""
+    return _json({**_call(context.labels.statistics), "blinded": context.labels.blinded, "disclaimer": DISCLAIMER})
 
 
 @review_api.get("/labelstudio/config", response_class=PlainTextResponse)
@@ -250,7 +280,8 @@ def labelstudio_tasks(request: Request, context: Context, top_class: TopClass = 
                           description="api: this server's image route (needs the token); storage: the blob URL "
                                       "(gs://..., for a Label Studio cloud storage source; remote storage "
                                       "only)")] = "api") -> Response:
-    """Pending uploads as Label Studio tasks JSON (import it in Label Studio), most uncertain first."""
+    """Pending uploads as Label Studio tasks JSON (import it in Label Studio), most uncertain first; the model's
+    class pre-annotated only when the review is not blinded."""
     base = str(request.base_url).rstrip("/")
     if images == "storage" and is_local(context.labels.uploads.storage_url):
         raise HTTPException(422, "images: storage names blob URLs, and this server keeps uploads on its own disk "
@@ -317,7 +348,8 @@ def _page_config() -> dict[str, Any]:
     """What the pages need from dermaid.classes (one definition: nothing is spelled twice in the HTML)."""
     return {"classes": class_table(), "review_codes": list(REVIEW_CODES), "not_a_lesion": NOT_A_LESION,
             "sexes": list(SEXES), "sites": list(SITES), "age_range": list(AGE_RANGE), "disclaimer": DISCLAIMER,
-            "max_comment_chars": MAX_COMMENT_CHARS}
+            "max_comment_chars": MAX_COMMENT_CHARS, "confidence_levels": list(CONFIDENCE_LEVELS),
+            "advice": list(ADVICE)}
 
 
 def _page(name: str, request: Request) -> HTMLResponse:

@@ -72,8 +72,14 @@ class AbstentionFields(BaseModel):
 
 
 class ClassifyResponse(AbstentionFields):
-    upload_id: str | None = Field(description="id of the stored upload (only with consent)")
+    upload_id: str | None = Field(description="the reference of the stored upload (only with consent; null for a "
+                                              "photo stored before, see duplicate)")
     stored: bool
+    lookup_token: str | None = Field(description="the secret key to this upload (only with consent, only in this "
+                                                 "answer, never again; the server keeps its digest): GET or DELETE "
+                                                 "/v1/uploads/{upload_id} with 'Authorization: Bearer <lookup_token>'")
+    duplicate: bool = Field(description="true: this exact photo was stored before with consent; it is not stored "
+                                        "again and no reference or key is given (whoever sent it first holds them)")
     model_version: str
     probabilities: list[ClassProbability] = Field(description="all 8 classes, most probable first")
     top: ClassProbability | None = Field(description="most probable class; null when the model abstained")
@@ -105,6 +111,54 @@ class ModelResponse(BaseModel):
     triage: dict[str, Any] | None = Field(description="the validation-chosen triage operating point (cutoff, "
                                                       "sensitivity, specificity, counts); null: fixed cut-offs")
     disclaimer: str
+
+
+class PrivacyResponse(BaseModel):
+    """GET /v1/privacy: the privacy note of the consumer page, from this server's settings."""
+
+    retention_days: float | None = Field(description="days an unreviewed upload is kept; null: until deleted")
+    stored: str
+    who_sees_it: str
+    how_long: str
+    how_to_delete: str
+    without_consent: str
+    disclaimer: str
+
+
+class ReviewedClass(BaseModel):
+    code: str
+    name: str
+    description: str
+
+
+STATE_REASON = ("not_reviewable: not_a_lesion (not a skin spot, or too poor to judge); waiting_for_review: tie "
+                "(the reviewers disagree so far; another opinion is asked)")
+
+
+class UploadStateResponse(BaseModel):
+    """GET /v1/uploads/{ref}: the consumer's view of their upload (serve/uploads_api.py)."""
+
+    reference: str
+    uploaded: str
+    state: Literal["waiting_for_review", "reviewed", "not_reviewable"]
+    message: str = Field(description="the state in plain words")
+    delete_after: str | None = Field(None, description="waiting_for_review: when the retention purge deletes it")
+    reviewers: int | None = Field(None, description="how many dermatologists labelled it")
+    agreement: float | None = Field(None, description="reviewed: the share of reviewers who chose `class`")
+    class_: ReviewedClass | None = Field(None, alias="class", description="reviewed: the most common diagnosis")
+    reason: Literal["not_a_lesion", "tie"] | None = Field(None, description=STATE_REASON)
+    disclaimer: str
+
+
+class UploadDeletedResponse(BaseModel):
+    """DELETE /v1/uploads/{ref}."""
+
+    deleted: bool
+    reference: str
+    labels_removed: int
+    exported: str | None = Field(description="when its review first went into a labels export (that dataset keeps "
+                                             "its copy; later exports leave it out); null: never")
+    message: str
 
 
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 429, 503)}

@@ -336,7 +336,8 @@ def test_export_writes_the_isic_layout_the_reader_takes(store, tmp_path):
     assert nv["label"] == "NV" and np.isnan(nv["age"]) and nv["sex"] is None and nv["site"] is None
     assert nv["image_url"].endswith(".jpg")  # WebP re-encoded: the ISIC reader takes JPEG and PNG
     assert Image.open(nv["image_url"]).size == (48, 36)
-    assert Path(mel["image_url"]).read_bytes() == _image("JPEG", 1)  # JPEG kept byte for byte
+    stored = store.uploads.read_blob(store.uploads.get(agreed)["blobs"]["image"])
+    assert Path(mel["image_url"]).read_bytes() == stored  # the stored JPEG exported byte for byte
     provenance = json.loads((Path(out) / EXPORT_MARKER).read_text())
     agreements = {i["upload_id"]: i["agreement"] for i in provenance["images"]}
     assert agreements == {agreed: 1.0, majority: pytest.approx(2 / 3)}
@@ -387,3 +388,156 @@ def test_labels_export_cli_reports_bad_input_in_one_line(tmp_path, dermaid_cli):
                          "min_agreement=2", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: storage: no uploads database at") and "Traceback" not in result.stderr
+
+
+# --- blinded review, confidence and advice, ties, agreement over reviewers (issue #13) ------------------------
+
+def _votes(store: LabelStore, table: dict[str, dict[str, str]]) -> dict[str, str]:
+    """{upload name: {reviewer: code}} -> uploads labelled so; returns {upload name: upload id}."""
+    ids = {}
+    for seed, (name, votes) in enumerate(table.items()):
+        ids[name] = _upload(store, "NV", 0.5, seed=seed)
+        for reviewer, code in votes.items():
+            store.add(ids[name], reviewer, code)
+    return ids
+
+
+def test_kappa_and_alpha_match_a_hand_computed_case(store):
+    """Six uploads, dr_a and dr_b on all, dr_c on the first two. By hand:
+    Cohen's kappa a-b: p_o = 4/6; a's marginals MEL 2 NV 3 BCC 1, b's MEL 1 NV 3 BCC 2 -> p_e = (2+9+2)/36 = 13/36;
+      kappa = (24/36 - 13/36) / (23/36) = 11/23.
+    b-c on u1, u2: b MEL NV, c MEL MEL: p_o = 1/2, p_e = 1/2 * 1 = 1/2 -> kappa 0. a-c: both MEL only: undefined.
+    Krippendorff's alpha (nominal), coincidences over pairable values: u1 (MEL x3) o_MM += 3; u2 (MEL, NV, MEL)
+      o_MM += 1, o_MN = o_NM += 1; u3, u4 (NV, NV) o_NN += 2 each; u5 (NV, BCC) o_NB = o_BN += 1; u6 o_BB += 2.
+      n = 14, n_MEL 5, n_NV 6, n_BCC 3; D_o = 4/14, D_e = (14^2 - 25 - 36 - 9) / (14 * 13) = 126/182;
+      alpha = 1 - (4/14) / (126/182) = 37/63."""
+    a = ["MEL", "MEL", "NV", "NV", "NV", "BCC"]
+    b = ["MEL", "NV", "NV", "NV", "BCC", "BCC"]
+    table = {f"u{i + 1}": {"dr_a": a[i], "dr_b": b[i]} for i in range(6)}
+    table["u1"]["dr_c"] = "MEL"
+    table["u2"]["dr_c"] = "MEL"
+    ids = _votes(store, table)
+    store.add(ids["u6"], "dr_a", "SCC")  # dr_a changes their mind ...
+    store.add(ids["u6"], "dr_a", "BCC")  # ... and back: only the newest label per reviewer counts
+
+    stats = store.statistics()
+    pairs = {tuple(pair["reviewers"]): pair for pair in stats["pairs"]}
+    assert pairs[("dr_a", "dr_b")]["shared"] == 6 and pairs[("dr_a", "dr_b")]["cohen_kappa"] == pytest.approx(11 / 23)
+    assert pairs[("dr_a", "dr_b")]["observed_agreement"] == pytest.approx(4 / 6)
+    assert pairs[("dr_b", "dr_c")]["cohen_kappa"] == pytest.approx(0.0)
+    assert pairs[("dr_a", "dr_c")]["shared"] == 2 and pairs[("dr_a", "dr_c")]["cohen_kappa"] is None
+    assert stats["overall"]["alpha"] == pytest.approx(37 / 63) and stats["overall"]["units"] == 6
+    assert "Krippendorff" in stats["overall"]["method"]
+    assert (stats["uploads"], stats["multi_reviewed"], stats["ties"]) == (6, 6, 1)  # u5 (NV : BCC); u2 is 2 MEL : 1 NV
+    assert stats["reviewers"]["dr_a"]["labels"] == 8 and stats["reviewers"]["dr_a"]["uploads"] == 6
+    assert stats["reviewers"]["dr_c"]["confidence"] == {"low": 0, "medium": 0, "high": 0, "not_given": 2}
+
+
+def test_agreement_statistics_on_too_little_data_are_none_not_errors(store):
+    assert store.statistics()["overall"]["alpha"] is None and store.statistics()["pairs"] == []
+    ids = _votes(store, {"u1": {"dr_a": "MEL", "dr_b": "MEL"}, "u2": {"dr_a": "NV"}})
+    stats = store.statistics()
+    assert stats["overall"] == {"method": stats["overall"]["method"], "alpha": None, "units": 1}  # one code only
+    assert stats["pairs"] == [{"reviewers": ["dr_a", "dr_b"], "shared": 1, "observed_agreement": 1.0,
+                               "cohen_kappa": None}]
+    store.add(ids["u2"], "dr_b", "MEL")
+    # u1 MEL MEL, u2 NV MEL: n = 4 (MEL 3, NV 1), D_o = 2/4, D_e = (16 - 9 - 1) / 12 = 1/2: alpha = 0
+    assert store.statistics()["overall"]["alpha"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ties_are_flagged_and_offered_to_a_further_reviewer(store):
+    """A tie (>= 2 votes, no single most common code) stays in the queue whatever labels_below says, after refused
+    photos and before the rest; not for the reviewers who voted; settled by the next vote."""
+    refused = _upload(store, "NV", 0.9, seed=1, ood={"ood_score": 9.0, "abstain": True})
+    plain = _upload(store, "MEL", 0.2, seed=2)   # the highest entropy
+    tied = _upload(store, "NV", 0.95, seed=3)    # the lowest entropy
+    agreed = _upload(store, "NV", 0.5, seed=4)
+    store.add(tied, "dr_a", "MEL")
+    store.add(tied, "dr_b", "NV")
+    for reviewer in ("dr_a", "dr_b"):
+        store.add(agreed, reviewer, "NV")
+
+    page = store.queue(reviewer="dr_c")  # labels_below=1: the tie still needs someone
+    assert [item["id"] for item in page["items"]] == [refused, tied, plain] and page["total"] == 3
+    assert [item["needs_tiebreak"] for item in page["items"]] == [False, True, False]
+    assert page["items"][1]["reviewers"] == 2
+    assert tied not in [item["id"] for item in store.queue(reviewer="dr_a", labels_below=5)["items"]]
+    assert store.item(tied, "dr_c")["needs_tiebreak"] is True
+
+    store.add(tied, "dr_a", "NV")   # dr_a changes their mind: 2 NV, no tie (SQL agrees with compute_agreement)
+    assert tied not in [item["id"] for item in store.queue(reviewer="dr_c")["items"]]
+    store.add(tied, "dr_a", "MEL")  # and back: a tie again
+    assert tied in [item["id"] for item in store.queue(reviewer="dr_c")["items"]]
+    store.add(tied, "dr_c", "NV")   # the third reviewer settles it
+    assert tied not in [item["id"] for item in store.queue(reviewer="dr_d")["items"]]
+    assert store.agreement(tied)["consensus"] == "NV"
+    store.add(tied, "dr_d", "BCC")  # 2 NV : 1 MEL : 1 BCC: a majority, still no tie
+    three_way = _upload(store, "NV", 0.5, seed=5)
+    for reviewer, code in [("dr_a", "MEL"), ("dr_b", "NV"), ("dr_c", "BCC")]:
+        store.add(three_way, reviewer, code)
+    assert [item["id"] for item in store.queue(reviewer="dr_d")["items"] if item["needs_tiebreak"]] == [three_way]
+
+
+def test_confidence_and_advice_are_stored_and_validated(store):
+    upload = _upload(store)
+    label = store.add(upload, "dr_a", "MEL", confidence="high", advice="biopsy")
+    assert (label["confidence"], label["advice"], label["blinded"]) == ("high", "biopsy", False)  # store not blinded
+    assert store.add(upload, "dr_b", "NV")["confidence"] is None  # optional
+    with pytest.raises(DermaidError, match="confidence: 'sure' is not one of low, medium, high"):
+        store.add(upload, "dr_a", "MEL", confidence="sure")
+    with pytest.raises(DermaidError, match="advice: 'excise' is not one of none, visit, biopsy"):
+        store.add(upload, "dr_a", "MEL", advice="excise")
+    assert len(store.history(upload)) == 2
+    stats = store.statistics()["reviewers"]["dr_a"]
+    assert stats["confidence"]["high"] == 1 and stats["advice"] == {"none": 0, "visit": 0, "biopsy": 1, "not_given": 0}
+
+
+def test_blinded_item_hides_the_prediction_and_labels_until_the_reviewer_labels(store):
+    blind = LabelStore(store.uploads, blinded=True)
+    refused = _upload(store, "BCC", 0.4, seed=1, ood={"ood_score": 8.0, "abstain": True})
+    upload = _upload(store, "MEL", 0.6, seed=2, age=70.0)
+    blind.add(upload, "dr_a", "MEL", "two colours")
+
+    before = blind.item(upload, "dr_b")
+    assert before["revealed"] is False and before["blinded"] is True
+    assert before["upload"]["prediction"] is None and before["labels"] is None and before["agreement"] is None
+    assert before["upload"]["metadata"]["age"] == 70.0 and before["reviewers"] == 1
+    assert "MEL" not in json.dumps(before) and "two colours" not in json.dumps(before)
+    assert blind.item(upload)["revealed"] is False  # no reviewer named: nothing revealed
+    view = blind.labels_view(upload, "dr_b")
+    assert view["labels"] is None and view["agreement"] is None
+
+    queue = blind.queue(reviewer="dr_b")
+    assert [item["id"] for item in queue["items"]] == [refused]  # upload has its one reviewer already
+    assert queue["items"][0]["prediction"] is None and queue["items"][0]["model_refused"] is True
+    assert "BCC" not in json.dumps(queue)
+    with pytest.raises(DermaidError, match="blinded"):
+        blind.queue(top_class="MEL")
+    tasks = blind.labelstudio_tasks(lambda row: f"https://x/{row['id']}")
+    assert [t["data"]["upload_id"] for t in tasks] == [refused]
+    assert "predictions" not in tasks[0] and "BCC" not in json.dumps(tasks) and "top_class" not in tasks[0]["data"]
+
+    first = blind.add(upload, "dr_b", "NV", confidence="low", advice="visit")
+    assert first["blinded"] is True  # chosen before the model's answer was shown to dr_b
+    after = blind.item(upload, "dr_b")
+    assert after["revealed"] is True and after["upload"]["prediction"]["top_class"] == "MEL"
+    assert [label["code"] for label in after["labels"]] == ["MEL", "NV"] and after["needs_tiebreak"] is True
+    assert blind.add(upload, "dr_b", "MEL")["blinded"] is False  # a later label: dr_b has seen it all
+    assert store.item(upload)["revealed"] is True and store.item(upload)["upload"]["prediction"] is not None
+    assert blind.labeled_by("dr_b") == {upload}
+    assert blind.statistics()["reviewers"]["dr_b"]["blinded"] == 0  # dr_b's vote now is the later, unblinded one
+
+
+def test_export_manifest_carries_agreement_over_all_reviewers(store, tmp_path):
+    """labels.json: each image's agreement, and kappa / alpha over every reviewed upload (not only the exported
+    ones, which were chosen for agreeing)."""
+    ids = _votes(store, {"u1": {"dr_a": "MEL", "dr_b": "MEL"}, "u2": {"dr_a": "NV", "dr_b": "NV"},
+                         "u3": {"dr_a": "NV", "dr_b": "BCC"}})
+    summary = export_dataset(store, str(tmp_path / "export"), min_agreement=1.0, min_reviewers=2)
+    manifest = json.loads((tmp_path / "export" / EXPORT_MARKER).read_text())
+    assert summary["count"] == 2 and {i["upload_id"] for i in manifest["images"]} == {ids["u1"], ids["u2"]}
+    assert all(i["agreement"] == 1.0 and i["reviewers"] == 2 for i in manifest["images"])
+    agreement = manifest["reviewer_agreement"]
+    assert agreement == store.statistics() and agreement["ties"] == 1 and agreement["overall"]["units"] == 3
+    # by hand: p_o = 2/3; a MEL 1 NV 2, b MEL 1 NV 1 BCC 1 -> p_e = (1 + 2) / 9 = 1/3; kappa = (2/3 - 1/3) / (2/3)
+    assert agreement["pairs"][0]["cohen_kappa"] == pytest.approx(0.5)

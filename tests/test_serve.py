@@ -22,6 +22,7 @@ from PIL import Image
 
 from dermaid.classes import CLASS_CODES, DISCLAIMER, SITES
 from dermaid.processes import free_port
+from dermaid.uploads.store import clean_image
 
 MAX_UPLOAD_MB = 1  # small here, so the streamed over-limit body stays small
 GRPC_MAX_UPLOAD_MB = 0.01  # PNGs of the test pixels (~7 KB) reach the classifier over gRPC, BMPs (~21 KB) over actor calls
@@ -354,7 +355,7 @@ def test_consent_stores_image_input_metadata_and_prediction(server):
     assert (row["age"], row["sex"], row["site"], row["image_format"]) == (33.0, "male", "palms/soles", "WEBP")
     assert row["model_version"] == body["model_version"] and row["top_class"] == body["top"]["code"]
     assert row["probabilities"] == pytest.approx({c["code"]: c["probability"] for c in body["probabilities"]})
-    assert store.read_blob(row["blobs"]["image"]) == data
+    assert store.read_blob(row["blobs"]["image"]) == clean_image(data).data  # the pixels, without metadata
     assert Image.open(io.BytesIO(store.read_blob(row["blobs"]["input"]))).size == (64, 64)
     assert (Path(storage) / row["blobs"]["record"]).exists()
 
@@ -400,7 +401,7 @@ def test_fifty_concurrent_consented_uploads_are_all_stored(server):
     assert None not in ids and len(set(ids)) == 50
     assert store.count() == before + 50 and store.find_orphans() == []
     for upload_id, data in zip(ids, images):
-        assert store.read_blob(store.get(upload_id)["blobs"]["image"]) == data
+        assert store.read_blob(store.get(upload_id)["blobs"]["image"]) == clean_image(data).data
 
 
 def test_classify_is_the_same_over_grpc_and_over_actor_calls(server):
@@ -802,14 +803,16 @@ def test_consented_uploads_are_limited_per_client_and_classification_is_not(limi
                      lambda values: sum(values) >= 2)
 
 
-def test_an_exact_duplicate_is_answered_with_the_first_upload_and_stored_once(limited_app):
+def test_an_exact_duplicate_is_stored_once_and_hands_out_no_earlier_reference(limited_app):
     from dermaid.uploads.store import UploadStore
 
     base, storage = limited_app
     photo = _lesion_jpeg(920)
     first = _from("203.0.113.20", base, photo, age=40, consent="true").json()
     again = _from("203.0.113.21", base, photo, age=70, sex="female", consent="true").json()
-    assert first["stored"] is again["stored"] is True and again["upload_id"] == first["upload_id"]
+    assert first["stored"] is again["stored"] is True and first["upload_id"] and first["lookup_token"]
+    # another sender of the same photo gets neither the first sender's reference nor a token to it
+    assert (again["duplicate"], again["upload_id"], again["lookup_token"]) == (True, None, None)
     assert len(again["probabilities"]) == len(CLASS_CODES)  # classified as usual, with its own metadata
     store = UploadStore(storage)
     assert store.count() == 1 and store.get(first["upload_id"])["age"] == 40.0  # the first upload's metadata stay

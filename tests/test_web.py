@@ -27,9 +27,10 @@ import requests
 from PIL import Image
 
 from dermaid.auth import ReviewerTokens, create_token, hash_token, hashes_from_env, parse_bearer
-from dermaid.classes import CLASS_CODES, DISCLAIMER, NOT_A_LESION
+from dermaid.classes import BY_CODE, CLASS_CODES, DISCLAIMER, NOT_A_LESION
 from dermaid.errors import DermaidError
 from dermaid.processes import free_port
+from dermaid.uploads.store import clean_image
 
 TOKENS = {"dr_ana": create_token(), "dr_ben": create_token()}
 CHROMIUM = os.environ.get("DERMAID_CHROMIUM", "/usr/bin/chromium")
@@ -126,6 +127,19 @@ def test_pages_work_under_a_route_prefix():
             assert f'<base href="{root}/">' in html and "{{" not in html
             rest = html.replace(f'<base href="{root}/">', "")
             assert 'src="web/common.js"' in rest and 'src="/' not in rest and 'href="/' not in rest
+
+
+def test_review_blinded_is_on_by_default_and_can_be_turned_off(tmp_path):
+    """review.blinded reaches the replicas' LabelStore (serve/review.py review_settings -> create_review_context)."""
+    from dermaid.uploads.store import UploadStore
+    from serve.args import AppArgs, ReviewArgs
+    from serve.review import create_review_context, review_settings
+
+    uploads = UploadStore(str(tmp_path / "uploads"))
+    assert AppArgs(checkpoint="/c").review.blinded is True
+    assert create_review_context(uploads, review_settings(ReviewArgs())).labels.blinded is True
+    assert create_review_context(uploads, review_settings(ReviewArgs(blinded=False))).labels.blinded is False
+    uploads.engine.dispose()
 
 
 # --- the running application ---------------------------------------------------------------------------------
@@ -285,21 +299,28 @@ def test_database_tokens_work_and_are_refused_at_once(app):
 
 
 def test_queue_is_consented_unlabeled_most_uncertain_first(app):
+    """Blinded (review.blinded's default): the queue keeps its order (entropy, read here from the database) but shows
+    no prediction, and a filter by the model's class is refused."""
+    from dermaid.uploads.labels import LabelStore
+
     base = app["base"]
     mine = [_classify(base, _jpeg(100 + i))["upload_id"] for i in range(4)]
     not_consented = _classify(base, _jpeg(200), consent=False)
     assert not_consented["upload_id"] is None
     page = requests.get(f"{base}/v1/review/queue", params={"limit": 200}, headers=_auth(), timeout=30).json()
-    entropies = [item["prediction"]["entropy"] for item in page["items"]]
-    assert entropies == sorted(entropies, reverse=True) and page["total"] == len(page["items"])
+    assert page["blinded"] is True and page["total"] == len(page["items"])
+    assert all(item["prediction"] is None and "model_refused" in item for item in page["items"])
+    store = LabelStore.open(app["storage"])
+    plain = [item["id"] for item in page["items"] if not item["needs_tiebreak"] and not item["model_refused"]]
+    entropies = [store.uploads.get(upload)["entropy"] for upload in plain]
+    assert entropies == sorted(entropies, reverse=True)
     ids = [item["id"] for item in page["items"]]
     assert set(mine) <= set(ids) and all("blobs" not in item for item in page["items"])
 
-    top = page["items"][0]["prediction"]["top_class"]
+    top = store.uploads.get(ids[0])["top_class"]
     filtered = requests.get(f"{base}/v1/review/queue", params={"top_class": top, "limit": 200}, headers=_auth(),
-                            timeout=30).json()["items"]
-    assert filtered and all(item["prediction"]["top_class"] == top for item in filtered)
-    assert [i["id"] for i in filtered] == [i for i in ids if i in {f["id"] for f in filtered}]
+                            timeout=30)
+    assert "review is blinded" in _error(filtered, 422)
     bad = requests.get(f"{base}/v1/review/queue", params={"top_class": "XYZ"}, headers=_auth(), timeout=10)
     assert "top_class" in _error(bad, 422)
 
@@ -316,15 +337,17 @@ def test_label_history_agreement_and_bad_input(app):
     upload = _classify(base, _jpeg(300), age=61, sex="female", site="head/neck")["upload_id"]
     item = requests.get(f"{base}/v1/review/uploads/{upload}", headers=_auth(), timeout=10).json()
     assert item["upload"]["metadata"] == {"age": 61.0, "sex": "female", "site": "head/neck"}
-    assert len(item["upload"]["prediction"]["probabilities"]) == 8 and item["labels"] == []
+    assert item["upload"]["prediction"] is None and item["labels"] is None and item["revealed"] is False  # blinded
     image = requests.get(f"{base}/v1/review/uploads/{upload}/image", headers=_auth(), timeout=10)
-    assert image.content == _jpeg(300) and image.headers["content-type"] == "image/jpeg"
+    assert image.content == clean_image(_jpeg(300)).data and image.headers["content-type"] == "image/jpeg"  # no metadata
     model_input = requests.get(f"{base}/v1/review/uploads/{upload}/image", params={"kind": "input"},
                                headers=_auth(), timeout=10)
     assert Image.open(io.BytesIO(model_input.content)).size == (64, 64)
 
     first = _label(base, upload, "MEL", comment="irregular network", source="web")
     assert first.status_code == 201 and first.json()["label"]["reviewer"] == "dr_ana"
+    item = requests.get(f"{base}/v1/review/uploads/{upload}", headers=_auth(), timeout=10).json()
+    assert len(item["upload"]["prediction"]["probabilities"]) == 8 and len(item["labels"]) == 1  # revealed
     assert _label(base, upload, "BKL", reviewer="dr_ben").json()["agreement"]["consensus"] is None  # a tie
     assert _label(base, upload, "BKL", comment="on reflection: seborrhoeic").status_code == 201
     history = requests.get(f"{base}/v1/review/uploads/{upload}/labels", headers=_auth("dr_ben"), timeout=10).json()
@@ -346,6 +369,80 @@ def test_label_history_agreement_and_bad_input(app):
                                 timeout=10), 422).startswith("code: required")
     assert len(requests.get(f"{base}/v1/review/uploads/{upload}/labels", headers=_auth(),
                             timeout=10).json()["labels"]) == 3  # the refused requests stored nothing
+
+
+def test_blinded_review_reveals_the_model_and_the_labels_after_the_reviewers_own(app):
+    """dr_ana labels; dr_ben sees neither the prediction nor her label (item, labels, labeled) until he has labelled;
+    then everything. Confidence and advice are validated and stored; the tie they make is offered to a third
+    reviewer, flagged."""
+    from dermaid.uploads.labels import LabelStore
+    from dermaid.uploads.reviewers import ReviewerTokenStore
+
+    base = app["base"]
+    upload = _classify(base, _jpeg(320), age=48, site="lower extremity")["upload_id"]
+    first = _label(base, upload, "BCC", comment="pearly rim 7f3a", confidence="high", advice="biopsy")
+    assert first.status_code == 201, first.text
+    assert (first.json()["label"]["confidence"], first.json()["label"]["advice"]) == ("high", "biopsy")
+    assert first.json()["label"]["blinded"] is True
+
+    item = requests.get(f"{base}/v1/review/uploads/{upload}", headers=_auth("dr_ben"), timeout=10)
+    body = item.json()
+    assert item.status_code == 200 and body["revealed"] is False and body["blinded"] is True
+    assert body["upload"]["prediction"] is None and body["labels"] is None and body["agreement"] is None
+    assert body["upload"]["metadata"]["site"] == "lower extremity" and body["reviewers"] == 1
+    assert "pearly rim 7f3a" not in item.text and "probabilit" not in item.text and "BCC" not in item.text
+    labels = requests.get(f"{base}/v1/review/uploads/{upload}/labels", headers=_auth("dr_ben"), timeout=10).json()
+    assert labels["labels"] is None and labels["agreement"] is None and labels["revealed"] is False
+    labeled = requests.get(f"{base}/v1/review/labeled", headers=_auth("dr_ben"), timeout=30).json()
+    assert upload not in [row["upload"]["id"] for row in labeled["items"]] and labeled["withheld"] >= 1
+    assert upload in [row["upload"]["id"] for row in requests.get(f"{base}/v1/review/labeled", headers=_auth(),
+                                                                  timeout=30).json()["items"]]
+
+    assert "confidence: Input should be 'low', 'medium' or 'high'" in _error(
+        _label(base, upload, "NV", reviewer="dr_ben", confidence="sure"), 422)
+    assert "advice: Input should be 'none', 'visit' or 'biopsy'" in _error(
+        _label(base, upload, "NV", reviewer="dr_ben", advice="excise"), 422)
+    second = _label(base, upload, "NV", reviewer="dr_ben", confidence="low", advice="visit")
+    assert second.status_code == 201 and second.json()["label"]["blinded"] is True
+    body = requests.get(f"{base}/v1/review/uploads/{upload}", headers=_auth("dr_ben"), timeout=10).json()
+    assert body["revealed"] is True and len(body["upload"]["prediction"]["probabilities"]) == 8
+    assert [(h["reviewer"], h["code"], h["comment"]) for h in body["labels"]] == [
+        ("dr_ana", "BCC", "pearly rim 7f3a"), ("dr_ben", "NV", None)]
+    assert body["needs_tiebreak"] is True and body["agreement"]["consensus"] is None
+    stored = LabelStore.open(app["storage"]).history(upload)
+    assert [(h["confidence"], h["advice"], h["blinded"]) for h in stored] == [("high", "biopsy", True),
+                                                                          ("low", "visit", True)]
+
+    tokens = ReviewerTokenStore.open(app["storage"])
+    try:  # a third reviewer gets the tie in their queue, flagged, whatever labels_below says
+        third = {"Authorization": f"Bearer {tokens.add('dr_cara')}"}
+        queue = requests.get(f"{base}/v1/review/queue", params={"limit": 200}, headers=third, timeout=30).json()
+        entry = next(item for item in queue["items"] if item["id"] == upload)
+        assert entry["needs_tiebreak"] is True and entry["reviewers"] == 2 and entry["prediction"] is None
+        assert all(item["needs_tiebreak"] or not item["reviewers"] for item in queue["items"])
+        assert upload not in [item["id"] for item in requests.get(f"{base}/v1/review/queue", params={"limit": 200},
+                                                                  headers=_auth("dr_ben"), timeout=30).json()["items"]]
+    finally:
+        tokens.revoke("dr_cara")
+        tokens.close()
+
+
+def test_reviewer_statistics_route(app):
+    """GET /v1/review/stats: the store's statistics over the app's database (kappa per pair, alpha, ties)."""
+    from dermaid.uploads.labels import LabelStore
+
+    base = app["base"]
+    upload = _classify(base, _jpeg(330))["upload_id"]
+    for reviewer in TOKENS:
+        assert _label(base, upload, "DF", reviewer=reviewer, confidence="medium", advice="none").status_code == 201
+    assert "dermatologist token is required" in _error(requests.get(f"{base}/v1/review/stats", timeout=10), 401)
+    response = requests.get(f"{base}/v1/review/stats", headers=_auth(), timeout=30)
+    body = response.json()
+    assert response.status_code == 200 and body.pop("blinded") is True and body.pop("disclaimer") == DISCLAIMER
+    assert body == LabelStore.open(app["storage"]).statistics()  # nothing else writes labels meanwhile
+    pair = next(p for p in body["pairs"] if p["reviewers"] == ["dr_ana", "dr_ben"])
+    assert pair["shared"] >= 1 and (pair["cohen_kappa"] is None or -1 <= pair["cohen_kappa"] <= 1)
+    assert body["reviewers"]["dr_ana"]["confidence"]["medium"] >= 1 and "Krippendorff" in body["overall"]["method"]
 
 
 def test_two_reviewers_labeling_at_the_same_moment_both_count(app):
@@ -376,9 +473,9 @@ def test_labelstudio_export_and_import_over_http(app):
     tasks = requests.get(f"{base}/v1/review/labelstudio/tasks", headers=_auth(), timeout=30).json()
     task = next(t for t in tasks if t["data"]["upload_id"] == upload)
     assert task["data"]["image"] == f"{base}/v1/review/uploads/{upload}/image"
-    prediction = task["predictions"][0]
-    assert prediction["result"][0]["value"]["choices"] == [task["data"]["top_class"]]
-    assert prediction["result"][0]["from_name"] == "diagnosis" and 0 < prediction["score"] <= 1
+    # blinded review: no pre-annotation, and neither the class nor the uncertainty in the task's data
+    assert "predictions" not in task and "top_class" not in task["data"] and "entropy" not in task["data"]
+    assert "blinded review" in task["data"]["summary"]
 
     # the file claims dr_ben voted, in the year 2999: the label is the token holder's (dr_ana), dated now
     annotated = [{**task, "id": 41, "annotations": [
@@ -472,8 +569,11 @@ def test_browser_consumer_page_then_review_page(app, browser, tmp_path):
     row = store.uploads.get(upload_id)
     assert (row["age"], row["sex"], row["site"]) == (float(int(float(toy["age"]))), toy["sex"], toy["site"])
 
+    # blinded review: the photo and its metadata, a choice (class, confidence, advice), and only then the model
     review = browser.new_page(viewport=PHONE)
+    review_saliency: list[str] = []
     review.on("pageerror", lambda exc: errors.append(str(exc)))
+    review.on("request", lambda request: review_saliency.append(request.url) if "v1/saliency" in request.url else None)
     review.goto(f"{base}/review")
     review.fill("#token", create_token())
     review.click("#signin-form button")
@@ -481,29 +581,49 @@ def test_browser_consumer_page_then_review_page(app, browser, tmp_path):
     review.fill("#token", TOKENS["dr_ben"])
     review.click("#signin-form button")
     expect(review.locator("#who")).to_have_text("Signed in as dr_ben", timeout=30_000)
-    top_class = row["top_class"]
-    review.select_option("#filter", top_class)
     entry = review.locator(f'#queue-list button[data-id="{upload_id}"]')
     expect(entry).to_be_visible(timeout=30_000)
+    expect(review.locator("#filter")).to_be_hidden()  # no filter by the model's class
+    queue_text = review.locator("#queue-list").inner_text()
+    assert "Model" not in queue_text and "%" not in queue_text and "uncertainty" not in queue_text
+    assert top_name not in queue_text
+    review.locator("#stats summary").click()
+    expect(review.locator("#stats-overall")).to_contain_text("Krippendorff")
     review.screenshot(path=str(tmp_path / "review-queue.png"), full_page=True)
     entry.click()
     expect(review.locator("#item-id")).to_have_text(upload_id)
     expect(review.locator("#item-meta")).to_contain_text(toy["site"])
-    expect(review.locator("#item-bars li")).to_have_count(8)
     expect(review.locator("#item-photo")).to_have_attribute("src", re.compile(r"^blob:"), timeout=30_000)
-    expect(review.locator("#item-overlay")).to_have_attribute("src", re.compile(r"^blob:"), timeout=60_000)
+    expect(review.locator("#blind-note")).to_be_visible()
+    for hidden in ("#reveal", "#item-overlay", "#item-bars", "#history"):
+        expect(review.locator(hidden)).to_be_hidden()
+    expect(review.locator("#item-bars li")).to_have_count(0)
+    expect(review.locator("#history li")).to_have_count(0)
+    item_text = review.locator("#item").inner_text()
+    assert "%" not in item_text and "Model prediction" not in item_text and "Labels so far" not in item_text
+    assert review_saliency == []  # the saliency map was not even asked for
+    review.screenshot(path=str(tmp_path / "review-blinded.png"), full_page=True)
     review.check(f'#codes input[value="{toy["label"]}"]')
+    review.check('#confidence input[value="medium"]')
+    review.check('#advice input[value="visit"]')
     review.fill("#comment", "reviewed in the browser test")
     review.click("#label-form button[type=submit]")
-    expect(review.locator("#history li")).to_have_count(1, timeout=30_000)
+    expect(review.locator("#history li")).to_have_count(1, timeout=30_000)   # revealed after saving
     expect(review.locator("#agreement")).to_contain_text(f"consensus {toy['label']}")
+    expect(review.locator("#item-bars li")).to_have_count(8)
+    expect(review.locator("#item-bars li").first).to_contain_text(top_name)
+    expect(review.locator("#item-overlay")).to_have_attribute("src", re.compile(r"^blob:"), timeout=60_000)
+    expect(review.locator("#blind-note")).to_be_hidden()
+    expect(review.locator("#history li")).to_contain_text("medium confidence")
+    assert len(review_saliency) == 1
     review.screenshot(path=str(tmp_path / "review-item.png"), full_page=True)
 
     labels = store.history(upload_id)
-    assert [(h["reviewer"], h["code"], h["source"], h["comment"]) for h in labels] == [
-        ("dr_ben", toy["label"], "web", "reviewed in the browser test")]
+    assert [(h["reviewer"], h["code"], h["source"], h["comment"], h["confidence"], h["advice"], h["blinded"])
+            for h in labels] == [("dr_ben", toy["label"], "web", "reviewed in the browser test", "medium", "visit",
+                                  True)]
     assert not errors, errors
-    for name in ("consumer.png", "consumer-error.png", "review-queue.png", "review-item.png"):
+    for name in ("consumer.png", "consumer-error.png", "review-queue.png", "review-blinded.png", "review-item.png"):
         assert (tmp_path / name).stat().st_size > 5_000
 
 
@@ -566,18 +686,25 @@ def test_browser_an_abstained_photo_shows_only_the_retake_message(app, calibrate
     expect(page.locator("#overlay")).to_have_attribute("src", re.compile(r"^blob:"), timeout=60_000)
     assert len(saliency_requests) == 1  # only the answered photo asked for an overlay
 
-    review = browser.new_page(viewport=PHONE)  # both photos were stored with consent: the refused one comes first
+    # both photos were stored with consent: the refused one comes first. Blinded, the queue names no class for either
+    # (not even the refused photo's best guess): "a photo the model could not assess" is about the photo, not a
+    # diagnosis, and is why it comes first.
+    review = browser.new_page(viewport=PHONE)
     review.on("pageerror", lambda exc: errors.append(str(exc)))
     review.goto(f"{calibrated_page}/review")
     review.fill("#token", TOKENS["dr_ana"])
     review.click("#signin-form button")
     expect(review.locator("#queue-list button")).to_have_count(2, timeout=30_000)
     first = review.locator("#queue-list button").first
-    expect(first).to_contain_text("Model refused: unlike its training photos")
+    expect(first).to_contain_text("Photo the model could not assess (unlike its training photos)")
     expect(first).to_have_class("refused")
-    expect(review.locator("#queue-list button").nth(1)).to_contain_text("Model: ")
+    queue_text = review.locator("#queue-list").inner_text()
+    assert "Model" not in queue_text and "%" not in queue_text and "best guess" not in queue_text
+    assert not [d.name for d in BY_CODE.values() if d.name in queue_text]
     first.click()
     expect(review.locator("#item-meta")).to_contain_text("refused: unlike the model's training photos")
+    expect(review.locator("#item-bars li")).to_have_count(0)
+    expect(review.locator("#reveal")).to_be_hidden()
     review.screenshot(path=str(tmp_path / "review-refused.png"), full_page=True)
     assert not errors, errors
 
@@ -595,12 +722,13 @@ def test_loop_classify_label_export_prepare_finetune(app, tmp_path):
 
     base = app["base"]
     by_class: dict[str, dict] = {}
-    for row in app["toy_rows"]:
-        by_class.setdefault(row["label"], row)
+    for row in reversed(app["toy_rows"]):  # the last photo per class: earlier tests upload the first ones, and a
+        by_class.setdefault(row["label"], row)  # photo stored before is not stored again (no reference: a duplicate)
     chosen = [by_class[code] for code in ("MEL", "NV", "BCC", "BKL")]
     uploads = []
     for row in chosen:
         body = _classify(base, row["path"].read_bytes(), age=row["age"], sex=row["sex"], site=row["site"])
+        assert body["stored"] and not body["duplicate"] and body["upload_id"], body
         uploads.append(body["upload_id"])
     for upload, row in zip(uploads, chosen):  # two dermatologists agree on each
         for reviewer in TOKENS:
@@ -779,3 +907,166 @@ def test_upload_ids_are_matched_whole_and_offsets_and_dates_are_bounded(tmp_path
             {"from_name": "diagnosis", "type": "choices", "value": {"choices": ["NV"]}}]}]}
         with pytest.raises(DermaidError, match="out of range"):
             parse_labelstudio_export([task])
+
+
+# --- issue #13: the consumer's photo: no metadata, lookup and deletion with the token, privacy note ------------
+
+def _gps_jpeg(seed: int) -> bytes:
+    """A phone photo as sent: EXIF with a GPS position and the device."""
+    from PIL import ExifTags
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make], exif[ExifTags.Base.Model] = "PhoneCo", "Pocket 7"
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    gps[ExifTags.GPS.GPSLatitudeRef], gps[ExifTags.GPS.GPSLatitude] = "N", (52.0, 31.0, 12.5)
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(_jpeg(seed))).save(buf, "JPEG", quality=95, exif=exif)
+    return buf.getvalue()
+
+
+def _upload_call(base: str, ref: str, token: str | None, method: str = "GET",
+                 scheme: str = "Bearer") -> requests.Response:
+    headers = {"Authorization": f"{scheme} {token}"} if token is not None else {}
+    return requests.request(method, f"{base}/v1/uploads/{ref}", headers=headers, timeout=30)
+
+
+def test_privacy_note_states_the_retention():
+    from serve.uploads_api import privacy_body
+
+    assert "deleted after 30 days" in privacy_body(30.0)["how_long"]
+    assert privacy_body(None)["how_long"].startswith("until you delete it")
+    assert privacy_body(None)["disclaimer"] == DISCLAIMER
+
+
+def test_consumer_lookup_and_delete_need_the_uploads_own_token(app):
+    """GET / DELETE /v1/uploads/{ref}: the reference and token the consent answer gave once; anything else is the
+    same 404; a deletion removes the blobs, the row and the labels."""
+    from dermaid.uploads.labels import LabelStore
+    from dermaid.uploads.store import UploadStore
+
+    base, storage = app["base"], app["storage"]
+    sent = _gps_jpeg(1300)
+    answer = requests.post(f"{base}/v1/classify", files={"image": ("photo.jpg", sent, "image/jpeg")},
+                           data={"consent": "true"}, timeout=60)
+    body = answer.json()
+    ref, token = body["upload_id"], body["lookup_token"]
+    assert body["stored"] is True and body["duplicate"] is False and len(token) >= 43
+    assert answer.headers["cache-control"] == "no-store"
+    store = UploadStore(storage)
+    row = store.get(ref)
+    stored = Image.open(io.BytesIO(store.read_blob(row["blobs"]["image"])))
+    assert not stored.getexif() and b"PhoneCo" not in store.read_blob(row["blobs"]["image"])  # no EXIF, no GPS
+    assert token not in json.dumps(row)
+    assert not any(token.encode() in f.read_bytes() for f in Path(storage).rglob("*") if f.is_file())  # digest only
+
+    again = _classify(base, sent)  # the same photo again: stored once, and no one else's reference or token
+    assert (again["stored"], again["duplicate"], again["upload_id"], again["lookup_token"]) == (True, True, None, None)
+    assert _classify(base, sent, consent=False)["lookup_token"] is None
+
+    state = _upload_call(base, ref, token)
+    assert state.status_code == 200 and state.headers["cache-control"] == "no-store", state.text
+    assert state.json() | {"uploaded": None} == {
+        "reference": ref, "uploaded": None, "state": "waiting_for_review", "delete_after": None,
+        "message": "No dermatologist has reviewed this photo yet.", "disclaimer": DISCLAIMER}
+
+    other = _classify(base, _jpeg(1301))
+    not_found = []
+    for method in ("GET", "DELETE"):
+        for args in [(ref, other["lookup_token"]), (ref, create_token()), (ref, None), (ref, token[:-1]),
+                     (ref, token, method, "Basic"), (ref, TOKENS["dr_ana"]), (str(uuid.uuid4()), token),
+                     (other["upload_id"], token), ("not-a-reference", token), (ref + "x", token)]:
+            response = _upload_call(base, *args[:2], method, *args[3:])
+            assert response.status_code == 404, (method, args, response.text)
+            not_found.append(response.json())
+    assert all(item == {"error": {"code": "not_found", "message": not_found[0]["error"]["message"]}}
+               for item in not_found)
+    assert store.get(ref) is not None  # no wrong call deleted anything
+
+    assert _label(base, ref, "NV", reviewer="dr_ana").status_code == 201
+    reviewed = _upload_call(base, ref, token).json()
+    assert reviewed["state"] == "reviewed" and reviewed["class"]["name"] == BY_CODE["NV"].name
+    assert BY_CODE["NV"].name in reviewed["message"] and reviewed["disclaimer"] == DISCLAIMER
+    assert _label(base, ref, "MEL", reviewer="dr_ben").status_code == 201  # 1:1 - back in the queue
+    tie = _upload_call(base, ref, token).json()
+    assert (tie["state"], tie["reason"], tie["reviewers"]) == ("waiting_for_review", "tie", 2)
+    assert _label(base, other["upload_id"], NOT_A_LESION).status_code == 201
+    unusable = _upload_call(base, other["upload_id"], other["lookup_token"]).json()
+    assert (unusable["state"], unusable["reason"]) == ("not_reviewable", "not_a_lesion")
+
+    store.mark_exported([ref])  # as `dermaid labels-export` does for the uploads it writes
+    deleted = _upload_call(base, ref, token, "DELETE")
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json()["deleted"] is True and deleted.json()["labels_removed"] == 2
+    assert deleted.json()["exported"] and "training dataset" in deleted.json()["message"]
+    assert store.get(ref) is None and not (Path(storage) / "blobs" / ref).exists()
+    with pytest.raises(DermaidError, match="no such upload"):
+        LabelStore(store).history(ref)
+    assert _upload_call(base, ref, token).status_code == 404
+    assert _upload_call(base, ref, token, "DELETE").status_code == 404
+    assert requests.get(f"{base}/v1/review/uploads/{ref}", headers=_auth(), timeout=10).status_code == 404
+    gone = _upload_call(base, other["upload_id"], other["lookup_token"], "DELETE").json()
+    assert gone["exported"] is None and "training dataset" not in gone["message"]
+
+    privacy = requests.get(f"{base}/v1/privacy", timeout=10).json()
+    assert privacy["retention_days"] is None and "until you delete it" in privacy["how_long"]
+    paths = requests.get(f"{base}/openapi.json", timeout=10).json()["paths"]
+    assert {"get", "delete"} <= set(paths["/v1/uploads/{ref}"]) and "/v1/privacy" in paths
+
+
+def test_browser_consumer_page_shows_the_key_once_then_checks_and_deletes(app, browser, tmp_path):
+    from playwright.sync_api import expect
+
+    from dermaid.uploads.store import UploadStore
+
+    base = app["base"]
+    errors: list[str] = []
+    urls: list[str] = []
+    page = browser.new_page(viewport=PHONE)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("request", lambda request: urls.append(request.url))
+    page.goto(f"{base}/")
+    expect(page.locator("#retention")).to_have_text("until you delete it (this server deletes nothing automatically)")
+    expect(page.locator("#privacy")).to_contain_text("hidden file information")
+    before = "(a, b) => !!(document.getElementById(a).compareDocumentPosition(document.getElementById(b)) & 4)"
+    assert page.evaluate(f"() => ({before})('privacy', 'consent')")  # the note comes before the consent box
+
+    photo = tmp_path / "spot.jpg"
+    photo.write_bytes(_gps_jpeg(1400))
+    page.set_input_files("#choose", str(photo))
+    page.check("#consent")
+    page.click("#submit")
+    expect(page.locator("#reference-key")).to_be_visible(timeout=60_000)
+    expect(page.locator("#reference")).to_contain_text("shown only this once")
+    ref, key = page.locator("#reference-id").text_content(), page.locator("#reference-key").text_content()
+    store = UploadStore(app["storage"])
+    assert store.holds_token(ref, key)
+
+    page.fill("#lookup-ref", ref)
+    page.fill("#lookup-key", create_token())
+    page.click("#lookup-check")
+    expect(page.locator("#lookup-error")).to_contain_text("No photo matches this reference and secret key")
+    page.fill("#lookup-key", key)
+    page.click("#lookup-check")
+    expect(page.locator("#lookup-state")).to_have_text("Waiting for review")
+    expect(page.locator("#lookup-error")).to_be_hidden()
+    assert _label(base, ref, "NV", reviewer="dr_ana").status_code == 201
+    page.click("#lookup-check")
+    expect(page.locator("#lookup-state")).to_have_text(f"Reviewed: {BY_CODE['NV'].name}")
+    expect(page.locator("#lookup-disclaimer")).to_have_text(DISCLAIMER)
+
+    page.once("dialog", lambda dialog: dialog.dismiss())  # "cancel": nothing is deleted
+    page.click("#lookup-delete")
+    page.wait_for_timeout(500)
+    assert store.get(ref) is not None
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#lookup-delete")
+    expect(page.locator("#lookup-state")).to_have_text("Deleted")
+    expect(page.locator("#lookup-message")).to_contain_text("have been deleted")
+    assert store.get(ref) is None and not (Path(app["storage"]) / "blobs" / ref).exists()
+    page.fill("#lookup-key", key)
+    page.click("#lookup-check")
+    expect(page.locator("#lookup-error")).to_contain_text("No photo matches")
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"]
+    page.screenshot(path=str(tmp_path / "consumer-lookup.png"), full_page=True)
+    assert not any(key in url for url in urls)  # the key travels in a header only
+    assert not errors, errors

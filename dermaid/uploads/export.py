@@ -7,9 +7,14 @@
     export_dataset(LabelStore.open("uploads"), "data/labels", min_agreement=0.6)   # the same from Python
 
 Only uploads with a consensus diagnosis (agreement and reviewer count at the thresholds) are written;
-those reviewed as not a lesion are left out. The layout comes from dermaid.data.isic's one writer
-(images + GroundTruth + Metadata CSVs), plus labels.json with the provenance, written last and
-atomically, into a directory that is new or a previous labels export (never anything else).
+those reviewed as not a lesion are left out, and so are deleted ones (a consumer's DELETE removes the row and
+its labels). The photos are the stored ones, already without metadata (dermaid.uploads.store.clean_image); each
+exported upload's `exported` time is set (the first export's), so its deletion can say a copy exists here.
+The layout comes from dermaid.data.isic's one writer (images + GroundTruth + Metadata CSVs), plus labels.json
+with the provenance, written last and atomically, into a directory that is new or a previous labels export (never
+anything else). labels.json keeps each image's agreement (consensus share, reviewers, votes) and, under
+reviewer_agreement, the statistics over all reviewers (dermaid.uploads.agreement.reviewer_statistics: pairwise
+Cohen's kappa, Krippendorff's alpha, ties).
 """
 
 from __future__ import annotations
@@ -63,12 +68,16 @@ def export_dataset(labels: LabelStore, out: str, *, min_agreement: float, min_re
         "count": len(images),
         "counts": dict(sorted(collections.Counter(image["label"] for image in images).items())),
         "excluded_not_a_lesion": len(not_lesion),
+        # over every reviewed upload, not only the exported ones (those were chosen for agreeing)
+        "reviewer_agreement": labels.statistics(),
         "note": "Dermatologist review labels of consented uploads (photos, not histopathology).",
         "images": images,
     }
     with atomic_dir(out) as tmp:
         write_isic2019(tmp, rows, lambda i: _export_image(labels, selected[i]["upload"]))
         write_text(join(tmp, EXPORT_MARKER), json.dumps(summary, indent=2))  # last: marks a complete export
+    # a consumer who deletes one of these uploads later is told that this export holds a copy (uploads.exported)
+    labels.uploads.mark_exported([item["upload"]["id"] for item in selected])
     return {key: value for key, value in summary.items() if key != "images"} | {"out": out}
 
 
@@ -85,6 +94,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                              min_reviewers=plain["min_reviewers"])
     print(f"labels export: {summary['count']} image(s) -> {summary['out']}")
     print("  per class: " + ", ".join(f"{code} {n}" for code, n in summary["counts"].items()))
+    overall = summary["reviewer_agreement"]["overall"]
+    if overall["alpha"] is not None:
+        print(f"  reviewer agreement: Krippendorff's alpha {overall['alpha']:.2f} over {overall['units']} upload(s) "
+              f"with 2+ reviewers; {summary['reviewer_agreement']['ties']} tie(s)")
     if summary["excluded_not_a_lesion"]:
         print(f"  left out: {summary['excluded_not_a_lesion']} upload(s) reviewed as {NOT_A_LESION} (not a lesion)")
     print("next:")

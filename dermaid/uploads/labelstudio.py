@@ -2,6 +2,7 @@
 
     LABELSTUDIO_CONFIG                                      # paste into the project's Labeling Interface
     labelstudio_task(upload_row, image_url)                 # one task, the model's top class pre-annotated
+    labelstudio_task(upload_row, image_url, pre_annotate=False)   # blinded review: no model answer in the task
     rows, skipped = parse_labelstudio_export(export_json)   # label rows for LabelStore.import_labelstudio
 
 Nothing here touches the database: `LabelStore.labelstudio_tasks` / `import_labelstudio` do
@@ -41,19 +42,28 @@ LABELSTUDIO_CONFIG = "\n".join([
 ])
 
 
-def labelstudio_task(upload: dict[str, Any], image_url: str) -> dict[str, Any]:
-    """One upload row -> a Label Studio task with the model's top class as a pre-annotation."""
+def labelstudio_task(upload: dict[str, Any], image_url: str, *, pre_annotate: bool = True) -> dict[str, Any]:
+    """One upload row -> a Label Studio task with the model's top class as a pre-annotation.
+
+    pre_annotate=False (blinded review): the task carries the photo and its metadata only: no prediction, and
+    neither the model's class nor its uncertainty in the data or the summary line Label Studio shows."""
     probabilities = upload["probabilities"]
     top = upload["top_class"]
     meta = ", ".join(str(v) for v in (upload["age"] and f"age {upload['age']:g}", upload["sex"], upload["site"]) if v)
+    data = {
+        LS_IMAGE: image_url,
+        "upload_id": upload["id"],
+        "age": upload["age"],
+        "sex": upload["sex"],
+        "site": upload["site"],
+        "model_version": upload["model_version"],
+    }
+    if not pre_annotate:
+        return {"data": {**data, "summary": f"{meta or 'no metadata'} (blinded review: the model's answer is not "
+                                            "shown; decision support only)"}}
     return {
         "data": {
-            LS_IMAGE: image_url,
-            "upload_id": upload["id"],
-            "age": upload["age"],
-            "sex": upload["sex"],
-            "site": upload["site"],
-            "model_version": upload["model_version"],
+            **data,
             "top_class": top,
             "entropy": upload["entropy"],
             "summary": f"{meta or 'no metadata'}; model: {top} {float(probabilities[top]):.2f} (decision support only)",

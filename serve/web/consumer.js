@@ -1,4 +1,5 @@
-// The consumer page: one photo (+ optional age, sex, body site, consent) -> POST v1/classify and v1/saliency.
+// The consumer page: one photo (+ optional age, sex, body site, consent) -> POST v1/classify and v1/saliency;
+// an earlier consented photo: reference + secret key -> GET / DELETE v1/uploads/{reference} (key in the header only).
 "use strict";
 
 (() => {
@@ -74,9 +75,11 @@
     reference.hidden = true;
     notStored.hidden = true;
     if (consent && body.stored && body.upload_id) {
-      reference.replaceChildren(document.createTextNode("Reference number: "), el("code", { id: "reference-id", text: body.upload_id }),
-        document.createTextNode(". A dermatologist may review this photo to improve DermAID; quote this number if you contact us."));
-      reference.hidden = false;
+      showReference(body.upload_id, body.lookup_token);
+    } else if (consent && body.stored && body.duplicate) {
+      notStored.textContent = "This photo was already stored for review earlier, so it was not stored again. " +
+        "The reference and secret key were shown when it was first sent.";
+      notStored.hidden = false;
     } else if (consent) {
       notStored.textContent = "The photo could not be stored for review this time; the result above is still complete.";
       notStored.hidden = false;
@@ -86,6 +89,83 @@
     }
     $("result").hidden = false;
   }
+
+  // The reference and the secret key, shown this once (the server keeps only a digest of the key); the form
+  // below is filled in with both, so the person can check the review or delete the photo right away.
+  function showReference(reference, key) {
+    const box = $("reference");
+    box.replaceChildren(
+      el("p", {}, [document.createTextNode("Reference: "), el("code", { id: "reference-id", text: reference })]),
+      el("p", {}, [document.createTextNode("Secret key: "), el("code", { id: "reference-key", text: key || "" })]),
+      el("p", { class: "hint", text: "Copy both, or write them down, now: the key is shown only this once and cannot " +
+        "be recovered. With them you can see what the dermatologists said, or delete the photo, under " +
+        "“Check or delete an earlier photo”." }),
+      el("p", { text: "A dermatologist may review this photo to improve DermAID; quote the reference if you contact us." }));
+    box.hidden = false;
+    $("lookup-ref").value = reference;
+    $("lookup-key").value = key || "";
+  }
+
+  // The privacy note says how long this server keeps a photo (storage.retention_days, from v1/privacy).
+  async function loadPrivacy() {
+    try {
+      const response = await fetch("v1/privacy");
+      if (response.ok) $("retention").textContent = (await response.json()).how_long;
+    } catch (_) { /* the note keeps its default words */ }
+  }
+  loadPrivacy();
+
+  // --- an earlier photo: reference + secret key -> its review state, or its deletion ---------------------------
+  const STATES = { waiting_for_review: "Waiting for review", reviewed: "Reviewed", not_reviewable: "Not reviewable" };
+  const NOT_FOUND = "No photo matches this reference and secret key. Check both (a deleted photo is gone for good).";
+
+  function lookupInput() {
+    const reference = $("lookup-ref").value.trim(), key = $("lookup-key").value.trim();
+    if (!reference || !key) { showError($("lookup-error"), "Please enter the reference and the secret key."); return null; }
+    showError($("lookup-error"), "");
+    return { reference, key };
+  }
+
+  async function callUpload(method, input) {
+    const response = await fetch(`v1/uploads/${encodeURIComponent(input.reference)}`,
+      { method, headers: { Authorization: `Bearer ${input.key}` }, cache: "no-store" });
+    if (response.status === 404) throw new Error(NOT_FOUND);
+    if (!response.ok) throw new Error(await errorMessage(response, true));
+    return response.json();
+  }
+
+  function showLookup(title, body) {
+    $("lookup-state").replaceChildren(el("strong", { text: title }));
+    $("lookup-message").textContent = body.message;
+    $("lookup-disclaimer").textContent = body.disclaimer || config.disclaimer;
+    $("lookup-disclaimer").hidden = false;
+    $("lookup-result").hidden = false;
+  }
+
+  async function lookupAction(action) {
+    const input = lookupInput();
+    $("lookup-result").hidden = true;
+    if (!input) return;
+    if (action === "DELETE" && !window.confirm("Delete this photo and everything stored with it? This cannot be undone.")) return;
+    for (const id of ["lookup-check", "lookup-delete"]) $(id).disabled = true;
+    try {
+      const body = await callUpload(action, input);
+      if (action === "DELETE") {
+        showLookup("Deleted", body);
+        $("lookup-key").value = "";
+      } else {
+        const title = body.state === "reviewed" ? `Reviewed: ${body.class.name}` : STATES[body.state] || body.state;
+        showLookup(title, body);
+      }
+    } catch (error) {
+      showError($("lookup-error"), error instanceof TypeError ? networkMessage() : error.message);
+    } finally {
+      for (const id of ["lookup-check", "lookup-delete"]) $(id).disabled = false;
+    }
+  }
+
+  $("lookup").addEventListener("submit", (event) => { event.preventDefault(); lookupAction("GET"); });
+  $("lookup-delete").addEventListener("click", () => lookupAction("DELETE"));
 
   // target: the class the result shows (a compressed model's float explainer may rank classes differently).
   // The overlay is the photo scaled down to at most overlay_max_side px (2048) on its long side (body.width x
