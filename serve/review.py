@@ -112,17 +112,22 @@ def create_review_context(upload_store: Any, settings: dict[str, Any]) -> Review
                          ReviewerTokenStore(upload_store.engine))
 
 
-def get_review_context() -> ReviewContext:
-    """The ReviewContext of this Serve replica (the ingress object's `review` attribute)."""
+def replica_attribute(name: str, missing: str) -> Any:
+    """An attribute of this Serve replica's ingress object (a route's context); 503 `missing` without one."""
     from ray import serve
 
     try:
-        context = getattr(serve.get_replica_context().servable_object, "review", None)
+        value = getattr(serve.get_replica_context().servable_object, name, None)
     except Exception:  # noqa: BLE001 - not inside a replica
-        context = None
-    if context is None:
-        raise HTTPException(503, "dermatologist review is not configured on this server")
-    return context
+        value = None
+    if value is None:
+        raise HTTPException(503, missing)
+    return value
+
+
+def get_review_context() -> ReviewContext:
+    """The ReviewContext of this Serve replica (the ingress object's `review` attribute)."""
+    return replica_attribute("review", "dermatologist review is not configured on this server")
 
 
 def require_reviewer(request: Request, context: Annotated[ReviewContext, Depends(get_review_context)]) -> str:

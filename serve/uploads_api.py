@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Request
+from fastapi import APIRouter, Depends, Path as PathParam, Request
 from fastapi.responses import Response
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -31,6 +31,7 @@ from dermaid.uploads.consumer import deleted_answer, upload_state
 from dermaid.uploads.store import SavedUpload, UploadStore
 from dermaid.uploads.validation import parse_upload_id
 from serve.errors import ApiError, ErrorResponse
+from serve.review import replica_attribute
 from serve.schemas import PrivacyResponse, UploadDeletedResponse, UploadStateResponse
 
 NO_STORE = {"Cache-Control": "no-store"}   # a token or a review never lands in a shared cache
@@ -57,15 +58,7 @@ def create_consumer_context(store: UploadStore, storage: dict[str, Any]) -> Cons
 
 def get_consumer_context() -> ConsumerContext:
     """The ConsumerContext of this Serve replica (the ingress object's `consumer` attribute)."""
-    from ray import serve
-
-    try:
-        context = getattr(serve.get_replica_context().servable_object, "consumer", None)
-    except Exception:  # noqa: BLE001 - not inside a replica
-        context = None
-    if context is None:
-        raise HTTPException(503, "uploads are not configured on this server")
-    return context
+    return replica_attribute("consumer", "uploads are not configured on this server")
 
 
 def consent_fields(saved: SavedUpload | None, consent: bool) -> dict[str, Any]:
