@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from dermaid.classes import REVIEW_CODES
+from dermaid.uploads.db import as_utc
 
 CONFIDENCE_LEVELS = ("low", "medium", "high")   # a reviewer's confidence in their label (labels.confidence)
 ADVICE = ("none", "visit", "biopsy")            # the reviewer's advice (labels.advice): nothing, a visit, a biopsy
@@ -159,6 +160,4 @@ def _finite(value: Any) -> float | None:
 
 def _when(value: Any) -> _dt.datetime:
     """A label's created time (datetime or ISO text) as an aware UTC datetime, for ordering."""
-    if isinstance(value, str):
-        value = _dt.datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)
+    return as_utc(_dt.datetime.fromisoformat(value) if isinstance(value, str) else value)

@@ -21,7 +21,7 @@ import datetime as _dt
 from typing import Any
 
 from dermaid.classes import BY_CODE, DISCLAIMER, NOT_A_LESION
-from dermaid.uploads.agreement import compute_agreement
+from dermaid.uploads.db import as_utc
 from dermaid.uploads.labels import LabelStore, iso_time
 from dermaid.uploads.store import DeletedUpload, UploadStore
 
@@ -36,7 +36,7 @@ def upload_state(store: UploadStore, upload_id: str, retention_days: float | Non
     row = store.get(upload_id)
     if row is None:
         return None
-    agreement = compute_agreement(LabelStore(store).history(upload_id))
+    agreement = LabelStore(store).agreement(upload_id)
     created = _dt.datetime.fromisoformat(row["created"]) if isinstance(row["created"], str) else row["created"]
     base = {"reference": row["id"], "uploaded": iso_time(created), "disclaimer": DISCLAIMER}
     if not agreement["reviewers"]:
@@ -74,7 +74,7 @@ def _waiting(created: _dt.datetime, retention_days: float | None) -> dict[str, A
     message = "No dermatologist has reviewed this photo yet."
     delete_after = None
     if retention_days:
-        when = _utc(created) + _dt.timedelta(days=float(retention_days))
+        when = as_utc(created) + _dt.timedelta(days=float(retention_days))
         delete_after = when.isoformat(timespec="seconds")
         message += f" If none has by {when.date().isoformat()}, the photo is deleted then."
     return {"state": WAITING, "delete_after": delete_after, "message": message}
@@ -91,6 +91,3 @@ def _share(agreement: float, reviewers: int) -> str:
         return "all of them"
     return f"{round(agreement * reviewers)} of them"
 
-
-def _utc(value: _dt.datetime) -> _dt.datetime:
-    return value.astimezone(_dt.timezone.utc) if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)

@@ -150,7 +150,7 @@ class Label(Base):
             "reviewer": self.reviewer,
             "code": self.code,
             "comment": self.comment,
-            "created": _utc(self.created).isoformat() if self.created else None,
+            "created": as_utc(self.created).isoformat() if self.created else None,
             "source": self.source,
             "external_id": self.external_id,
             "model_version": self.model_version,
@@ -177,6 +177,6 @@ class ReviewerToken(Base):
     revoked: Mapped[_dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
-def _utc(value: _dt.datetime) -> _dt.datetime:
+def as_utc(value: _dt.datetime) -> _dt.datetime:
     """In UTC. SQLite returns naive datetimes for DateTime(timezone=True) columns: they were stored in UTC."""
     return value.astimezone(_dt.timezone.utc) if value.tzinfo is not None else value.replace(tzinfo=_dt.timezone.utc)

@@ -33,7 +33,7 @@ from sqlalchemy.orm import sessionmaker
 
 from dermaid.auth import check_reviewer, create_token, hash_token, token_digest
 from dermaid.errors import DermaidError
-from dermaid.uploads.db import ReviewerToken, create_db_engine
+from dermaid.uploads.db import ReviewerToken, as_utc, create_db_engine
 from dermaid.uploads.schema import ensure_schema  # at import, before Hydra sets up logging (Alembic INFO lines)
 
 ACTIONS = ("add", "revoke", "list")
@@ -167,6 +167,4 @@ def _now() -> _dt.datetime:
 
 def _iso(value: _dt.datetime | None) -> str | None:
     """In UTC, ISO text (SQLite returns naive datetimes for timezone columns: they were stored in UTC)."""
-    if value is None:
-        return None
-    return (value.astimezone(_dt.timezone.utc) if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)).isoformat()
+    return as_utc(value).isoformat() if value is not None else None

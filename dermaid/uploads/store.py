@@ -49,12 +49,12 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
-from dermaid.auth import MAX_TOKEN_CHARS, MIN_TOKEN_CHARS, create_token
+from dermaid.auth import create_token, token_digest
 from dermaid.classes import CLASS_CODES, MALIGNANT_CODES, NUM_CLASSES
 from dermaid.data.images import open_image, sniff_format
 from dermaid.errors import DermaidError
 from dermaid.files import exists, get_fs, is_local, join, read_bytes, write_bytes
-from dermaid.uploads.db import Label, Upload, create_db_engine, init_db
+from dermaid.uploads.db import Label, Upload, as_utc, create_db_engine, init_db
 from dermaid.uploads.validation import InvalidUploadId, parse_upload_id
 
 BLOBS_DIR = "blobs"
@@ -153,11 +153,10 @@ def clean_image(data: bytes) -> CleanImage:
 
 def lookup_digest(token: Any) -> str | None:
     """The stored form of a consumer's lookup token: the hex SHA-256 (uploads.lookup_digest); None for a value
-    that cannot be a token. One digest suffices for the same reason as for reviewer tokens (dermaid.auth): the
-    tokens are 256-bit random (`create_token`), so a digest can be neither inverted nor searched."""
-    if not isinstance(token, str) or not MIN_TOKEN_CHARS <= len(token) <= MAX_TOKEN_CHARS:
-        return None
-    return hashlib.sha256(token.encode()).hexdigest()
+    that cannot be a token. The reviewer tokens' digest (dermaid.auth.token_digest) without its scheme prefix:
+    the tokens are 256-bit random (`create_token`), so a digest can be neither inverted nor searched."""
+    digest = token_digest(token)   # "sha256$<hex>"
+    return digest.split("$", 1)[1] if digest is not None else None
 
 
 class UploadStore:
@@ -264,8 +263,8 @@ class UploadStore:
                                         .where(Label.upload_id == upload_id)) or 0)
             if only_unreviewed and labels:
                 return None
-            deleted = DeletedUpload(upload_id, _utc(row.created), labels,
-                                    _utc(row.exported) if row.exported else None)
+            deleted = DeletedUpload(upload_id, as_utc(row.created), labels,
+                                    as_utc(row.exported) if row.exported else None)
             blobs = dict(row.blobs)
             session.execute(delete(Label).where(Label.upload_id == upload_id))
             session.execute(delete(Upload).where(Upload.id == upload_id))
@@ -277,12 +276,12 @@ class UploadStore:
         """Ids of the uploads created before `cutoff` that have no label, oldest first (the retention purge)."""
         labeled = select(Label.upload_id).where(Label.upload_id == Upload.id).exists()
         with self._session() as session:
-            return list(session.scalars(select(Upload.id).where(Upload.created < _utc(cutoff), ~labeled)
+            return list(session.scalars(select(Upload.id).where(Upload.created < as_utc(cutoff), ~labeled)
                                         .order_by(Upload.created, Upload.id)))
 
     def mark_exported(self, upload_ids: Sequence[str], when: _dt.datetime | None = None) -> int:
         """Record the first labels export that used these uploads (a later export keeps the first time)."""
-        when = _utc(when or _dt.datetime.now(_dt.timezone.utc))
+        when = as_utc(when or _dt.datetime.now(_dt.timezone.utc))
         ids, changed = list(upload_ids), 0
         with self._session.begin() as session:
             for start in range(0, len(ids), 500):   # bounded IN lists
@@ -312,7 +311,7 @@ class UploadStore:
         """Bytes of the blobs (photo, model input, record) of the uploads stored since `since`, by any writer:
         the rows come from the database, the sizes from the blob store. Each upload's size is read once and
         remembered (blobs never change), so a call reads only the rows committed since the last one."""
-        since = _utc(since)
+        since = as_utc(since)
         with self._usage_lock:
             if self._usage_since != since:
                 self._usage, self._usage_since, self._usage_newest = {}, since, since
@@ -324,7 +323,7 @@ class UploadStore:
             sizes = self._blob_sizes([key for _, _, blobs in new for key in blobs.values()])
             for upload_id, created, blobs in new:
                 self._usage[upload_id] = sum(sizes[key] for key in blobs.values())
-                self._usage_newest = max(self._usage_newest, _utc(created))
+                self._usage_newest = max(self._usage_newest, as_utc(created))
             return sum(self._usage.values())
 
     def count(self) -> int:
@@ -395,11 +394,6 @@ def row_to_record(row: Upload) -> dict[str, Any]:
         "entropy": record.pop("entropy"),
     }
     return record
-
-
-def _utc(value: _dt.datetime) -> _dt.datetime:
-    """In UTC; a naive time is UTC already (SQLite returns stored times without their zone)."""
-    return value.astimezone(_dt.timezone.utc) if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)
 
 
 def _optional_float(value: Any) -> float | None:
