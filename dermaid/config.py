@@ -36,3 +36,16 @@ def to_plain(cfg: DictConfig | dict) -> dict[str, Any]:
     if isinstance(cfg, dict):
         return cfg
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+
+
+def is_word(arg: str) -> bool:
+    """A bare command-line word (`upgrade`, `dr_smith`), not a `key=value` override or an option."""
+    return bool(arg) and "=" not in arg and not arg.startswith("-")
+
+
+def action_args(argv: list[str]) -> list[str]:
+    """`dermaid db upgrade k=v` -> `action=upgrade k=v`: a command's first bare word is its `action` (the
+    `hydra_args` hook of dermaid.cli; `action=...` may also be given)."""
+    if argv and is_word(argv[0]):
+        return [f"action={argv[0]}", *argv[1:]]
+    return argv

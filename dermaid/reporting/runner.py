@@ -34,7 +34,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dermaid import files
-from dermaid.config import conf_dir, to_plain
+from dermaid.config import conf_dir, is_word, to_plain
 from dermaid.errors import DermaidError
 
 KERNEL_NAME = "dermaid"  # the kernel `make lab` registers and the notebooks' kernelspec names
@@ -68,7 +68,7 @@ def hydra_args(argv: list[str]) -> list[str]:
     own = _config_keys()
     out: list[str] = []
     for i, arg in enumerate(argv):
-        if i == 0 and arg and "=" not in arg and not arg.startswith("-"):
+        if i == 0 and is_word(arg):
             if arg not in report_names():
                 raise DermaidError(f"report: unknown report {arg!r}; run `dermaid report NAME key=value ...` "
                                    f"with NAME one of {report_names()}")

@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from dermaid.config import action_args
 from dermaid.errors import DermaidError
 from dermaid.uploads.store import UploadStore, database_url, require_database
 
@@ -70,8 +71,4 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return {"removed": removed, "dry_run": bool(plain["dry_run"]), "retention_days": days}
 
 
-def hydra_args(argv: list[str]) -> list[str]:
-    """`dermaid uploads purge k=v` -> `action=purge k=v`."""
-    if argv and "=" not in argv[0] and not argv[0].startswith("-"):
-        return [f"action={argv[0]}", *argv[1:]]
-    return argv
+hydra_args = action_args   # `dermaid uploads purge k=v` -> `action=purge k=v`

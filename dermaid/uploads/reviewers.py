@@ -31,6 +31,7 @@ from sqlalchemy import Engine, bindparam, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
+from dermaid.config import is_word
 from dermaid.auth import check_reviewer, create_token, hash_token, token_digest
 from dermaid.errors import DermaidError
 from dermaid.uploads.db import ReviewerToken, as_utc, create_db_engine
@@ -150,11 +151,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def hydra_args(argv: list[str]) -> list[str]:
     """`dermaid reviewers add NAME k=v` -> `action=add name='NAME' k=v` (action=/name= may also be given)."""
-    if not argv or "=" in argv[0] or argv[0].startswith("-"):
+    if not argv or not is_word(argv[0]):
         return argv
     action, rest = argv[0], argv[1:]
     words = [f"action={action}"]
-    if rest and "=" not in rest[0] and not rest[0].startswith("-"):
+    if rest and is_word(rest[0]):
         # quoted: Hydra keeps it a string (a name like 007 or dr.smith@clinic); the pattern allows no quote
         words.append(f"name='{check_reviewer(rest[0])}'")
         rest = rest[1:]

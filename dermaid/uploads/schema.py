@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.engine import make_url
 
+from dermaid.config import action_args
 from dermaid.errors import DermaidError
 
 SCRIPT_LOCATION = "dermaid.uploads:migrations"
@@ -145,11 +146,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return {"before": before, "after": after}
 
 
-def hydra_args(argv: list[str]) -> list[str]:
-    """`dermaid db upgrade k=v` -> `action=upgrade k=v` (the action may also be given as action=...)."""
-    if argv and "=" not in argv[0] and not argv[0].startswith("-"):
-        return [f"action={argv[0]}", *argv[1:]]
-    return argv
+hydra_args = action_args   # `dermaid db upgrade k=v` -> `action=upgrade k=v`
 
 
 def new_revision(message: str) -> str:
