@@ -360,27 +360,26 @@ class UploadStore:
         return sizes
 
     def _remove_blobs(self, blobs: dict[str, str]) -> None:
-        """Remove an upload's blobs and their directory (blobs/<id>/); already missing ones are fine. Raises
-        when one cannot be removed."""
-        for key in sorted(set(blobs.values())):
-            fs, path = get_fs(self.url(key))
+        """Remove an upload's blob directory (blobs/<id>/: `save` writes every blob there) with anything else
+        under it; an already missing one is fine. Raises when it cannot be removed."""
+        for prefix in sorted({key.rsplit("/", 1)[0] for key in blobs.values()}):
             try:
-                fs.rm(path)
-            except FileNotFoundError:
-                pass
-        for folder in sorted({key.rsplit("/", 1)[0] for key in blobs.values() if key.startswith(f"{BLOBS_DIR}/")}):
-            fs, path = get_fs(self.url(folder))
-            try:
-                fs.rm(path, recursive=True)   # a local directory; on a bucket, anything else under the prefix
+                self._remove_dir(prefix)
             except FileNotFoundError:
                 pass
 
     def _remove_prefix(self, prefix: str) -> None:
         try:
-            fs, path = get_fs(self.url(prefix))
-            fs.rm(path, recursive=True)
+            self._remove_dir(prefix)
         except Exception:  # noqa: BLE001 - cleanup must not hide the original error
             pass
+
+    def _remove_dir(self, prefix: str) -> None:
+        """Remove blobs/<id>/ recursively (a local directory; on a bucket, every object under the prefix)."""
+        if not prefix.startswith(f"{BLOBS_DIR}/"):
+            raise ValueError(f"not a blob directory: {prefix!r}")   # never the store's root or its database
+        fs, path = get_fs(self.url(prefix))
+        fs.rm(path, recursive=True)
 
 
 def row_to_record(row: Upload) -> dict[str, Any]:
