@@ -20,7 +20,7 @@ from typing import Any, Callable
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,6 +28,14 @@ from dermaid.classes import AGE_RANGE, CLASS_CODES, SEXES, SITES
 from dermaid.data.images import ALLOWED_FORMATS, ImageTooLargeError, sniff_format
 from dermaid.inference import CAM_METHODS, ImageShapeError
 from serve.args import MIB
+
+NO_STORE = {"Cache-Control": "no-store"}   # tokens, reviews and review data never land in a shared cache
+
+
+def no_store_json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON answer that no cache keeps (the review API, a consumer's lookup and deletion), plus `headers`."""
+    return Response(json.dumps(body, default=str), status_code=status, media_type="application/json",
+                    headers={**NO_STORE, **(headers or {})})
 
 logger = logging.getLogger("ray.serve")
 

@@ -36,15 +36,15 @@ from dermaid.classes import BY_CODE, DISCLAIMER
 from dermaid.inference import RETAKE_MESSAGE, build_result
 from dermaid.ray_compat import by_value_handle
 from serve.args import MIB, AppArgs, IngressArgs, deployment_options
-from serve.errors import ApiError, ErrorResponse, add_error_handling, error_body
+from serve.errors import NO_STORE, ApiError, ErrorResponse, add_error_handling, error_body
 from serve.quotas import UploadGuard
-from serve.review import REVIEW_HEADERS, create_review_context, require_reviewer
+from serve.review import create_review_context, require_reviewer
 from serve.review import router as review_router
 from serve.schemas import (
     ERROR_RESPONSES, Age, ClassifyResponse, Consent, FullSize, ImageFile, Method, ModelResponse, SaliencyFormat,
     SaliencyResponse, Sex, Site, Target, only_fields,
 )
-from serve.uploads_api import NO_STORE, consent_fields, create_consumer_context
+from serve.uploads_api import consent_fields, create_consumer_context
 from serve.uploads_api import router as uploads_router
 
 logger = logging.getLogger("ray.serve")
@@ -211,7 +211,7 @@ class Ingress:
     async def review_model(self) -> JSONResponse:
         """The whole card of the served checkpoint (training config, provenance, compression source, OOD
         statistics), for dermatologists and operators."""
-        return JSONResponse({**await self._model_info(), "disclaimer": DISCLAIMER}, headers=REVIEW_HEADERS)
+        return JSONResponse({**await self._model_info(), "disclaimer": DISCLAIMER}, headers=NO_STORE)
 
     async def _model_info(self) -> dict[str, Any]:
         """The Classifier's {model_version, card}, asked once."""

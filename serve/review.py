@@ -62,7 +62,7 @@ from dermaid.uploads.labelstudio import LABELSTUDIO_CONFIG
 from dermaid.uploads.reviewers import ReviewerTokenStore
 from dermaid.uploads.validation import MAX_COMMENT_CHARS, InvalidUploadId, UnknownUpload
 from serve.args import MIB, ReviewArgs
-from serve.errors import read_json
+from serve.errors import NO_STORE, no_store_json, read_json
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 STATIC_FILES = {"app.css": "text/css", "common.js": "text/javascript", "consumer.js": "text/javascript",
@@ -74,7 +74,6 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
-REVIEW_HEADERS = {"Cache-Control": "no-store"}  # review data never lands in a shared cache
 LABEL_BODY_LIMIT = 32 * 1024    # a label: a code and <= 2000 comment characters (12 KB even if all \u-escaped)
 IMPORT_BODY_LIMIT = 4 * MIB     # a Label Studio export of ~2000 annotated tasks; split larger ones
 
@@ -197,7 +196,7 @@ def static_file(name: str) -> Response:
 
 @review_api.get("/me")
 def me(reviewer: Reviewer) -> Response:
-    return _json({"reviewer": reviewer, "disclaimer": DISCLAIMER})
+    return no_store_json({"reviewer": reviewer, "disclaimer": DISCLAIMER})
 
 
 @review_api.get("/queue")
@@ -209,7 +208,7 @@ def queue(context: Context, reviewer: Reviewer, top_class: TopClass = None,
     one; the photos the model refused first, then ties, then highest entropy. Blinded: no prediction shown."""
     page = _call(context.labels.queue, top_class=top_class, reviewer=reviewer, labels_below=labels_below,
                  limit=limit, offset=offset)
-    return _json({**page, "blinded": context.labels.blinded,
+    return no_store_json({**page, "blinded": context.labels.blinded,
                   "order": "photos the model refused first, then ties (needs_tiebreak), then the entropy of the "
                            "calibrated probabilities, highest first", "disclaimer": DISCLAIMER})
 
@@ -217,7 +216,7 @@ def queue(context: Context, reviewer: Reviewer, top_class: TopClass = None,
 @review_api.get("/uploads/{upload_id}")
 def upload_item(context: Context, reviewer: Reviewer, upload_id: UploadId) -> Response:
     """Metadata, prediction, labels and agreement; blinded: the prediction and labels after this reviewer's own."""
-    return _json({**_call(context.labels.item, upload_id, reviewer), "disclaimer": DISCLAIMER})
+    return no_store_json({**_call(context.labels.item, upload_id, reviewer), "disclaimer": DISCLAIMER})
 
 
 @review_api.get("/uploads/{upload_id}/image", responses={200: {"content": {"image/*": {}}}})
@@ -226,13 +225,13 @@ def upload_image(context: Context, upload_id: UploadId,
                                  Query(description="image: the photo; input: what the model saw")] = "image",
                  ) -> Response:
     data, media = _call(context.labels.read_image, upload_id, kind)
-    return Response(data, media_type=media, headers={**REVIEW_HEADERS, "X-Content-Type-Options": "nosniff"})
+    return Response(data, media_type=media, headers={**NO_STORE, "X-Content-Type-Options": "nosniff"})
 
 
 @review_api.get("/uploads/{upload_id}/labels")
 def upload_labels(context: Context, reviewer: Reviewer, upload_id: UploadId) -> Response:
     """Label history + agreement (blinded: null until this reviewer has labelled the upload)."""
-    return _json(_call(context.labels.labels_view, upload_id, reviewer))
+    return no_store_json(_call(context.labels.labels_view, upload_id, reviewer))
 
 
 @review_api.post("/uploads/{upload_id}/labels", status_code=201,
@@ -246,7 +245,7 @@ async def add_label(request: Request, context: Context, reviewer: Reviewer, uplo
                       confidence=body.confidence, advice=body.advice)
         return {"label": label, "agreement": _call(context.labels.agreement, label["upload_id"])}
 
-    return _json(await run_in_threadpool(add), status=201)
+    return no_store_json(await run_in_threadpool(add), status=201)
 
 
 @review_api.get("/labeled")
@@ -261,20 +260,20 @@ def labeled(context: Context, reviewer: Reviewer,
         mine = _call(context.labels.labeled_by, reviewer)
         shown = [item for item in items if item["upload"]["id"] in mine]
     rows = [{"upload": public_upload(item["upload"]), "agreement": item["agreement"]} for item in shown]
-    return _json({"items": rows, "total": len(rows), "withheld": len(items) - len(shown)})
+    return no_store_json({"items": rows, "total": len(rows), "withheld": len(items) - len(shown)})
 
 
 @review_api.get("/stats")
 def stats(context: Context) -> Response:
     """Per reviewer counts (labels, uploads, blinded votes, confidence, advice), Cohen's kappa per pair of
     reviewers, Krippendorff's alpha over all (reviewers per upload vary, which Fleiss' kappa cannot take), ties."""
-    return _json({**_call(context.labels.statistics), "blinded": context.labels.blinded, "disclaimer": DISCLAIMER})
+    return no_store_json({**_call(context.labels.statistics), "blinded": context.labels.blinded, "disclaimer": DISCLAIMER})
 
 
 @review_api.get("/labelstudio/config", response_class=PlainTextResponse)
 def labelstudio_config() -> PlainTextResponse:
     """The Label Studio labeling config the tasks and the import expect (paste it into the project settings)."""
-    return PlainTextResponse(LABELSTUDIO_CONFIG, media_type="application/xml", headers=REVIEW_HEADERS)
+    return PlainTextResponse(LABELSTUDIO_CONFIG, media_type="application/xml", headers=NO_STORE)
 
 
 @review_api.get("/labelstudio/tasks")
@@ -298,7 +297,7 @@ def labelstudio_tasks(request: Request, context: Context, top_class: TopClass = 
         return f"{base}/v1/review/uploads/{upload['id']}/image"
 
     tasks = _call(context.labels.labelstudio_tasks, image_url, top_class=top_class, limit=limit, offset=offset)
-    return _json(tasks, headers={"Content-Disposition": 'attachment; filename="dermaid-labelstudio-tasks.json"'})
+    return no_store_json(tasks, headers={"Content-Disposition": 'attachment; filename="dermaid-labelstudio-tasks.json"'})
 
 
 @review_api.post("/labelstudio/import", openapi_extra=_json_body_doc(
@@ -309,7 +308,7 @@ async def labelstudio_import(request: Request, context: Context, reviewer: Revie
     re-import adds nothing). The file's completed_by and created_at decide nothing: the labels are the token
     holder's, dated no later than now (LabelStore.import_labelstudio)."""
     export = await read_json(request, IMPORT_BODY_LIMIT)  # the token was checked before this read
-    return _json(await run_in_threadpool(_call, context.labels.import_labelstudio, export, reviewer=reviewer))
+    return no_store_json(await run_in_threadpool(_call, context.labels.import_labelstudio, export, reviewer=reviewer))
 
 
 router.include_router(review_api)
@@ -337,11 +336,6 @@ def _label_in(data: Any) -> LabelIn:
         return LabelIn.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
-
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(body, default=str), status_code=status, media_type="application/json",
-                    headers={**REVIEW_HEADERS, **(headers or {})})
 
 
 @lru_cache(maxsize=16)

@@ -17,12 +17,11 @@ only, never in a URL (URLs end up in logs and browser history); answers carry Ca
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path as PathParam, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from dermaid.auth import parse_bearer
@@ -30,11 +29,10 @@ from dermaid.classes import DISCLAIMER
 from dermaid.uploads.consumer import deleted_answer, upload_state
 from dermaid.uploads.store import SavedUpload, UploadStore
 from dermaid.uploads.validation import parse_upload_id
-from serve.errors import ApiError, ErrorResponse
+from serve.errors import ApiError, ErrorResponse, no_store_json
 from serve.review import replica_attribute
 from serve.schemas import PrivacyResponse, UploadDeletedResponse, UploadStateResponse
 
-NO_STORE = {"Cache-Control": "no-store"}   # a token or a review never lands in a shared cache
 NOT_FOUND = "no upload matches this reference and token (check both; a deleted photo is gone for good)"
 STORED = ("the photo, re-encoded without its hidden file information (location, device, time and other "
           "metadata); the age, sex and body site you gave; the model's answer")
@@ -91,7 +89,7 @@ router = APIRouter(tags=["uploads"])
 @router.get("/v1/privacy", response_model=PrivacyResponse)
 def privacy(context: Context) -> Response:
     """What is stored with consent, who sees it, how long it is kept (storage.retention_days), how to delete it."""
-    return _json(privacy_body(context.retention_days), headers={})
+    return JSONResponse(privacy_body(context.retention_days))   # public wording: cacheable
 
 
 @router.get("/v1/uploads/{ref}", response_model=UploadStateResponse, responses=NOT_FOUND_DOC)
@@ -102,7 +100,7 @@ def lookup(request: Request, context: Context, ref: Reference) -> Response:
     state = _database(upload_state, context.store, upload_id, context.retention_days)
     if state is None:
         raise ApiError(404, "not_found", NOT_FOUND)  # deleted between the check and the read
-    return _json(state)
+    return no_store_json(state)
 
 
 @router.delete("/v1/uploads/{ref}", response_model=UploadDeletedResponse, responses=NOT_FOUND_DOC)
@@ -114,7 +112,7 @@ def delete_upload(request: Request, context: Context, ref: Reference) -> Respons
     deleted = _database(context.store.delete, upload_id)
     if deleted is None:
         raise ApiError(404, "not_found", NOT_FOUND)  # deleted by another request in between
-    return _json(deleted_answer(deleted))
+    return no_store_json(deleted_answer(deleted))
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -137,7 +135,3 @@ def _database(fn: Any, *args: Any) -> Any:
         raise ApiError(503, "unavailable", "the photo store cannot be changed now; nothing was deleted, try again "
                                            "shortly") from None
 
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(body), status_code=status, media_type="application/json",
-                    headers=NO_STORE if headers is None else headers)
