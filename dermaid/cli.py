@@ -26,8 +26,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": ("dermaid.data.prepare", "run", "decode, resize and shard a dataset into a version"),
     "train": ("dermaid.training.driver", "run", "train a classifier on Ray Train"),
     "evaluate": ("dermaid.evaluation.evaluate", "run", "predictions.csv + metrics.json for a checkpoint"),
+    "predict": ("dermaid.inference.batch", "run", "predict one image (printed) or a folder/bucket on Ray Data (CSV)"),
     "calibrate": ("dermaid.evaluation.calibrate", "run", "fit OOD detectors and the triage cut-off for a checkpoint"),
     "tune": ("dermaid.tuning", "run", "hyperparameter search with Ray Tune"),
+    "cv": ("dermaid.training.cv", "run", "K-fold cross-validation: every fold on Ray Train, OOF metrics, fold ensemble"),
+    "ensemble": ("dermaid.models.ensemble", "run", "combine checkpoints into one ensemble checkpoint"),
     "distill": ("dermaid.compress", "run_distill", "knowledge distillation into a smaller student"),
     "quantize": ("dermaid.compress", "run_quantize", "int8 post-training quantization"),
     "export": ("dermaid.compress", "run_export", "export a checkpoint to ONNX or TorchScript"),
@@ -37,7 +40,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "reviewers": ("dermaid.uploads.reviewers", "run", "add NAME | revoke NAME | list dermatologist tokens"),
     "uploads": ("dermaid.uploads.purge", "run", "purge: delete unreviewed uploads older than storage.retention_days"),
     "report": ("dermaid.reporting.runner", "run", "execute a notebook report with papermill"),
+    "monitor": ("dermaid.monitoring.simulate", "run", "simulate: replay toy uploads (optionally shifted) through a running service"),
+    "runs": ("dermaid.runs", "run", "table of runs, tuning trials, CV and registered models, with config differences"),
     "pipeline": ("dermaid.pipeline", "run", "prepare -> train -> evaluate -> reports -> register"),
+    "registry": ("dermaid.registry.cli", "run", "list | show NAME | promote NAME@VERSION | rollback NAME model versions"),
+    "gc": ("dermaid.registry.gc", "run", "name and remove what crashed publishes left (dry_run=true: name only)"),
 }
 
 

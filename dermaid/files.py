@@ -1,13 +1,28 @@
 """fsspec helpers: every path in DermAID is a URL (local path, gs://bucket/prefix, memory://...).
 
-Writes that must never be seen half-done go through `atomic_dir`: files land in a temporary
-sibling and move into place at the end (a rename on local disk; on object stores the marker file
-is written last, so readers that check for it never see a partial directory).
+Publishing (how a directory becomes visible, `atomic_dir`): the files are written to a fresh sibling,
+`<name>.tmp-<UTC stamp>-<id>`, that no reader looks at; one small step then makes them visible:
+  - local disk: one rename(2) of the whole directory (a new name), or, replacing a directory, one
+    renameat2(RENAME_EXCHANGE) that swaps the two names atomically (Linux; elsewhere two renames with a
+    moment where the name is missing), then the old content is removed;
+  - object stores (gs://, memory://): there is no directory rename. The files are copied into place one
+    object at a time (each object appears whole: a PUT is atomic) with the marker files (card.json,
+    manifest.json, ... `PUBLISH_MARKERS`) written LAST: readers go by the marker, so they never read a
+    directory whose marker is missing. Replacing an existing directory first deletes its marker (the directory
+    reads as absent, never as a mix) and only then its files. What must never be absent is therefore never
+    replaced: registry versions and dataset versions are written once under fresh names, and what switches
+    between them is a pointer file written last (`write_atomic`, `write_exclusive`: registry stages,
+    dataset tags).
+A crash leaves only garbage: a `*.tmp-*` directory, or on object stores a directory without its marker;
+`dermaid gc` (dermaid.registry.gc) names and removes both once they are older than a grace period.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import datetime as _dt
+import errno
 import os
 import shutil
 import uuid
@@ -15,6 +30,11 @@ from collections.abc import Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
+
+TMP_INFIX = ".tmp-"   # fresh publish locations: <name>.tmp-<YYYYmmddTHHMMSSZ>-<hex8>; gc's pattern
+TMP_STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+# files that say "this directory is complete": copied last into place on object stores, looked for by readers
+PUBLISH_MARKERS = ("card.json", "manifest.json", "version.json", "registry.json", "summary.json", "report.html")
 
 
 def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -73,38 +93,197 @@ def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode("utf-8"))
 
 
-@contextlib.contextmanager
-def atomic_dir(url: str, overwrite: bool = True) -> Iterator[str]:
-    """Yield a temporary URL to fill; on success it becomes `url` (replacing it if overwrite).
+# --------------------------------------------------------------------------- single files: pointers
 
-    On a failure inside the block the temporary directory is removed and `url` is untouched.
-    """
+def write_atomic(url: str, data: bytes) -> None:
+    """Replace one small file so that readers see the old or the new content, never a part: on local disk a
+    temporary sibling then os.replace; on object stores one PUT (an object appears whole when it is closed)."""
+    fs, path = get_fs(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if not is_local(url):
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    tmp = f"{path}{TMP_INFIX}{_stamp()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on one filesystem
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_exclusive(url: str, data: bytes) -> None:
+    """Create a file that must not exist yet, whole or not at all: the compare-and-swap of pointers.
+
+    FileExistsError when it exists (someone else created it first). Local disk: the content goes to a
+    temporary file, then os.link puts it under the final name, and link(2) fails with EEXIST when the name is
+    taken (O_EXCL alone would expose a half-written file to readers). Object stores: open(mode="xb"), which
+    gcsfs sends as a conditional PUT (ifGenerationMatch=0) and memory:// checks under its lock; a store
+    without "xb" raises ValueError (no silent fallback to a racy check-then-write)."""
+    fs, path = get_fs(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if not is_local(url):
+        with fs.open(path, "xb") as f:
+            f.write(data)
+        return
+    tmp = f"{path}{TMP_INFIX}{_stamp()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # EEXIST -> FileExistsError
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------- directories: publishing
+
+def tmp_sibling(url: str) -> str:
+    """A fresh publish location beside `url` (same filesystem, so a local rename works)."""
+    return f"{str(url).rstrip('/')}{TMP_INFIX}{_stamp()}-{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.contextmanager
+def atomic_dir(url: str, overwrite: bool = True, markers: tuple[str, ...] = PUBLISH_MARKERS) -> Iterator[str]:
+    """Yield a fresh temporary URL to fill; on success it is published at `url` (see the module docstring).
+
+    overwrite=False: FileExistsError when `url` exists (checked before and, on local disk, by the rename
+    itself: a directory published by someone else meanwhile is never replaced). On a failure inside the
+    block the temporary directory is removed and `url` is untouched; a crash leaves the `*.tmp-*` directory
+    for `dermaid gc`."""
     fs, path = get_fs(url)
     path = path.rstrip("/")
-    tmp_path = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     local = is_local(url)
+    if not overwrite and fs.exists(path):
+        raise FileExistsError(f"{url} exists already")
+    tmp_path = tmp_sibling(path)
     fs.makedirs(tmp_path, exist_ok=True)
     tmp_url = tmp_path if local else f"{_protocol(fs)}://{tmp_path}"
     try:
         yield tmp_url
+        publish(tmp_url, url, overwrite, markers)
     except BaseException:
-        fs.rm(tmp_path, recursive=True)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(tmp_path, recursive=True)
         raise
+    with contextlib.suppress(FileNotFoundError):
+        if fs.exists(tmp_path):
+            fs.rm(tmp_path, recursive=True)
+
+
+def publish(tmp_url: str, url: str, overwrite: bool = True, markers: tuple[str, ...] = PUBLISH_MARKERS) -> None:
+    """Make the filled directory `tmp_url` (a `tmp_sibling` of `url`) visible as `url` in one step: a rename on
+    local disk, a marker-last copy on object stores (module docstring). FileExistsError when `url` exists and
+    not overwrite. `tmp_url` is gone afterwards on local disk; on object stores the caller removes it."""
+    fs, tmp_path = get_fs(tmp_url)
+    path = get_fs(url)[1].rstrip("/")
+    if is_local(url):
+        _publish_local(tmp_path.rstrip("/"), path, overwrite)
+    else:
+        _publish_by_copy(fs, tmp_path.rstrip("/"), path, overwrite, markers)
+
+
+def _publish_local(tmp: str, path: str, overwrite: bool) -> None:
+    """One rename makes `tmp` visible as `path` (exchanging the two when `path` exists and overwrite)."""
+    if not os.path.lexists(path):
+        try:
+            _renameat2(tmp, path, _RENAME_NOREPLACE)
+            return
+        except FileExistsError:
+            if not overwrite:
+                raise FileExistsError(f"{path} exists already (published meanwhile)") from None
+        except _Unsupported:
+            if not os.path.lexists(path):
+                os.rename(tmp, path)
+                return
+    if not overwrite:
+        raise FileExistsError(f"{path} exists already")
+    try:
+        _renameat2(tmp, path, _RENAME_EXCHANGE)  # tmp now holds the old content
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    except _Unsupported:
+        pass
+    old = tmp_sibling(path)  # no exchange here: path is missing between these two renames
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _publish_by_copy(fs: fsspec.AbstractFileSystem, tmp: str, path: str, overwrite: bool,
+                     markers: tuple[str, ...]) -> None:
+    """Object stores: copy tmp's objects into `path`, marker files last; an existing `path` loses its markers
+    first, then its other files (never read as a mix of old and new)."""
+    sources = sorted(p for p in fs.find(tmp, detail=False) if not fs.isdir(p))
+    rel = [p[len(tmp):].lstrip("/") for p in sources]
+    is_marker = [r.rsplit("/", 1)[-1] in markers for r in rel]
     if fs.exists(path):
         if not overwrite:
-            fs.rm(tmp_path, recursive=True)
-            raise FileExistsError(f"{url} exists already")
-        if local:
-            old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp_path, path)
-            shutil.rmtree(old, ignore_errors=True)
-            return
-        fs.rm(path, recursive=True)
-    if local:
-        os.replace(tmp_path, path)
-    else:
-        fs.mv(tmp_path, path, recursive=True)
+            raise FileExistsError(f"{path} exists already")
+        old = sorted(p for p in fs.find(path, detail=False) if not fs.isdir(p))
+        old_markers = [p for p in old if p.rsplit("/", 1)[-1] in markers]
+        for p in old_markers:
+            fs.rm_file(p)
+        for p in old:
+            if p not in old_markers:
+                fs.rm_file(p)
+    marker_order = sorted((i for i in range(len(rel)) if is_marker[i]), key=lambda i: (-rel[i].count("/"), rel[i]))
+    order = [i for i in range(len(rel)) if not is_marker[i]] + marker_order  # a top-level marker is the very last
+    for i in order:
+        target = f"{path}/{rel[i]}"
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)  # a no-op on object stores; local-like stores need it
+        fs.copy(sources[i], target)
+
+
+class _Unsupported(OSError):
+    """renameat2 or the flag is not available here (not Linux, old glibc, a filesystem without it)."""
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+
+
+def _renameat2(src: str, dst: str, flags: int) -> None:
+    """Linux renameat2(2) through ctypes: Python's os module has rename/replace only, and the one PyPI wrapper
+    (renameat2 0.4, 2022) is unmaintained; this is one libc call."""
+    try:
+        func = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        raise _Unsupported("renameat2 is not available") from None
+    if func(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        raise _Unsupported(os.strerror(err))
+    if err == errno.EEXIST:
+        raise FileExistsError(err, os.strerror(err), dst)
+    raise OSError(err, os.strerror(err), f"{src} -> {dst}")
+
+
+def _stamp() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime(TMP_STAMP_FORMAT)
+
+
+def tmp_age_seconds(name: str, now: _dt.datetime | None = None) -> float | None:
+    """Age of a publish location from the stamp in its name (`x.tmp-20261129T200000Z-ab12cd34`); None for a
+    name without one (older `x.tmp-ab12cd34` names: gc then goes by the modification time)."""
+    _, _, tail = name.rpartition(TMP_INFIX)
+    stamp = tail.split("-", 1)[0]
+    try:
+        when = _dt.datetime.strptime(stamp, TMP_STAMP_FORMAT).replace(tzinfo=_dt.timezone.utc)
+    except ValueError:
+        return None
+    return ((now or _dt.datetime.now(_dt.timezone.utc)) - when).total_seconds()
 
 
 def _protocol(fs: fsspec.AbstractFileSystem) -> str:

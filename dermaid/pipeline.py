@@ -50,6 +50,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for step, info in summary["steps"].items():
         print(f"  {step:<10} {'skipped (exists)' if info['skipped'] else 'ran':<17} {info['out']}")
     print(f"registered: {summary['registered']}")
+    record = summary["steps"]["register"]["result"]
+    if record.get("version"):  # the registry's version; nothing is served until someone promotes it
+        print(f"promote it with: dermaid registry promote {record['name']}@{record['version']}"
+              + ("" if record.get("promotable", True) else "  (its card fails the checks: `dermaid registry show`)"))
     print(DISCLAIMER)
     return summary
 
@@ -91,10 +95,13 @@ def run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
             "report": write_report(config, n, trained, out=files.join(d, "report"))})
 
     # 5. register the best checkpoint with its card and test metrics
+    # (dermaid.registry: an immutable version <registry.url>/<name>/versions/<version>/; promotion is a separate,
+    # deliberate step: `dermaid registry promote NAME@VERSION`)
     registry = files.absolute_url(config["registry"]["url"])
-    registered = files.join(registry, pipe["name"], f"{version[:8]}-{train_key}")
-    steps["register"] = _step(registered, force, lambda: register_model(
-        trained["checkpoint"], eval_dir, registered, version, train_key))
+    model_version = f"{version[:8]}-{train_key}"
+    steps["register"] = _step(files.join(out, f"register-{train_key}"), force, lambda: register_model(
+        trained["checkpoint"], eval_dir, registry, pipe["name"], model_version, version, train_key))
+    registered = steps["register"]["result"].get("checkpoint", files.join(registry, pipe["name"]))
     return {"version": version, "steps": steps, "registered": registered}
 
 
@@ -174,23 +181,32 @@ def write_report(config: dict[str, Any], name: str, trained: dict[str, Any], out
     return build_report_from_config(report_cfg)
 
 
-def register_model(checkpoint: str, eval_dir: str, target: str, version: str, train_key: str) -> dict[str, Any]:
-    """Copy the checkpoint (with its card) and the evaluation's metrics.json into the registry at `target`."""
+def register_model(checkpoint: str, eval_dir: str, registry_root: str, name: str, model_version: str,
+                   dataset_version: str, train_key: str) -> dict[str, Any]:
+    """Register the checkpoint (with its card) as `name@model_version` in the registry at `registry_root`, with the
+    evaluation's metrics.json as its test metrics. Registering the same checkpoint again (a re-run whose step record
+    was removed) returns the existing version; a different checkpoint under that version is refused."""
     from dermaid.models.card import load_card
+    from dermaid.models.card import model_version as card_id
+    from dermaid.registry import Registry, RegistryError
 
     card = load_card(checkpoint)  # a clear error when training left no usable checkpoint
-    fs, src = files.get_fs(checkpoint)
-    with files.atomic_dir(files.join(target, "model")) as tmp:
-        for path in fs.ls(src, detail=False):
-            name = path.rstrip("/").rsplit("/", 1)[-1]
-            files.write_bytes(files.join(tmp, name), fs.cat_file(path))
-    metrics = files.join(eval_dir, "metrics.json")
-    if files.exists(metrics):
-        files.write_bytes(files.join(target, "metrics.json"), files.read_bytes(metrics))
-    entry = {"dataset_version": version, "config_key": train_key, "model": card.model_name,
-             "checkpoint": files.join(target, "model"), "source": checkpoint}
-    files.write_text(files.join(target, "registry.json"), json.dumps(entry, indent=2))
-    return entry
+    metrics_url = files.join(eval_dir, "metrics.json")
+    metrics_bytes = files.read_bytes(metrics_url) if files.exists(metrics_url) else None
+    metrics = json.loads(metrics_bytes) if metrics_bytes else None
+    registry = Registry(registry_root)
+    provenance = {"dataset_version": dataset_version, "config_key": train_key}
+    try:
+        record = registry.register(checkpoint, name, model_version, metrics=metrics, provenance=provenance,
+                                   extra_files={"metrics.json": metrics_bytes} if metrics_bytes else None)
+    except RegistryError:
+        record = registry.version(name, model_version) if model_version in {
+            v.version for v in registry.versions(name)} else None
+        if record is None or record.card_id != card_id(card):
+            raise
+    return {"name": name, "version": record.version, "checkpoint": record.checkpoint, "model": record.model,
+            "dataset_version": dataset_version, "config_key": train_key, "source": checkpoint,
+            "promotable": not record.problems}
 
 
 # --------------------------------------------------------------------------- helpers

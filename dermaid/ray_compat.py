@@ -13,6 +13,7 @@ keyword argument or environment variable of Ray's.
     train_worker_start_timeout_env(s)     Ray Train's worker-group start timeout (ray.train.v2._internal.constants)
     build_serve_app(builder, args, name)  what `serve deploy` does with import_path + args, short of deploying
     deployment_schemas(app, name)         the deployments Serve would create for an Application
+    deploy_applications(apps)             what `serve deploy` does with a config's applications (Serve's client)
     validate_cluster_launcher(config)     the cluster launcher's own schema check
 """
 
@@ -30,6 +31,7 @@ PRIVATE_APIS = {
     "worker_setup_hook_env": "ray._private.ray_constants",
     "serve_build_app": "ray.serve._private.build_app",
     "serve_app_builder_args": "ray.serve._private.api",
+    "serve_global_client": "ray.serve.context",
     "cluster_launcher_validation": "ray.autoscaler._private.util",
     "train_worker_start_timeout": "ray.train.v2._internal.constants",
     "placement_group_cleaner_log": "ray.train.v2._internal.execution.controller.placement_group_cleaner",
@@ -133,6 +135,22 @@ def deployment_schemas(app: Any, name: str) -> list[Any]:
     from ray.serve.deployment import deployment_to_schema
 
     return [deployment_to_schema(d) for d in build_app(app, name=name).deployments]
+
+
+def deploy_applications(apps: list[dict[str, Any]]) -> None:
+    """Deploy Serve application configs (ServeApplicationSchema dicts) on the running Serve, as `serve deploy` and
+    KubeRay do: the controller builds each from import_path + args. Deploying one again with only a deployment's
+    user_config changed is Serve's documented lightweight update: reconfigure() on the live replicas, no restart.
+    Other applications deployed this way stay (a Serve config deploy removes the ones it does not name)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema, ServeInstanceDetails
+
+    client = _get_global_client()
+    details = ServeInstanceDetails(**client.get_serve_details())
+    names = {app["name"] for app in apps}
+    kept = [app.deployed_app_config.model_dump(exclude_unset=True) for name, app in details.applications.items()
+            if app.deployed_app_config is not None and name not in names]
+    client.deploy_apps(ServeDeploySchema(applications=[*kept, *apps]))
 
 
 def validate_cluster_launcher(config: dict[str, Any]) -> None:

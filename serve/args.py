@@ -8,7 +8,7 @@ of the deliberate overrides it lists.
 
     AppArgs                       checkpoint, device, limits, triage, storage, review, and per deployment:
       ClassifierArgs              replicas, resources, torch threads, decode threads, forward lanes, batching
-      ExplainerArgs               replicas, resources, torch threads, model copies
+      ExplainerArgs               replicas, resources, torch threads, model copies, the model (user_config)
       IngressArgs                 replicas, resources, the gRPC upload limit, /docs on or off (user_config)
     deployment_options(args)      one deployment's arguments -> Serve's .options(...) keywords
 """
@@ -25,6 +25,8 @@ from dermaid.data.images import DEFAULT_MAX_PIXELS
 from dermaid.files import absolute_url
 from dermaid.inference import DEFAULT_TRIAGE
 from dermaid.inference.saliency import OVERLAY_MAX_SIDE
+from dermaid.registry.store import SCHEME as REGISTRY_SCHEME
+from serve.metrics import MonitoringArgs
 
 MIB = 1024 * 1024
 # Serve's inter-deployment gRPC carries messages up to 4 MiB (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH);
@@ -42,6 +44,9 @@ class DeploymentArgs(BaseModel):
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     max_ongoing_requests: int = 32
+    # Requests each caller (the Ingress's handle, Serve's proxy) queues for this deployment beyond its replicas'
+    # max_ongoing_requests; past it the caller gets Serve's BackPressureError at once (-1: Serve's default, no bound)
+    max_queued_requests: int = Field(-1, ge=-1)
 
 
 class TorchDeploymentArgs(DeploymentArgs):
@@ -65,7 +70,25 @@ class BatchingArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.0, ge=0)
 
 
+class ModelSource(BaseModel):
+    """The model a Classifier or Explainer replica serves, in its user_config: a promotion reaches the live replicas
+    through Serve's reconfigure() (they load it beside the old one and switch; no restart; serve/replica.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str = Field(min_length=1)   # the checkpoint directory Predictor loads
+    version: str | None = None   # the registry's "NAME@VERSION" when it came from one, else None
+
+
+class ClassifierConfig(BatchingArgs):
+    """The Classifier's whole user_config: batching, and the model (None: the checkpoint it was built with)."""
+
+    model: ModelSource | None = None
+
+
 class ClassifierArgs(TorchDeploymentArgs, BatchingArgs):
+    # 8 batches of 8 waiting per caller beyond the replica's 32: ~3 s of work on 2 CPU cores at 224 px; past it a
+    # classify is answered 503 + Retry-After at once instead of waiting (serve/ingress.py)
+    max_queued_requests: int = Field(64, ge=-1)
     decode_threads: int = 2
     # Batches that run at once (ForwardLanes): one alone gets every torch thread (lowest latency); beside
     # it, others run single-threaded. On CPU, two 1-thread forwards of a small CNN do ~1.3x the work of one
@@ -73,14 +96,31 @@ class ClassifierArgs(TorchDeploymentArgs, BatchingArgs):
     forward_lanes: int = Field(2, ge=1, le=MAX_FORWARD_LANES)
 
     def batching(self) -> dict[str, Any]:
-        """The user_config of the Classifier deployment."""
+        """The batching part of the Classifier's user_config."""
         return self.model_dump(include=set(BatchingArgs.model_fields))
+
+    def user_config(self, model: ModelSource | None) -> dict[str, Any]:
+        """The user_config of the Classifier deployment (ClassifierConfig): batching and the model it serves."""
+        return {**self.batching(), "model": model.model_dump() if model else None}
+
+
+class ExplainerConfig(BaseModel):
+    """The Explainer's whole user_config: the model (None: the checkpoint it was built with)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: ModelSource | None = None
 
 
 class ExplainerArgs(TorchDeploymentArgs):
     num_cpus: float = 0.5
     concurrency: int = 1          # model copies, i.e. concurrent Grad-CAM calls per replica
     max_ongoing_requests: int = 8
+    max_queued_requests: int = Field(16, ge=-1)   # saliency waiting beyond that: 503 + Retry-After
+
+    def user_config(self, model: ModelSource | None) -> dict[str, Any]:
+        """The user_config of the Explainer deployment (ExplainerConfig): the model it explains with
+        (AppArgs.explainer_source)."""
+        return {"model": model.model_dump() if model else None}
 
 
 class IngressArgs(DeploymentArgs):
@@ -94,6 +134,11 @@ class IngressArgs(DeploymentArgs):
     # origin of the review page and its token. Off: /docs is 404 and /openapi.json stays; on for development
     # (`dermaid serve ... ingress.docs=true`). Reaches the Ingress as its user_config (no restart to change).
     docs: bool = False
+    # An answer not ready after this many seconds is a JSON 503 (code "timeout") with Retry-After; Serve's own
+    # request_timeout_s (http_options) is set a little above it as the backstop (serve/launcher.py)
+    request_timeout_s: float = Field(30.0, gt=0)
+    # Retry-After (seconds) of a 503 when a model's queue is full (max_queued_requests) or an answer timed out
+    retry_after_s: int = Field(1, ge=0)
 
     def user_config(self) -> dict[str, Any]:
         """The user_config of the Ingress deployment (Ingress.reconfigure)."""
@@ -154,7 +199,11 @@ class AppArgs(BaseModel):
     """Arguments of `build_app` (validated by Serve from a config file's `args` or from the CLI)."""
 
     model_config = ConfigDict(extra="forbid")
-    checkpoint: str
+    checkpoint: str | None = None   # a checkpoint directory; or `model_url`
+    # registry://NAME/STAGE: serve what the registry's stage points at, and follow it (`dermaid serve` swaps
+    # the model in place on promotion); registry://NAME@VERSION: one version. Replaces `checkpoint`.
+    model_url: str | None = None   # (not `model`: that word is the Hydra group conf/model/)
+    registry_root: str | None = None   # the registry `model_url` names (dermaid.registry; `dermaid registry`)
     explainer_checkpoint: str | None = None
     device: str = "cpu"
     max_upload_mb: float = 20.0
@@ -172,6 +221,7 @@ class AppArgs(BaseModel):
     classifier: ClassifierArgs = Field(default_factory=ClassifierArgs)
     explainer: ExplainerArgs = Field(default_factory=ExplainerArgs)
     ingress: IngressArgs = Field(default_factory=IngressArgs)
+    monitoring: MonitoringArgs = Field(default_factory=MonitoringArgs)  # metrics + prediction log (serve/metrics.py)
 
     @field_validator("checkpoint", "explainer_checkpoint")
     @classmethod
@@ -195,16 +245,58 @@ class AppArgs(BaseModel):
         return merged
 
     @model_validator(mode="after")
+    def _one_model(self) -> "AppArgs":
+        if self.model_url and self.checkpoint:
+            raise ValueError("give checkpoint= (a directory) or model_url= (registry://NAME/STAGE), not both")
+        if not (self.model_url or self.checkpoint):
+            raise ValueError("checkpoint= is required (a checkpoint directory; or model_url=registry://NAME/STAGE to "
+                             "serve and follow a registry stage)")
+        if self.model_url and is_registry_url(self.model_url) and not self.registry_root:
+            raise ValueError(f"model_url={self.model_url} needs registry_root= (the registry's directory or URL)")
+        if self.registry_root:
+            self.registry_root = absolute_url(self.registry_root)
+        return self
+
+    def model_source(self) -> ModelSource:
+        """What the Classifier serves now: `checkpoint`, or what the registry resolves `model_url` to (RegistryError
+        when the stage or version is unknown)."""
+        if not self.model_url:
+            return ModelSource(checkpoint=self.checkpoint)
+        from dermaid.registry import resolve_model_url
+
+        checkpoint, version = resolve_model_url(self.model_url, self.registry_root or "")
+        return ModelSource(checkpoint=checkpoint,
+                           version=f"{registry_name(self.model_url)}@{version}" if is_registry_url(self.model_url) else None)
+
+    def explainer_source(self, model: ModelSource) -> ModelSource:
+        """What the Explainer serves beside the Classifier's `model`: explainer_checkpoint when given (fixed, so its
+        answers name no registry version), else `model` itself. The replica loads its float weights
+        (models.card.float_weights_for: a compressed artifact's float source); nothing is read here."""
+        if self.explainer_checkpoint:
+            return ModelSource(checkpoint=self.explainer_checkpoint)
+        return model
+
+    @model_validator(mode="after")
     def _absolute_storage(self) -> "AppArgs":
         # Replicas may run in another working directory: pin local paths at build time.
         self.storage.url = absolute_url(self.storage.url)
         return self
 
 
+def is_registry_url(url: str) -> bool:
+    return str(url).startswith(REGISTRY_SCHEME)
+
+
+def registry_name(url: str) -> str:
+    """registry://NAME/STAGE or registry://NAME@VERSION -> NAME."""
+    return str(url)[len(REGISTRY_SCHEME):].strip("/").split("/")[0].split("@")[0]
+
+
 def deployment_options(spec: DeploymentArgs) -> dict[str, Any]:
     """One deployment's arguments -> the keywords of Serve's `Deployment.options(...)`."""
     options: dict[str, Any] = {
         "max_ongoing_requests": spec.max_ongoing_requests,
+        "max_queued_requests": spec.max_queued_requests,
         "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
     }
     if isinstance(spec, TorchDeploymentArgs) and spec.omp_wait_policy:

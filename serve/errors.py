@@ -2,7 +2,11 @@
 
     ApiError(status, code, message)      raised by routes; rendered with its status
     describe_image_error(exc, data)      a decoding failure in a model replica -> status, code, message
-    add_error_handling(api, max_bytes)   the body-size limit and the exception handlers of the FastAPI app
+    add_error_handling(api, max_bytes, deadline_s, retry_after_s)
+                                         the body-size limit, the answer deadline (503 timeout) and the exception
+                                         handlers of the FastAPI app
+    await guarded(call, retry_after_s)   a model deployment's answer; its full queue (Serve's BackPressureError)
+                                         -> Unavailable (503 overloaded, JSON, Retry-After)
     await read_json(request, limit)      a route's JSON body, read only when the route asks (after its
                                          dependencies, e.g. the token check) and at most `limit` bytes
 
@@ -12,10 +16,11 @@ whose body says nothing about the server's insides.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -85,6 +90,31 @@ class TooManyRequests(ApiError):
         self.headers = {"Retry-After": str(self.retry_after)}
 
 
+class Unavailable(ApiError):
+    """503 with Retry-After: a model's queue is full (code "overloaded") or an answer took longer than the
+    deadline (code "timeout"). The client should try again after retry_after_s seconds."""
+
+    def __init__(self, code: str, message: str, retry_after_s: float) -> None:
+        super().__init__(503, code, message)
+        self.retry_after = max(0, math.ceil(retry_after_s))
+        self.headers = {"Retry-After": str(self.retry_after)}
+
+
+async def guarded(call: Awaitable[Any], retry_after_s: float) -> Any:
+    """`await call` (a model deployment's response); a full queue (Serve's BackPressureError, raised at once by this
+    replica's handle when max_queued_requests are waiting) or a deployment without replicas -> Unavailable."""
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    try:
+        return await call
+    except BackPressureError:
+        raise Unavailable("overloaded", "the model is busy: too many requests are waiting; retry after the "
+                                        "Retry-After seconds", retry_after_s) from None
+    except DeploymentUnavailableError:
+        raise Unavailable("unavailable", "the model is not available right now; retry after the Retry-After "
+                                         "seconds", retry_after_s) from None
+
+
 class BodyTooLarge(HTTPException):
     """Raised from the body stream once more than the limit has arrived (FastAPI re-raises HTTPExceptions)."""
 
@@ -137,8 +167,13 @@ def describe_image_error(exc: Exception, data: bytes) -> dict[str, Any]:
     return {"status": 400, "code": "undecodable_image", "message": message}
 
 
-def add_error_handling(api: FastAPI, max_bytes: Callable[[], int]) -> None:
-    """The body-size limit (`max_bytes()` read per request) and the JSON rendering of every error."""
+def add_error_handling(api: FastAPI, max_bytes: Callable[[], int], deadline_s: Callable[[], float] | None = None,
+                       retry_after_s: Callable[[], int] = lambda: 1) -> None:
+    """The body-size limit (`max_bytes()` read per request), the answer deadline (`deadline_s()`, None: none) and
+    the JSON rendering of every error. (Serve registers its own plain-text handler for BackPressureError on the app
+    when a replica starts, so a full model queue is turned into Unavailable where the model is called: guarded().)"""
+    if deadline_s is not None:
+        api.add_middleware(DeadlineMiddleware, deadline_s=deadline_s, retry_after_s=retry_after_s)
     api.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes)
     api.add_exception_handler(ApiError, _api_error)
     api.add_exception_handler(RequestValidationError, _validation_error)
@@ -192,11 +227,45 @@ class BodyLimitMiddleware:
             await _send_json(send, 413, error_body("body_too_large", exc.detail))
 
 
-async def _send_json(send: Callable, status: int, body: dict) -> None:
+class DeadlineMiddleware:
+    """Pure ASGI: an answer not started within `deadline_s()` seconds is cancelled (the model call with it) and
+    answered 503 {"error": {"code": "timeout"}} with Retry-After. Serve's request_timeout_s, set a little above
+    (serve/launcher.py), stays the backstop; its answer is plain text."""
+
+    def __init__(self, app: Any, deadline_s: Callable[[], float], retry_after_s: Callable[[], int]) -> None:
+        self.app = app
+        self.deadline_s = deadline_s
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        deadline = self.deadline_s()
+        try:
+            await asyncio.wait_for(self.app(scope, receive, tracking_send), timeout=deadline)
+        except asyncio.TimeoutError:
+            if started:
+                raise
+            retry = max(0, int(self.retry_after_s()))
+            await _send_json(send, 503, error_body("timeout", f"no answer within {deadline:g} s (the service is busy); "
+                                                               "retry after the Retry-After seconds",
+                                                   retry_after_s=retry), {"retry-after": str(retry)})
+
+
+async def _send_json(send: Callable, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
+                            (b"connection", b"close"),
+                            *((k.encode(), v.encode()) for k, v in (headers or {}).items())]})
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -204,6 +273,8 @@ async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
     extra = {"fields": exc.fields} if exc.fields else {}
     if isinstance(exc, TooManyRequests):
         extra.update(reason=exc.reason, retry_after_s=exc.retry_after)
+    elif isinstance(exc, Unavailable):
+        extra.update(retry_after_s=exc.retry_after)
     return JSONResponse(error_body(exc.code, exc.message, **extra), status_code=exc.status,
                         headers=getattr(exc, "headers", None))
 

@@ -6,10 +6,16 @@ Routes (OpenAPI at /openapi.json; Swagger UI at /docs only with ingress.docs: tr
     GET  /v1/model      the card's public part (PUBLIC_CARD_KEYS, validation metrics, intended use), the OOD
                         detector (or how to add one), the triage operating point
     GET  /v1/review/model   the whole card (training config, paths, commit): dermatologist token only
-    GET  /healthz       alive                 GET /readyz   model loaded
+    GET  /healthz       alive                 GET /readyz   model loaded (answered from the last model answer while
+                        answers flow, so it stays cheap under overload)
     GET  /, /review     the consumer page and the dermatologist review page (serve/review.py, serve/web/)
     /v1/review/...      the dermatologist review API, bearer tokens (serve/review.py)
     GET, DELETE /v1/uploads/{ref}, GET /v1/privacy   a consumer's own upload with its lookup token (serve/uploads_api.py)
+
+Overload and slowness are Serve's own limits, answered in the one JSON error shape (serve/errors.py): a model
+deployment's queue full (max_queued_requests: Serve's BackPressureError at this replica's handle) or an answer not
+ready within ingress.request_timeout_s -> 503 with Retry-After. Every classify answer names the model that made it:
+model_version (the card's id) and registry_version ("NAME@VERSION" or null), also in the X-DermAID-Model-Version header.
 
 Every answer carries ood_score and abstain (null / null for a checkpoint without OOD statistics): when the
 detector abstains there is no diagnosis and no triage, only dermaid.inference.RETAKE_MESSAGE, and the
@@ -22,6 +28,7 @@ where the class is declared: every helper, middleware, handler and router is def
 import asyncio
 import base64
 import logging
+import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, UploadFile
@@ -36,7 +43,8 @@ from dermaid.classes import BY_CODE, DISCLAIMER
 from dermaid.inference import RETAKE_MESSAGE, build_result
 from dermaid.ray_compat import by_value_handle
 from serve.args import MIB, AppArgs, IngressArgs, deployment_options
-from serve.errors import NO_STORE, ApiError, ErrorResponse, add_error_handling, error_body
+from serve.errors import NO_STORE, ApiError, ErrorResponse, add_error_handling, error_body, guarded
+from serve.metrics import RequestMetrics, ServeMonitor, timed
 from serve.quotas import UploadGuard
 from serve.review import create_review_context, require_reviewer
 from serve.review import router as review_router
@@ -49,6 +57,7 @@ from serve.uploads_api import router as uploads_router
 
 logger = logging.getLogger("ray.serve")
 
+READY_FRESH_S = 10.0  # /readyz trusts a classifier answer this recent instead of asking the classifier again
 SALIENCY_JSON_KEYS = ("target", "probability", "method", "layer", "width", "height", "model_version")
 CALIBRATE_HOW = "run `dermaid calibrate checkpoint=...` on the served checkpoint, then redeploy"
 # What /v1/model shows of the card: what a client needs to use the model and judge it. The rest (training config
@@ -75,6 +84,14 @@ async def _read_image(upload: UploadFile) -> bytes:
     return data
 
 
+def _replica_setting(name: str, default: float) -> float:
+    """A setting of the serving Ingress replica (request_timeout_s, retry_after_s); `default` outside a replica."""
+    try:
+        return float(serve.get_replica_context().servable_object.settings[name])
+    except Exception:  # noqa: BLE001 - not inside a replica (or not initialised yet)
+        return default
+
+
 def _grpc_handle(handle: DeploymentHandle) -> DeploymentHandle | None:
     """The same deployment called over Serve's gRPC transport; None where this Ray has no such option."""
     grpc = by_value_handle(handle)
@@ -88,6 +105,11 @@ def _ood_fields(out: dict[str, Any]) -> dict[str, Any]:
     probabilities_reliable (false when abstained) and message (RETAKE_MESSAGE when abstained, else null)."""
     return {"ood_score": out["ood_score"], "abstain": out["abstain"], "probabilities_reliable": not out["abstain"],
             "message": RETAKE_MESSAGE if out["abstain"] else None}
+
+
+def _model_headers(out: dict[str, Any]) -> dict[str, str]:
+    """The model that made an answer, in a header: the registry's NAME@VERSION, else the card's id."""
+    return {"X-DermAID-Model-Version": out.get("registry_version") or out["model_version"]}
 
 
 def _header_value(value: Any) -> str:
@@ -139,7 +161,10 @@ api = FastAPI(
     docs_url=None,   # the Ingress serves /docs itself, only when ingress.docs is on (serve/args.py IngressArgs)
     redoc_url=None,
 )
-add_error_handling(api, max_bytes=_replica_upload_limit)
+add_error_handling(api, max_bytes=_replica_upload_limit,
+                   deadline_s=lambda: _replica_setting("request_timeout_s", IngressArgs().request_timeout_s),
+                   retry_after_s=lambda: int(_replica_setting("retry_after_s", IngressArgs().retry_after_s)))
+api.add_middleware(RequestMetrics)  # dermaid_requests_total{route, status} (serve/metrics.py), outermost: every answer
 api.include_router(review_router)  # GET / and /review (pages), /v1/review/... (serve/review.py)
 api.include_router(uploads_router)  # /v1/uploads/{ref} (a consumer's lookup, deletion), /v1/privacy (serve/uploads_api.py)
 
@@ -157,6 +182,10 @@ class Ingress:
 
         self.classifier = classifier
         self.explainer = explainer
+        self.settings = {"request_timeout_s": float(settings.get("request_timeout_s", IngressArgs().request_timeout_s)),
+                         "retry_after_s": int(settings.get("retry_after_s", IngressArgs().retry_after_s))}
+        self._answered: tuple[float, dict[str, Any]] | None = None  # (monotonic, model names) of the last model answer
+        self._explainer_ready = False
         self.grpc_max_upload_bytes = int(float(settings["grpc_max_upload_mb"]) * MIB)
         self.classifier_grpc = _grpc_handle(classifier) if self.grpc_max_upload_bytes > 0 else None
         self.max_upload_bytes = int(float(settings["max_upload_mb"]) * MIB)
@@ -169,11 +198,18 @@ class Ingress:
         self.review = create_review_context(self.store, settings["review"])  # used by serve/review.py
         self.consumer = create_consumer_context(self.store, settings["storage"])  # used by serve/uploads_api.py
         self.docs = False  # ingress.docs, set by reconfigure (the deployment's user_config)
+        self.monitor = ServeMonitor(settings.get("monitoring"))  # metrics + the image-free prediction log (serve/metrics.py)
         self._info: dict[str, Any] | None = None
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """IngressArgs.user_config(): whether /docs serves Swagger UI."""
         self.docs = bool(user_config.get("docs", False))
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown of the replica: the prediction log's pending rows are written first."""
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.close()
 
     @api.get("/docs", include_in_schema=False)
     async def docs_page(self, request: Request) -> HTMLResponse:
@@ -190,14 +226,29 @@ class Ingress:
 
     @api.get("/readyz", responses={503: {"model": ErrorResponse}})
     async def readyz(self) -> JSONResponse:
-        """Ready once the classifier and the explainer have loaded their models."""
-        try:
-            info = await asyncio.wait_for(self.classifier.info.remote(), timeout=5.0)
-            await asyncio.wait_for(self.explainer.info.remote(), timeout=5.0)
-        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-            return JSONResponse(error_body("not_ready", f"model not loaded yet ({type(exc).__name__})"),
-                                status_code=503)
-        return JSONResponse({"status": "ready", "model_version": info["model_version"]})
+        """Ready once the classifier and the explainer have loaded their models. While the classifier answers (one
+        in the last READY_FRESH_S seconds) this is answered from that, without a call: under overload the model's
+        queue is full and a probe behind it would say "not ready" about a replica that is serving."""
+        recent = self._answered
+        if recent is None or time.monotonic() - recent[0] > READY_FRESH_S or not self._explainer_ready:
+            try:
+                info = await asyncio.wait_for(self.classifier.info.remote(), timeout=5.0)
+                if not self._explainer_ready:
+                    await asyncio.wait_for(self.explainer.info.remote(), timeout=5.0)
+                    self._explainer_ready = True
+            except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+                return JSONResponse(error_body("not_ready", f"model not loaded yet ({type(exc).__name__})"),
+                                    status_code=503)
+            recent = self._remember(info)
+        return JSONResponse({"status": "ready", **recent[1]})
+
+    def _remember(self, answer: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        """Note a model answer (classify or info): readiness, and /v1/model's card is asked again after a switch."""
+        names = {"model_version": answer["model_version"], "registry_version": answer.get("registry_version")}
+        if self._info is not None and {k: self._info.get(k) for k in names} != names:
+            self._info = None
+        self._answered = (time.monotonic(), names)
+        return self._answered
 
     @api.get("/v1/model", response_model=ModelResponse)
     async def model(self) -> JSONResponse:
@@ -232,6 +283,7 @@ class Ingress:
         metadata (EXIF, GPS, ...) and the answer carries its reference (upload_id) and a secret lookup_token, once:
         GET / DELETE /v1/uploads/{upload_id} (serve/uploads_api.py). The same photo stored before is not stored
         again: stored true, duplicate true, no reference and no token (the earlier upload's are not this sender's)."""
+        started = time.perf_counter()
         data = await _read_image(image)
         if consent:
             self.guard.admit(request)
@@ -245,9 +297,11 @@ class Ingress:
         saved = None
         if consent:
             saved = await run_in_threadpool(self._store, data, out, age, sex, site, result["malignancy_score"])
+        self.monitor.observe("/v1/classify", out, result, age, sex, site, consent, started)  # never raises
         return JSONResponse({**consent_fields(saved, consent),
-                             "model_version": out["model_version"], **_ood_fields(out), **result},
-                            headers=NO_STORE if consent else None)  # a lookup token is in no cache
+                             "model_version": out["model_version"], "registry_version": out.get("registry_version"),
+                             **_ood_fields(out), **result},
+                            headers={**_model_headers(out), **(NO_STORE if consent else {})})  # a lookup token is in no cache
 
     @api.post("/v1/saliency", responses={200: {"model": SaliencyResponse, "content": {"image/png": {}}},
                                          **ERROR_RESPONSES},
@@ -258,21 +312,27 @@ class Ingress:
         """A Grad-CAM overlay (PNG): the upload scaled to at most overlay_max_side px on its long side, or at its own
         size with full_size; or JSON with the class and base64 PNG. Both say whether the model abstained on the image
         (the classifier's OOD decision). Images over saliency_max_pixels: 413 image_too_large."""
+        started = time.perf_counter()
         data = await _read_image(image)
-        out, decision = await asyncio.gather(self.explainer.explain.remote(data, age, sex, site, target, method,
-                                                                           full_size),
-                                             self._classify(data, age, sex, site, False))
+        (out, saliency_ms), decision = await asyncio.gather(
+            timed(guarded(self.explainer.explain.remote(data, age, sex, site, target, method, full_size),
+                          self.settings["retry_after_s"])),
+            self._classify(data, age, sex, site, False))
         for answer in (out, decision):
             if "error" in answer:
                 raise ApiError(**answer["error"])
+        self.monitor.observe("/v1/saliency", decision, None, age, sex, site, False, started, saliency_ms)
         ood = _ood_fields(decision)
         return _saliency_png(out, ood) if format == "png" else _saliency_json(out, ood)
 
     async def _classify(self, data: bytes, age: Any, sex: Any, site: Any, return_input: bool) -> dict[str, Any]:
         """The Classifier's answer (serve/classifier.py), over gRPC for uploads up to grpc_max_upload_mb."""
         small = self.classifier_grpc is not None and len(data) <= self.grpc_max_upload_bytes
-        return await (self.classifier_grpc if small else self.classifier).classify.remote(
-            data, age, sex, site, return_input)
+        out = await guarded((self.classifier_grpc if small else self.classifier).classify.remote(
+            data, age, sex, site, return_input), self.settings["retry_after_s"])
+        if "error" not in out:
+            self._remember(out)
+        return out
 
     def _store(self, data: bytes, out: dict, age: Any, sex: Any, site: Any, score: float | None) -> Any:
         """The upload stored, its photo cleaned of metadata (UploadStore.save_with_token -> SavedUpload), or None."""

@@ -80,7 +80,10 @@ class ClassifyResponse(AbstentionFields):
                                                  "/v1/uploads/{upload_id} with 'Authorization: Bearer <lookup_token>'")
     duplicate: bool = Field(description="true: this exact photo was stored before with consent; it is not stored "
                                         "again and no reference or key is given (whoever sent it first holds them)")
-    model_version: str
+    model_version: str = Field(description="the model card's id of the model that answered")
+    registry_version: str | None = Field(None, description="NAME@VERSION of the registry version that answered "
+                                                           "(also in the X-DermAID-Model-Version header); null when "
+                                                           "serving a checkpoint directly")
     probabilities: list[ClassProbability] = Field(description="all 8 classes, most probable first")
     top: ClassProbability | None = Field(description="most probable class; null when the model abstained")
     malignancy_score: float | None = Field(description="summed probability of the malignant classes; null when "

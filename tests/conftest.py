@@ -139,6 +139,30 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     return url
 
 
+
+@pytest.fixture(scope="session")
+def promotable_checkpoint(tiny_checkpoint, tmp_path_factory) -> str:
+    """tiny_checkpoint plus what `dermaid calibrate` adds (a fitted msp detector and its statistics file, a triage
+    cut-off): a card that passes the registry's promotion checks, made in well under a second (untrained: the
+    numbers are placeholders; calibrated_checkpoint is the real thing). Read-only for tests."""
+    import shutil
+
+    import numpy as np
+
+    from dermaid.evaluation.ood import create_detector, save_statistics
+    from dermaid.models.card import load_card, replace_card
+
+    url = str(tmp_path_factory.mktemp("promotable_checkpoint") / "best")
+    shutil.copytree(tiny_checkpoint, url)
+    logits = np.random.default_rng(0).normal(size=(32, 8)).astype(np.float32)  # (N, C)
+    detector = create_detector("msp").fit(None, logits, np.arange(32) % 8)
+    card = load_card(url)
+    replace_card(url, card.with_calibration(
+        {"method": "msp", "statistics": save_statistics(url, {"msp": detector}), "threshold": 0.5,
+         "refuse_share": 0.05, "scale": 1.0},
+        {"cutoff": 0.3, "target_sensitivity": 0.9, "sensitivity": 0.9, "specificity": 0.5}))
+    return url
+
 @dataclass
 class CliResult:
     """What a `dermaid ...` call left: like subprocess.CompletedProcess's fields."""
@@ -255,3 +279,25 @@ def calibrated_checkpoint(trained_run, toy_prepared, tmp_path_factory) -> str:
     calibrate(compose("calibrate", [f"checkpoint={checkpoint}", f"data.prepared_dir={prepared_dir}",
                                     "ood.validation_set.n_per_kind=4"]))
     return str(checkpoint)
+
+
+@pytest.fixture(scope="session")
+def toy_tune_result(toy_prepared, ray_session, tmp_path_factory):
+    """A real `dermaid tune hparams_search=toy` through dermaid.api.tune (the command line's code path), cut down to
+    2 concurrent one-epoch trials over lr and augment: its dermaid.api.TuneResult. Read-only for tests."""
+    from dermaid import api
+
+    out = tmp_path_factory.mktemp("toy_tune") / "tune"
+    prepared_dir, version = toy_prepared.rstrip("/").rsplit("/", 1)
+    return api.tune(
+        "hparams_search=toy", f"data.prepared_dir={prepared_dir}", f"data.version={version}", f"out={out}",
+        "tune.num_samples=2", "train.epochs=1", "train.image_size=64", "train.batch_size=16",
+        "scaling.num_workers=1", "tune.scheduler.name=fifo", "tune.max_concurrent_trials=2", "logger=none",
+        "~hparams_search.space", "+hparams_search.space={optim.lr:{loguniform:[0.001,0.01]},augment:{choice:[none,light]}}",
+    )  # both trials at once: 2 x (0.1 driver + 0.5 worker) CPUs fit the session's 2-CPU Ray
+
+
+@pytest.fixture(scope="session")
+def toy_tune(toy_tune_result) -> str:
+    """toy_tune_result's search directory (results.csv, summary.json, best/, trials/<id>/). Read-only for tests."""
+    return toy_tune_result.run_dir

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import math
 import re
 import shlex
@@ -38,10 +39,17 @@ PLACEHOLDERS = {
     "BUCKET": "test-bucket",
     "IMAGE_TAG": "0.0.0-test",
     "DERMAID_DATABASE_URL": "postgresql+psycopg2://dermaid:test@10.0.0.5:5432/dermaid",
+    "REDIS_ADDRESS": "10.0.0.7:6379",
+    "DERMAID_HOST": "dermaid.example.org",
+    "ACME_EMAIL": "ops@example.org",
 }
 PROJECT_IMAGE = "us-central1-docker.pkg.dev/test-project/dermaid/dermaid:0.0.0-test"
 RAY_KINDS = ("RayCluster", "RayJob", "RayService")
 MANIFESTS = sorted(KUBERAY.glob("*.yaml"))
+# Strict JSON schemas of the custom kinds, converted from their projects' CRDs (tests/k8s_schemas/vendor_crds.py);
+# Kubernetes' own kinds come from the kubernetes-validate package, at the version GKE's regular channel runs.
+CRD_SCHEMAS = REPO / "tests" / "k8s_schemas"
+KUBERNETES_VERSION = "1.33"
 
 
 def _render(path: Path) -> str:
@@ -139,6 +147,77 @@ def test_every_manifest_parses_and_the_expected_resources_exist():
     commands = sorted(shlex.split(doc["spec"]["entrypoint"])[1] for _, doc in _rayjobs())
     assert commands == ["pipeline", "train", "tune"]
     assert kinds.get("Secret") == ["secrets.template.yaml"], "secrets belong in the template only"
+
+
+def _crd_schema(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The vendored schema of a custom kind (None: one of Kubernetes' own, which kubernetes-validate knows)."""
+    group, _, version = doc["apiVersion"].rpartition("/")
+    path = CRD_SCHEMAS / f"{doc['kind'].lower()}-{group.split('.')[0]}-{version}.json"
+    return json.loads(path.read_text()) if group and path.exists() else None
+
+
+def _pod_templates(value: Any, schema: dict[str, Any], where: str) -> list[tuple[str, Any]]:
+    """(path, template) of every pod template the vendored schema marks (vendor_crds.POD_TEMPLATE_MARK)."""
+    if schema.get("x-dermaid-pod-template"):
+        return [(where, value)]
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            sub = schema.get("properties", {}).get(key) or schema.get("additionalProperties")
+            if isinstance(sub, dict):
+                found += _pod_templates(item, sub, f"{where}.{key}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            found += _pod_templates(item, schema["items"], f"{where}[{i}]")
+    return found
+
+
+def _schema_errors(doc: dict[str, Any]) -> list[str]:
+    """Every schema violation of one manifest: the kind's own schema (unknown fields are errors), and for the
+    Ray kinds each embedded pod template against Kubernetes' strict PodTemplate schema."""
+    import jsonschema
+    import kubernetes_validate
+
+    def k8s(obj: dict[str, Any], label: str) -> list[str]:
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            return [f"{label}: {'.'.join(map(str, exc.absolute_path))}: {exc.message}"]
+        except kubernetes_validate.SchemaNotFoundError as exc:  # a custom kind: vendor its CRD (vendor_crds.py)
+            return [f"{label}: {exc.message}"]
+        return []
+
+    schema = _crd_schema(doc)
+    if schema is None:
+        return k8s(doc, doc["kind"])
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    for where, template in _pod_templates(doc, schema, doc["kind"]):
+        wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+        errors += k8s(wrapped, where)
+    return errors
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_every_manifest_validates_against_its_kinds_schema(path: Path):
+    for doc in _load_all(path):
+        errors = _schema_errors(doc)
+        assert not errors, f"{path.name} {doc['kind']}/{doc['metadata'].get('name') or doc['metadata'].get('generateName')}:\n" + "\n".join(errors)
+
+
+def test_schema_validation_catches_a_typo_and_a_wrong_type():
+    """The validator is strict: a misspelt field or a wrong type in a Ray kind or its pod template fails."""
+    (service,) = [doc for _, doc in _ray_resources() if doc["kind"] == "RayService"]
+    assert _schema_errors(service) == []
+    typo = copy.deepcopy(service)
+    typo["spec"]["rayClusterConfig"]["enableInTreeAutoscalling"] = True
+    assert any("enableInTreeAutoscalling" in e for e in _schema_errors(typo))
+    wrong = copy.deepcopy(service)
+    wrong["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "http"
+    assert any("containerPort" in e for e in _schema_errors(wrong))
+    policy = copy.deepcopy(_network_policy())
+    policy["spec"]["policyType"] = ["Ingress"]
+    assert _schema_errors(policy)
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -351,11 +430,24 @@ def test_serve_config_validates_against_serves_schema():
     assert app.args["storage"]["db_url"] == PLACEHOLDERS["DERMAID_DATABASE_URL"]
 
 
-def _build_serve_app(monkeypatch, tmp_path) -> tuple[Any, list[Any]]:
+@pytest.fixture(scope="module")
+def production_registry(promotable_checkpoint, tmp_path_factory) -> str:
+    """A local registry whose `dermaid` model has a production stage: what the RayService's model_url names."""
+    from dermaid.registry import Registry
+
+    root = str(tmp_path_factory.mktemp("registry"))
+    registry = Registry(root)
+    registry.register(promotable_checkpoint, "dermaid", "v1")
+    registry.promote("dermaid", "v1")
+    return root
+
+
+def _build_serve_app(tmp_path, registry_root: str) -> tuple[Any, list[Any]]:
     """What `serve deploy` / KubeRay do with import_path + args, short of deploying: -> (app, DeploymentSchemas).
 
-    Building migrates the uploads database the args name (serve.app.build_app); the rendered placeholder host
-    does not exist here, so a local SQLite file stands in for it (every other argument as the manifest has it)."""
+    Building resolves the registry stage and migrates the uploads database the args name (serve.app.build_app); the
+    rendered bucket and database host do not exist here, so a local registry and SQLite file stand in for them
+    (every other argument as the manifest has it)."""
     from dermaid.ray_compat import build_serve_app
 
     (app_cfg,) = _serve_config()["applications"]
@@ -363,15 +455,17 @@ def _build_serve_app(monkeypatch, tmp_path) -> tuple[Any, list[Any]]:
     builder = getattr(importlib.import_module(module_name), attr)
     args = copy.deepcopy(app_cfg.get("args", {}))
     assert args["storage"]["db_url"] == PLACEHOLDERS["DERMAID_DATABASE_URL"]
+    assert args["registry_root"] == "gs://test-bucket/registry" and args["model_url"] == "registry://dermaid/production"
     args["storage"]["db_url"] = f"sqlite:///{tmp_path}/uploads.db"
+    args["registry_root"] = registry_root
     return build_serve_app(builder, args, app_cfg["name"])
 
 
-def test_rayservice_import_path_and_args_build_the_app(monkeypatch, tmp_path):
+def test_rayservice_import_path_and_args_build_the_app(tmp_path, production_registry):
     from ray.serve.deployment import Application
 
     was_running = ray.is_initialized()
-    app, deployments = _build_serve_app(monkeypatch, tmp_path)
+    app, deployments = _build_serve_app(tmp_path, production_registry)
     assert isinstance(app, Application)
     names = {d.name for d in deployments}
     assert {"Classifier", "Explainer", "Ingress"} <= names
@@ -386,9 +480,9 @@ def test_rayservice_import_path_and_args_build_the_app(monkeypatch, tmp_path):
     assert ray.is_initialized() == was_running, "building the app must not start Ray"
 
 
-def test_rayservice_replicas_fit_its_worker_groups(monkeypatch, tmp_path):
+def test_rayservice_replicas_fit_its_worker_groups(tmp_path, production_registry):
     """Every replica fits a pod, and all CPU replicas at their maximum fit the CPU group at its maximum."""
-    _, deployments = _build_serve_app(monkeypatch, tmp_path)
+    _, deployments = _build_serve_app(tmp_path, production_registry)
     (service,) = [doc for _, doc in _ray_resources() if doc["kind"] == "RayService"]
     groups = _worker_groups(service["spec"]["rayClusterConfig"])
     needed = 0.0
@@ -525,3 +619,147 @@ def test_readme_walks_through_every_step_and_names_existing_files():
     for ref in set(re.findall(r"cluster/[\w./-]+\.(?:yaml|md)|\bkuberay/[\w.-]+\.yaml", readme)):
         path = REPO / ref if ref.startswith("cluster/") else CLUSTER / ref
         assert path.exists(), f"cluster/README.md names {ref}, which does not exist"
+
+
+# The public entry, fault tolerance, monitoring and schedules
+
+
+def _docs(name: str, kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in _load_all(KUBERAY / name) if doc["kind"] == kind]
+
+
+def test_gateway_serves_the_one_host_over_https_to_the_rayservice():
+    (gateway,) = _docs("gateway.yaml", "Gateway")
+    (issuer,) = _docs("gateway.yaml", "ClusterIssuer")
+    host = PLACEHOLDERS["DERMAID_HOST"]
+    listeners = {item["name"]: item for item in gateway["spec"]["listeners"]}
+    assert listeners["https"]["protocol"] == "HTTPS" and listeners["https"]["port"] == 443
+    assert {item["hostname"] for item in listeners.values()} == {host}, "one value to set: the host name"
+    assert gateway["metadata"]["annotations"]["cert-manager.io/cluster-issuer"] == issuer["metadata"]["name"]
+    solver = issuer["spec"]["acme"]["solvers"][0]["http01"]["gatewayHTTPRoute"]["parentRefs"][0]
+    assert solver["name"] == gateway["metadata"]["name"] and solver["sectionName"] == "http"
+    routes = {r["metadata"]["name"]: r for r in _docs("gateway.yaml", "HTTPRoute")}
+    (service,) = [doc for _, doc in _ray_resources() if doc["kind"] == "RayService"]
+    api = [r for r in routes.values() if r["spec"]["parentRefs"][0].get("sectionName") == "https"]
+    (backend,) = [b for route in api for rule in route["spec"]["rules"] for b in rule["backendRefs"]]
+    assert backend == {"name": f"{service['metadata']['name']}-serve-svc", "port": SERVE_PORT}
+    plain = [r for r in routes.values() if r["spec"]["parentRefs"][0].get("sectionName") == "http"]
+    (redirect,) = [f for route in plain for rule in route["spec"]["rules"] for f in rule.get("filters", [])]
+    assert redirect["requestRedirect"]["scheme"] == "https"
+    assert all("backendRefs" not in rule for route in plain for rule in route["spec"]["rules"]), "no plain-HTTP API"
+    args = _serve_config()["applications"][0]["args"]
+    assert {"35.191.0.0/16", "130.211.0.0/22"} <= set(args["storage"]["trusted_proxies"]), "the Gateway's proxies"
+
+
+def test_rayservice_head_is_fault_tolerant_with_external_gcs_storage():
+    (service,) = [doc for _, doc in _ray_resources() if doc["kind"] == "RayService"]
+    options = service["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert options["redisAddress"] == PLACEHOLDERS["REDIS_ADDRESS"]
+    ref = options["redisPassword"]["valueFrom"]["secretKeyRef"]
+    (secret,) = _load_all(KUBERAY / "secrets.template.yaml")
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+
+
+def test_podmonitor_scrapes_every_dermaid_ray_pod_and_the_policy_admits_it():
+    (monitor,) = _docs("podmonitor.yaml", "PodMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    for path, doc in _ray_resources():
+        for group, spec, _ in _pod_specs(_cluster_spec(doc)):
+            labels = spec["template"]["metadata"]["labels"]
+            assert selector.items() <= labels.items(), f"{path.name}/{group}: not scraped"
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics"  # KubeRay's name for Ray's metrics-export port 8080
+    scrapers = _sources(_network_policy(), 8080, "metrics")
+    prometheus = [peer for peers in scrapers if peers for peer in peers
+                  if peer.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/name": "prometheus"}]
+    assert prometheus, "Prometheus may reach port 8080"
+
+
+def test_grafana_dashboard_plots_exactly_the_served_metrics():
+    from serve.metrics import METRIC_NAMES, METRICS
+
+    dashboard = json.loads((CLUSTER / "grafana" / "dermaid-serve.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    exprs += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    used = {name for expr in exprs for name in re.findall(r"\bray_dermaid_\w+", expr)}
+    assert used and used <= set(METRIC_NAMES), f"panels name metrics the service does not export: {used - set(METRIC_NAMES)}"
+    plotted = {name for name in METRICS if any(series.startswith(f"ray_{name}") for series in used)}
+    assert plotted == set(METRICS), f"metrics without a panel: {set(METRICS) - plotted}"
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+
+
+@pytest.mark.parametrize("name", ["dermaid-monitoring-report", "dermaid-uploads-purge"])
+def test_scheduled_jobs_run_one_dermaid_command_that_composes(name: str, tmp_path, monkeypatch, dermaid_cli):
+    (job,) = [doc for doc in _docs("schedules.yaml", "CronJob") if doc["metadata"]["name"] == name]
+    pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == PROJECT_IMAGE and pod["serviceAccountName"] == "dermaid-ray"
+    argv = container["args"]
+    assert argv[0] == "dermaid" and not container.get("command")
+    monkeypatch.setenv("DERMAID_HOME", "gs://test-bucket")
+    done = dermaid_cli(*argv[1:], "--cfg", "job", cwd=tmp_path)
+    assert done.returncode == 0, f"{argv} does not compose:\n{done.stderr[-3000:]}"
+
+
+def test_purge_schedule_keeps_what_the_service_promises():
+    (job,) = [doc for doc in _docs("schedules.yaml", "CronJob") if doc["metadata"]["name"] == "dermaid-uploads-purge"]
+    (container,) = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    days = dict(arg.split("=", 1) for arg in container["args"] if "=" in arg)["storage.retention_days"]
+    stated = _serve_config()["applications"][0]["args"]["storage"]["retention_days"]
+    assert float(days) == float(stated), "the purge must delete what the privacy note says is deleted"
+
+
+def test_promote_workflow_promotes_waits_for_the_version_and_rolls_back(tmp_path, monkeypatch, dermaid_cli):
+    """The CD workflow's dermaid commands compose (in this process) with the values the workflow gives them."""
+    doc = _workflow("promote.yml")
+    assert {"workflow_dispatch", "repository_dispatch"} <= set(doc["on"])
+    (job,) = doc["jobs"].values()
+    env = {key: f"test-{key.lower()}" for key in job["env"]}
+    env["REGISTRY"] = str(tmp_path / "registry")
+    runs = [step for step in job["steps"] if "dermaid registry" in step.get("run", "")]
+    assert [s["run"].split()[2] for s in runs] == ["promote", "rollback"]
+    assert runs[-1]["if"] == "failure()"
+    rollouts = [step["run"] for step in job["steps"] if "python -m serve.rollout" in step.get("run", "")]
+    assert len(rollouts) == 2 and all("kubectl patch rayservice dermaid-api --type merge" in r for r in rollouts)
+    monkeypatch.setenv("DERMAID_HOME", str(tmp_path))
+    for step in runs:
+        line = re.sub(r"\$\{\{[^}]*\}\}", "ci", string.Template(step["run"].splitlines()[0]).safe_substitute(env))
+        argv = shlex.split(line)
+        done = dermaid_cli(*argv[1:], "--cfg", "job", cwd=tmp_path)
+        assert done.returncode == 0, f"{line!r} does not compose:\n{done.stderr[-3000:]}"
+    waits = [step["run"] for step in job["steps"] if "/v1/model" in step.get("run", "")]
+    assert waits and "$VERSION" in waits[0], "the workflow waits for the public API to name the new version"
+
+
+def test_rollout_moves_only_the_deployments_user_config_to_the_promoted_version(tmp_path, promotable_checkpoint):
+    """serve/rollout.py: after a promotion the RayService's patch names the new version in the Classifier's
+    user_config and leaves the app's args untouched (Serve then reconfigures live replicas, no restart)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from dermaid.registry import Registry
+    from serve.rollout import rollout_patch
+
+    production_registry = str(tmp_path / "registry")
+    Registry(production_registry).register(promotable_checkpoint, "dermaid", "v1")
+    Registry(production_registry).promote("dermaid", "v1")
+    (service,) = [doc for _, doc in _ray_resources() if doc["kind"] == "RayService"]
+    service = copy.deepcopy(service)
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    config["applications"][0]["args"]["registry_root"] = production_registry
+    service["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+
+    def served_after_rollout() -> tuple[str, dict[str, Any]]:
+        patch, (model,) = rollout_patch(copy.deepcopy(service))
+        (app,) = yaml.safe_load(patch["spec"]["serveConfigV2"])["applications"]
+        assert app["args"] == config["applications"][0]["args"], "the args must not change (a change restarts replicas)"
+        ServeDeploySchema.model_validate(yaml.safe_load(patch["spec"]["serveConfigV2"]))
+        classifier = {d["name"]: d for d in app["deployments"]}["Classifier"]
+        assert classifier["user_config"]["model"]["version"] == model.version
+        return model.version, classifier["user_config"]["model"]
+
+    assert served_after_rollout()[0] == "dermaid@v1"
+    Registry(production_registry).register(promotable_checkpoint, "dermaid", "v2")
+    Registry(production_registry).promote("dermaid", "v2")
+    version, model = served_after_rollout()
+    assert version == "dermaid@v2" and model["checkpoint"].startswith(production_registry)

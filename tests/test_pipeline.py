@@ -106,11 +106,11 @@ def test_pipeline_runs_as_a_ray_job_and_skips_existing_steps(ray_head, toy_raw, 
     logs = client.get_job_logs(first)
     assert status == "SUCCEEDED", logs[-4000:]
 
-    registered = list((home / "registry" / "dermaid-isic2019").glob("*/registry.json"))
+    registered = list((home / "registry" / "dermaid-isic2019" / "versions").glob("*/version.json"))
     assert len(registered) == 1, logs[-2000:]
     entry = json.loads(registered[0].read_text())
     card = json.loads((registered[0].parent / "model" / "card.json").read_text())
-    assert card["dataset_version"] == entry["dataset_version"]
+    assert card["dataset_version"] == entry["provenance"]["dataset_version"] and entry["problems"] == []
     assert (registered[0].parent / "model" / card["artifact"]).stat().st_size > 0
     assert card["ood"]["threshold"] is not None and card["triage"]["cutoff"] is not None  # the calibrate step ran
     assert (registered[0].parent / "model" / card["ood"]["statistics"]).stat().st_size > 0

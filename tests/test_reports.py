@@ -20,7 +20,7 @@ from dermaid.config import compose, to_plain
 from dermaid.errors import DermaidError
 from dermaid.reporting.runner import (
     FIGURES_PARAM, KERNEL_NAME, build_report, hydra_args, notebooks_dir, record_figures, report_names,
-    resolve_kernel_name,
+    resolve_kernel_name, stray_stderr,
 )
 
 NOTEBOOKS = sorted(p.name for p in notebooks_dir().glob("*.ipynb"))
@@ -30,6 +30,7 @@ FIGURE_TAG = re.compile(r'<img[^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{200
 def _report_files(folder: str | Path) -> tuple[str, dict]:
     folder = Path(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["key_figures.json", "report.html", "report.ipynb"]
+    assert_reads_clean(folder / "report.ipynb")
     return (folder / "report.html").read_text(), json.loads((folder / "key_figures.json").read_text())
 
 
@@ -40,6 +41,12 @@ def _assert_sections(html: str, headings: list[str], min_figures: int) -> None:
     figures = len(FIGURE_TAG.findall(html))
     assert figures >= min_figures, f"{figures} embedded PNG figures, expected at least {min_figures}"
     assert "Traceback" not in html and "decision support" in html
+
+
+def assert_reads_clean(executed: str | Path) -> None:
+    """No stderr output (a red box in the HTML) in an executed report but the documented EXPECTED_STDERR."""
+    stray = stray_stderr(executed)
+    assert not stray, f"stray stderr in {executed} (fix it or document it in runner.EXPECTED_STDERR): {stray}"
 
 
 def _no_partial_reports(reports_dir: Path) -> None:
@@ -68,7 +75,7 @@ def test_reports_take_the_keys_of_every_command():
     assert plain["params"] == {"data_root": "/x", "samples_per_class": 2}
     gallery = to_plain(compose("report", hydra_args(["saliency-gallery", "data.root=/d", "checkpoint=/c"])))
     assert gallery["report"]["params"]["data_root"] == "/d" and gallery["params"] == {"checkpoint": "/c"}
-    assert sorted(report_names()) == ["eda", "saliency-gallery", "train-report", "tune-report"]
+    assert {"eda", "saliency-gallery", "train-report", "tune-report", "compare-runs"} <= set(report_names())
 
 
 def test_record_figures_merges_and_writes_strict_json(tmp_path):
@@ -79,6 +86,22 @@ def test_record_figures_merges_and_writes_strict_json(tmp_path):
     assert json.loads(text) == {"a": 0.5, "n": 3, "ece": None, "per": {"MEL": 1.0}}
     assert "NaN" not in text
     assert record_figures({"x": 1}, "") == {"x": 1}  # JupyterLab: nothing written
+
+
+def test_stray_stderr_is_found_and_documented_warnings_pass(tmp_path, monkeypatch):
+    """The check every executed report passes (_report_files): a red stderr box fails it unless documented."""
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+
+    from dermaid.reporting import runner
+
+    warning = "tqdm/auto.py:21: TqdmWarning: IProgress not found. Please update jupyter and ipywidgets."
+    cell = new_code_cell("import x", outputs=[new_output("stream", name="stdout", text="fine\n"),
+                                               new_output("stream", name="stderr", text=warning)])
+    path = tmp_path / "executed.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell("1"), cell]), str(path))
+    assert stray_stderr(path) == [f"cell 1: {warning}"]
+    monkeypatch.setitem(runner.EXPECTED_STDERR, r"TqdmWarning: IProgress not found", "an example of a documented one")
+    assert stray_stderr(path) == []
 
 
 def test_kernel_runs_this_interpreter():
@@ -242,24 +265,6 @@ def test_saliency_gallery(tmp_path, trained_run, toy_raw):
     _assert_sections(html, ["Overlays per class and per method", "One image, every target class"], min_figures=2)
     assert figures["num_images"] == 8 and figures["methods"] == ["gradcam", "eigencam"]
     assert figures["cam_layer"].startswith("backbone.")
-
-
-@pytest.fixture(scope="module")
-def toy_tune(toy_prepared, ray_session, tmp_path_factory) -> str:
-    """A real `dermaid tune hparams_search=toy` cut down to 2 concurrent one-epoch trials over lr and augment."""
-    from dermaid.config import compose, to_plain
-    from dermaid.tuning import tune
-
-    out = tmp_path_factory.mktemp("toy_tune") / "tune"
-    prepared_dir, version = toy_prepared.rstrip("/").rsplit("/", 1)
-    plain = to_plain(compose("tune", [
-        "hparams_search=toy", f"data.prepared_dir={prepared_dir}", f"data.version={version}", f"out={out}",
-        "tune.num_samples=2", "train.epochs=1", "train.image_size=64", "train.batch_size=16",
-        "scaling.num_workers=1", "tune.scheduler.name=fifo", "tune.max_concurrent_trials=2", "logger=none",
-    ]))  # both trials at once: 2 x (0.1 driver + 0.5 worker) CPUs fit the session's 2-CPU Ray
-    plain["hparams_search"]["space"] = {"optim.lr": {"loguniform": [1e-3, 1e-2]}, "augment": {"choice": ["none", "light"]}}
-    tune(plain)
-    return str(out)
 
 
 def test_tune_report(tmp_path, toy_tune):

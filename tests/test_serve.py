@@ -40,6 +40,7 @@ def server(ray_session, tiny_checkpoint, tmp_path_factory):
     cfg = compose("serve", [
         f"checkpoint={tiny_checkpoint}", f"port={free_port()}", "app_name=dermaid-test", "blocking=false",
         f"max_upload_mb={MAX_UPLOAD_MB}", f"storage.url={storage}",
+        f"monitoring.url={tmp_path_factory.mktemp('serve_monitoring')}",  # the prediction log, out of the checkout
         "storage.uploads_per_client_per_hour=10000",  # the module stores ~60 uploads from 127.0.0.1 (limit: its own test)
         "classifier.num_cpus=0.5", "classifier.torch_threads=1",       # a fraction of the session's 2 CPUs
         "explainer.num_cpus=0.25", "explainer.torch_threads=1", "explainer.concurrency=2",

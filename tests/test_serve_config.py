@@ -21,9 +21,16 @@ REPO = Path(__file__).resolve().parent.parent
 DELIBERATE_OVERRIDES: dict[str, dict[str, str]] = {
     "conf/serve.yaml": {
         "storage.url": "under ${paths.root} (DERMAID_HOME), not the working directory of `dermaid serve`",
+        "monitoring.url": "the prediction log under ${paths.root}; AppArgs' None writes nowhere unasked",
+        "registry_root": "the registry under ${paths.root}, as `dermaid registry` (conf/registry.yaml)",
     },
     "serve/config.yaml": {},
     "cluster/kuberay/rayservice.yaml": {
+        "model_url": "the registry's production stage, which promotions move (serve/rollout.py)",
+        "registry_root": "the registry in the bucket",
+        "monitoring.url": "the prediction log in the bucket (the daily report reads it)",
+        "storage.trusted_proxies": "the GKE Gateway's proxies (gateway.yaml), so per-client limits count clients",
+        "storage.retention_days": "90 days, the purge CronJob's value (schedules.yaml)",
         "storage.url": "a bucket: pods have no shared disk",
         "storage.db_url": "Cloud SQL, rendered from the shell at apply time",
         "classifier.num_cpus": "a 6-CPU pod per two replicas: decode threads beside the torch threads",
@@ -98,7 +105,10 @@ def test_serve_config_file_is_valid_and_builds(serve_app, tmp_path):
     assert set(deployments) == {"Classifier", "Explainer", "Ingress"}
     classifier = deployments["Classifier"]
     wait_s = raw["applications"][0]["args"]["classifier"]["batch_wait_timeout_s"]
-    assert classifier.user_config == {"max_batch_size": 8, "batch_wait_timeout_s": wait_s}
+    assert {k: v for k, v in classifier.user_config.items() if k != "model"} == {"max_batch_size": 8,
+                                                                                "batch_wait_timeout_s": wait_s}
+    assert classifier.user_config["model"] == {"checkpoint": str(REPO / "runs/toy/best"), "version": None}
+    assert classifier.max_queued_requests == 64  # a full queue: 503 + Retry-After (serve/ingress.py)
     assert classifier.user_config["batch_wait_timeout_s"] <= 0.005  # a long wait costs p50 at low load
     assert classifier.ray_actor_options.num_cpus == 1.0 and classifier.max_ongoing_requests == 32
     assert deployments["Ingress"].ray_actor_options.num_cpus == 0.25
@@ -158,7 +168,8 @@ def test_every_serve_default_is_app_args_or_a_listed_override(relative):
 
     values = _conf_serve_args() if relative == "conf/serve.yaml" else _app_args_in(relative)
     values = {key: value for key, value in values.items() if key != "checkpoint"}  # required: no default
-    AppArgs.model_validate({"checkpoint": "/c", **values})  # the keys and values are valid app args
+    model = {} if values.get("model_url") else {"checkpoint": "/c"}  # one of the two is required
+    AppArgs.model_validate({**model, **values})  # the keys and values are valid app args
     defaults = AppArgs.model_construct(checkpoint="/c").model_dump()  # unvalidated: storage.url as written
     differences = _differences(values, defaults)
     listed = DELIBERATE_OVERRIDES[relative]

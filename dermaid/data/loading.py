@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from dermaid.data.shards import SHARD_SCHEMA
 from dermaid.errors import DermaidError
-from dermaid.files import absolute_url, exists, get_fs, join, read_text, write_text
+from dermaid.files import absolute_url, exists, get_fs, join, read_text, write_atomic
 
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
@@ -63,7 +63,7 @@ def write_tag(prepared_dir: str, tag: str, version: str) -> str | None:
     url = join(prepared_dir, TAGS_DIR, validate_tag(tag))
     previous = read_text(url).strip() if exists(url) else None
     if previous != version:
-        write_text(url, version + "\n")
+        write_atomic(url, (version + "\n").encode())  # a reader sees the old or the new id, never an empty file
     return previous
 
 

@@ -31,10 +31,8 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
-import uuid
 from typing import Any
 
 import numpy as np
@@ -50,7 +48,8 @@ from dermaid.data.loading import (
 from dermaid.data.shards import prepare_shard
 from dermaid.data.splits import assign_folds, split_counts
 from dermaid.errors import DermaidError
-from dermaid.files import absolute_url, exists, get_fs, is_local, join, read_text, write_text
+from dermaid.files import (absolute_url, exists, get_fs, join, publish, read_text, tmp_sibling, write_atomic,
+                           write_text)
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +168,7 @@ def prepare_dataset(
     records = records.sort_values("image_id", kind="stable").reset_index(drop=True)
 
     in_process = in_process or not all(_ray_capable(u) for u in [out, *(s["root"] for s in sources)])
-    tmp_url = join(out, f".tmp-{uuid.uuid4().hex[:12]}")
+    tmp_url = tmp_sibling(join(out, "prepare"))  # a fresh location no reader lists; `dermaid gc` removes a crash's
     fs, tmp_path = get_fs(tmp_url)
     fs.makedirs(tmp_path, exist_ok=True)
     try:
@@ -367,22 +366,17 @@ def _from_cache(out: str, raw_key: str) -> dict[str, Any] | None:
 
 
 def _commit(tmp_url: str, final_url: str, manifest: dict[str, Any]) -> None:
-    """Move the filled temporary directory to final_url; manifest.json is the last thing to appear."""
-    fs, tmp_path = get_fs(tmp_url)
-    _, final_path = get_fs(final_url)
-    text = json.dumps(manifest, indent=2, sort_keys=False)
-    if is_local(final_url):
-        write_text(join(tmp_url, MANIFEST_FILE), text)
-        if os.path.exists(final_path):  # a leftover without manifest (a crash mid-move): replace it
-            shutil.rmtree(final_path, ignore_errors=True)
-        try:
-            os.replace(tmp_path, final_path)
-        except OSError:
-            if not os.path.exists(os.path.join(final_path, MANIFEST_FILE)):
-                raise  # someone else committed the same version concurrently otherwise
-    else:
-        fs.mv(tmp_path, final_path, recursive=True)
-        write_text(join(final_url, MANIFEST_FILE), text)
+    """Publish the filled temporary directory as final_url in one step (dermaid.files.publish: a rename on local
+    disk; on object stores a copy with manifest.json last); a version counts once its manifest.json exists."""
+    write_text(join(tmp_url, MANIFEST_FILE), json.dumps(manifest, indent=2, sort_keys=False))
+    # a directory there without a manifest is a crash's leftover (never read): replace it; one with a manifest
+    # was committed meanwhile by a run on the same raw data (the same content, its hash is the name): keep it
+    overwrite = not exists(join(final_url, MANIFEST_FILE))
+    try:
+        publish(tmp_url, final_url, overwrite=overwrite, markers=(MANIFEST_FILE,))
+    except FileExistsError:
+        if not exists(join(final_url, MANIFEST_FILE)):
+            raise
 
 
 def _finish(out: str, manifest: dict[str, Any], tag: str | None) -> dict[str, Any]:
@@ -395,8 +389,5 @@ def _finish(out: str, manifest: dict[str, Any], tag: str | None) -> dict[str, An
     if tag not in manifest.get("tags", []):
         manifest = {**manifest, "tags": [*manifest.get("tags", []), tag]}
         version_url = join(out, manifest["version"])
-        tmp = join(version_url, f"{MANIFEST_FILE}.tmp-{uuid.uuid4().hex[:8]}")
-        write_text(tmp, json.dumps(manifest, indent=2))
-        fs, tmp_path = get_fs(tmp)
-        fs.mv(tmp_path, get_fs(join(version_url, MANIFEST_FILE))[1])
+        write_atomic(join(version_url, MANIFEST_FILE), json.dumps(manifest, indent=2).encode("utf-8"))
     return manifest

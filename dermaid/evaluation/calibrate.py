@@ -15,7 +15,8 @@ predict_records_with_features: the same eval transform and loader):
 3. the triage cut-off on the calibrated malignancy score reaches `triage.target_sensitivity` on the
    validation fold's malignant images (dermaid.evaluation.operating_point).
 Writes ood_statistics.npz beside the weights, then card.json with new `ood` and `triage` blocks (nothing else
-in the card changes). Compressed artifacts are refused: calibrate their float source.
+in the card changes), then the monitoring reference profile of the validation fold (monitoring_reference.parquet:
+dermaid.monitoring.reference, what `dermaid report monitoring` compares the served stream with). Compressed artifacts are refused: calibrate their float source.
 Thresholds are decision support for research, never a diagnosis.
 """
 
@@ -52,6 +53,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
           f"{triage['sensitivity']:.3f} ({triage['tp']}/{triage['tp'] + triage['fn']}), specificity "
           f"{triage['specificity']:.3f} ({triage['tn']}/{triage['tn'] + triage['fp']}) on validation")
     print(f"-> {result['checkpoint']}/{result['ood']['statistics']} and card.json")
+    reference = result["reference"]
+    print(f"monitoring reference profile: {reference['rows']} validation images ({reference['source']} uploads) "
+          f"-> {reference['url']}")
     print(DISCLAIMER)
     return result
 
@@ -88,8 +92,18 @@ def calibrate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     triage_block = choose_triage(val, plain["triage"])
     ood_block["statistics"] = save_statistics(checkpoint, detectors)
     replace_card(checkpoint, card.with_calibration(ood_block, triage_block))
+    reference = _write_reference_profile(checkpoint, version_url, fold)
     return {"checkpoint": checkpoint, "ood": ood_block, "triage": triage_block, "num_train": len(train["labels"]),
-            "num_val": len(val["labels"]), "num_ood": len(generated["kinds"])}
+            "num_val": len(val["labels"]), "num_ood": len(generated["kinds"]), "reference": reference}
+
+
+def _write_reference_profile(checkpoint: str, version_url: str, fold: int) -> dict[str, Any]:
+    """The monitoring reference profile of the validation fold, through the served path with the OOD detector
+    just written (dermaid.monitoring.reference), beside the weights."""
+    from dermaid.monitoring.reference import build_reference, write_reference
+
+    profile, source = build_reference(checkpoint, version_url, fold)
+    return {"url": write_reference(checkpoint, profile, source), "rows": len(profile), "source": source}
 
 
 def fit_detectors(ood_cfg: dict[str, Any], card: ModelCard, train: Outputs,

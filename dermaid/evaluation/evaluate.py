@@ -4,6 +4,12 @@
     dermaid evaluate checkpoint=runs/toy/best data.root=data/toy split=test tta=8
     dermaid evaluate checkpoint=gs://bucket/runs/x/best data.root=gs://bucket/derm7pt split=all device=cuda
     dermaid evaluate checkpoint=runs/toy/best experiment=toy split=test ood=data/toy-ood   # + OOD detection metrics
+    dermaid evaluate checkpoint=runs/toy/best-int8-static experiment=toy split=test          # any artifact kind
+
+Every artifact kind dermaid.inference.Predictor loads is evaluated (dermaid.inference.loaders: float weights, int8
+and float ONNX, TorchScript): the same model callable, the same preprocessing, so the scores are the Predictor's.
+A compressed artifact gives no penultimate features (only logit-based OOD methods) and runs at its exported input
+size: tta=8's rotations are refused for a non-square one, with the reason (loaders.tta_refusal).
 
 Plain PyTorch in this process (no Ray needed), on CPU or GPU. The probabilities are softmax(logits / T)
 with the card's temperature, averaged over the test-time views when tta > 0; the same preprocessing
@@ -32,6 +38,7 @@ from dermaid.errors import DermaidError
 from dermaid.evaluation.calibration import calibration_report
 from dermaid.evaluation.metrics import compute_metrics, format_metrics_table, json_safe
 from dermaid.files import join, write_text
+from dermaid.inference.loaders import ModelFn
 from dermaid.inference.ood_scorer import OodScorer
 from dermaid.models.card import ModelCard
 from dermaid.training.loop import TTA_CHOICES, predict_logits, probabilities_from_logits, resolve_device
@@ -55,7 +62,8 @@ def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Predict a split of a dataset with a checkpoint; write predictions.csv and metrics.json to `out`."""
     from dermaid.data.loading import load_records
     from dermaid.data.prepare import ensure_prepared
-    from dermaid.models.card import load_float_model
+    from dermaid.inference.loaders import create_model_fn, tta_refusal
+    from dermaid.models.card import load_card
 
     plain = to_plain(cfg)
     checkpoint = plain["checkpoint"]
@@ -70,7 +78,11 @@ def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     device = resolve_device(str(plain["device"]))
     out = str(plain["out"])
 
-    model, card = load_float_model(str(checkpoint), device)  # CheckpointError: missing, unreadable, misfit
+    card = load_card(str(checkpoint))  # CheckpointError: missing, unreadable, unknown format
+    refusal = tta_refusal(card, tta)
+    if refusal:
+        raise DermaidError(f"{checkpoint}: {refusal}")
+    model = create_model_fn(str(checkpoint), card, device)  # any artifact kind; CheckpointError: unreadable, misfit
     version_url = ensure_prepared(plain["data"])
     records = load_records(version_url, split=split, fold=int(plain["data"]["fold"]))
     if records.empty:
@@ -81,7 +93,7 @@ def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     batch_size = int(plain["batch_size"])
     features, logits, probs = predict_records_with_features(model, records, card.input, temperature, tta, device,
                                                             batch_size=batch_size)
-    ood = OodScorer.load(str(checkpoint), card, model.feature_dim)  # None without `dermaid calibrate`
+    ood = OodScorer.load(str(checkpoint), card, _feature_dim(model))  # None without `dermaid calibrate`
     scores = ood.score(features, logits) if ood else None  # (N,)
     unk = ood.unk(scores) if ood else None
     write_text(join(out, PREDICTIONS_FILE), submission_csv(records["image_id"].tolist(), probs, unk))
@@ -113,14 +125,36 @@ def evaluate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return {"out": out, "split": split, "num_images": int(len(records)), "metrics": metrics}
 
 
-def predict_records(model: torch.nn.Module, records: pd.DataFrame, input_spec: dict[str, Any], temperature: float,
+def predict_records(model: ModelFn, records: pd.DataFrame, input_spec: dict[str, Any], temperature: float,
                     tta: int, device: torch.device, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Records -> (calibrated probabilities (N, K), identity-view logits (N, K)) via the one predict path."""
+    """Records -> (calibrated probabilities (N, K), identity-view logits (N, K)) via the one predict path; model:
+    any artifact kind's model callable (dermaid.inference.loaders.create_model_fn)."""
     from dermaid.data.torch_dataset import create_eval_loader
 
     loader = create_eval_loader(records, input_spec, batch_size=batch_size)
-    logits, _ = predict_logits(model, loader, device, tta=tta)  # (N, V, K)
+    logits, _ = predict_logits(_as_module(model), loader, device, tta=tta)  # (N, V, K)
     return probabilities_from_logits(logits, temperature), logits[:, 0].double().numpy()
+
+
+class _ModelFnModule(torch.nn.Module):
+    """A compressed artifact's model callable (ONNX Runtime session, TorchScript) seen by predict_logits as a
+    module: predict_logits is the one TTA and batching path, and it calls .eval() on what it runs."""
+
+    def __init__(self, model_fn: ModelFn) -> None:
+        super().__init__()
+        self.model_fn = model_fn
+
+    def forward(self, images: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model_fn(images, metadata)  # (B, 3, H, W), (B, 14) -> (B, K)
+
+
+def _as_module(model: ModelFn) -> torch.nn.Module:
+    return model if isinstance(model, torch.nn.Module) else _ModelFnModule(model)
+
+
+def _feature_dim(model: ModelFn) -> int | None:
+    """The width of the model's penultimate features; None for a model callable that gives none (compressed)."""
+    return getattr(model, "feature_dim", None) if hasattr(model, "forward_with_features") else None
 
 
 class _FeaturesAndLogits(torch.nn.Module):
@@ -135,13 +169,17 @@ class _FeaturesAndLogits(torch.nn.Module):
         return torch.cat([features, logits], dim=1)  # (B, D + K)
 
 
-def predict_records_with_features(model: torch.nn.Module, records: pd.DataFrame | list[dict[str, Any]],
+def predict_records_with_features(model: ModelFn, records: pd.DataFrame | list[dict[str, Any]],
                                   input_spec: dict[str, Any], temperature: float, tta: int, device: torch.device,
-                                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Records -> (identity-view features (N, D), identity-view logits (N, K), calibrated probabilities (N, K)
-    averaged over the TTA views): predict_records' path (create_eval_loader, predict_logits) in one pass."""
+                                  batch_size: int = 64) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Records -> (identity-view features (N, D) | None, identity-view logits (N, K), calibrated probabilities
+    (N, K) averaged over the TTA views): predict_records' path (create_eval_loader, predict_logits) in one pass.
+    Features come from a float model (forward_with_features); a compressed artifact's callable gives None."""
     from dermaid.data.torch_dataset import create_eval_loader
 
+    if _feature_dim(model) is None:
+        probs, logits = predict_records(model, records, input_spec, temperature, tta, device, batch_size)
+        return None, logits, probs
     loader = create_eval_loader(records, input_spec, batch_size=batch_size)
     joined, _ = predict_logits(_FeaturesAndLogits(model), loader, device, tta=tta)  # (N, V, D + K)
     num_classes = int(model.head.out_features)

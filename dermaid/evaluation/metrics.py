@@ -130,6 +130,27 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, codes: Sequence[str] 
     }
 
 
+def bootstrap_interval(labels: np.ndarray, probs: np.ndarray, statistic=None, confidence: float = 0.95,
+                       n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of a metric over images (default: balanced_accuracy), resampling
+    (label, probabilities) pairs with replacement: scipy.stats.bootstrap. Percentile rather than scipy's default
+    BCa: BCa's jackknife costs one metric call per image (25k for ISIC 2019); 1000 resamples of a 25k-image set
+    take a few seconds. (nan, nan) for fewer than 2 images."""
+    import scipy.stats
+
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    statistic = statistic or balanced_accuracy
+    if len(labels) < 2:
+        return float("nan"), float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a degenerate resample (one class only) is still a valid draw
+        result = scipy.stats.bootstrap((np.arange(len(labels)),), lambda idx: statistic(labels[idx], probs[idx]),
+                                       n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                                       vectorized=False, rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
 def flatten_metrics(metrics: dict[str, Any], split: str, per_class: Sequence[str] = ("sensitivity", "auc")) -> dict[str, float]:
     """The scalar metrics as `split/metric` (and `split/metric/CODE` for the per-class ones named)."""
     flat = {f"{split}/{key}": float(value) for key, value in metrics.items()

@@ -4,8 +4,11 @@
     logits = model_fn(images, metadata)    # (B, 3, H, W), (B, 14) | None -> (B, 8)
 
 `LOADERS` maps the card's `kind` to a loader: "float" (torch weights), "quantized_static" /
-"quantized_dynamic" / "onnx" (ONNX Runtime) and "torchscript" (dermaid.compress.runtime);
+"quantized_dynamic" / "onnx" (ONNX Runtime), "torchscript" (dermaid.compress.runtime) and "ensemble"
+(dermaid.models.ensemble: members averaged);
 `@register_loader(kind)` adds one.
+
+    reason = tta_refusal(card, tta)    # None: this kind can average those test-time views; else why not
 """
 
 from __future__ import annotations
@@ -30,6 +33,23 @@ def register_loader(kind: str) -> Callable[[Loader], Loader]:
         LOADERS[kind] = fn
         return fn
     return decorator
+
+
+# Kinds whose graph was traced or exported at the card's input size (dynamic batch only): a test-time view must keep
+# (H, W), so the rotations and transposes of tta=8 fit them only when the input is square.
+FIXED_INPUT_KINDS = frozenset({"quantized_static", "quantized_dynamic", "onnx", "torchscript"})
+SHAPE_KEEPING_TTA = 4  # dermaid.training.loop.tta_views: the first 4 views are flips (identity, h, v, both)
+
+
+def tta_refusal(card: ModelCard, tta: int) -> str | None:
+    """Why a checkpoint of this kind cannot average `tta` test-time views (None: it can)."""
+    _, height, width = card.input_size
+    kinds = {card.kind, *(m.get("kind") for m in (card.ensemble or {}).get("members", []))}  # an ensemble: its members'
+    if kinds & FIXED_INPUT_KINDS and tta > SHAPE_KEEPING_TTA and height != width:
+        return (f"tta={tta} needs rotated views ({width}x{height} -> {height}x{width}), and a {card.kind} artifact "
+                f"runs only at its exported {height}x{width} input; use tta={SHAPE_KEEPING_TTA} (flips) or its "
+                f"float source")
+    return None
 
 
 def create_model_fn(url: str, card: ModelCard, device: torch.device) -> ModelFn:
@@ -64,3 +84,11 @@ def _load_torchscript(url: str, card: ModelCard, device: torch.device) -> ModelF
     from dermaid.compress.runtime import load_torchscript_model
 
     return load_torchscript_model(url, card, device)
+
+
+@register_loader("ensemble")
+def _load_ensemble(url: str, card: ModelCard, device: torch.device) -> ModelFn:
+    """Several checkpoints as one (dermaid.models.ensemble): each member through its own kind's loader."""
+    from dermaid.models.ensemble import load_ensemble
+
+    return load_ensemble(url, card, device)

@@ -7,6 +7,8 @@
 
 Saliency needs float weights (an nn.Module with gradients): for a compressed artifact, load its float
 source (dermaid.models.card.float_weights_for). The target layer follows the architecture (find_cam_target).
+An ensemble (dermaid.models.ensemble) is explained by every member's float weights, all for the class the
+ensemble chose, and the members' maps (each in [0, 1]) are averaged.
 """
 
 from __future__ import annotations
@@ -176,18 +178,21 @@ class Explainer:
     def __init__(self, predictor: Predictor, concurrency: int = 1, overlay_max_side: int = OVERLAY_MAX_SIDE) -> None:
         self.predictor = predictor
         self.overlay_max_side = int(overlay_max_side)
-        base = predictor.module
+        bases = _cam_models(predictor)  # [(float module, its card's metadata use)]: one, or an ensemble's members
         self._pool: queue.Queue = queue.Queue()
         for i in range(max(1, int(concurrency))):
-            model = base if i == 0 else copy.deepcopy(base)
-            for param in model.parameters():
-                param.requires_grad_(False)
-            target = find_cam_target(model, predictor.input_spec["input_size"])
-            if not getattr(target.module, "_dermaid_cam_hook", False):  # once per module, however many Explainers
-                target.module.register_forward_hook(_grad_from_here)
-                target.module._dermaid_cam_hook = True
-            self._pool.put((model, target))
-        self.target_name = target.name
+            entry = []
+            for base, uses_metadata in bases:
+                model = base if i == 0 else copy.deepcopy(base)
+                for param in model.parameters():
+                    param.requires_grad_(False)
+                target = find_cam_target(model, predictor.input_spec["input_size"])
+                if not getattr(target.module, "_dermaid_cam_hook", False):  # once per module, however many Explainers
+                    target.module.register_forward_hook(_grad_from_here)
+                    target.module._dermaid_cam_hook = True
+                entry.append((model, target, uses_metadata))
+            self._pool.put(entry)
+        self.target_name = ", ".join(dict.fromkeys(target.name for _, target, _ in entry))
 
     def warmup(self) -> None:
         """One call on a blank image: imports the CAM package and runs every first-call path once."""
@@ -206,23 +211,42 @@ class Explainer:
         prepared = self.predictor.prepare(data)
         metadata = self.predictor.encode_metadata(age, sex, site)[None] if self.predictor.uses_metadata else None
         images = prepared.tensor[None].to(self.predictor.device)  # (1, 3, H, W)
-        model, cam_target = self._pool.get()
+        entry = self._pool.get()
         try:
             from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-            wrapped = _WithMetadata(model, metadata)
-            with _cam_classes()[method](model=wrapped, target_layers=[cam_target.module],
-                                        reshape_transform=cam_target.reshape) as cam:
-                targets = None if target is None else [ClassifierOutputTarget(CLASS_INDEX[target])]
-                heat = cam(input_tensor=images, targets=targets)[0]  # (H, W) in [0, 1]
-                logits = cam.outputs.detach().float()  # (1, 8)
+            ensemble_probs = None
+            if len(entry) > 1:  # an ensemble: its own probabilities choose the class every member explains
+                ensemble_probs = self.predictor.forward(images, metadata)[0].tolist()
+                if target is None:
+                    target = CLASS_CODES[int(np.argmax(ensemble_probs))]
+            heats = []
+            for model, cam_target, uses_metadata in entry:
+                wrapped = _WithMetadata(model, metadata if uses_metadata else None)
+                with _cam_classes()[method](model=wrapped, target_layers=[cam_target.module],
+                                            reshape_transform=cam_target.reshape) as cam:
+                    targets = None if target is None else [ClassifierOutputTarget(CLASS_INDEX[target])]
+                    heats.append(cam(input_tensor=images, targets=targets)[0])  # (H, W) in [0, 1]
+                    logits = cam.outputs.detach().float()  # (1, 8)
         finally:
-            self._pool.put((model, cam_target))
-        probs = probabilities_from_logits(logits, self.predictor.temperature)[0].tolist()
+            self._pool.put(entry)
+        heat = np.mean(heats, axis=0)  # (H, W): the members' maps averaged (one map for a single model)
+        probs = ensemble_probs or probabilities_from_logits(logits, self.predictor.temperature)[0].tolist()
         index = CLASS_INDEX[target] if target is not None else int(np.argmax(probs))
         shown, crop_box = prepared.display(None if full_size else self.overlay_max_side)  # the crop in its pixels
         overlay = create_overlay(shown, heat, crop_box)
-        return Saliency(CLASS_CODES[index], float(probs[index]), probs, method, overlay, cam_target.name)
+        return Saliency(CLASS_CODES[index], float(probs[index]), probs, method, overlay, self.target_name)
+
+
+def _cam_models(predictor: Predictor) -> list[tuple[nn.Module, bool]]:
+    """The float modules Grad-CAM runs, each with whether it reads metadata: the predictor's own, or for an
+    ensemble every member's float weights (a compressed member's float source)."""
+    if predictor.kind == "ensemble":
+        from dermaid.models.ensemble import float_members
+
+        return [(model, card.uses_metadata) for model, card in
+                float_members(predictor.checkpoint_url, predictor.card, predictor.device)]
+    return [(predictor.module, True)]
 
 
 def create_overlay(image: Image.Image, heat: np.ndarray, crop_box: tuple[float, float, float, float],

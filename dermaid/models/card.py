@@ -18,6 +18,8 @@ to use the model without its training config:
     "fitted_on"}) and triage ({"cutoff", "target_sensitivity", "sensitivity", "specificity", "tp", "fn", "tn",
     "fp", "malignant_codes"}). Written by training: preparation (dermaid.data.shards.preparation_block: the
     prepare rule, image_size and JPEG quality of the training data; the Predictor repeats it on uploads).
+    Written by `dermaid ensemble` / `dermaid cv` for kind "ensemble" (dermaid.models.ensemble): ensemble ({"members":
+    [{"path" (inside the ensemble directory), "source", "model_version", ...}], "combine"}).
     Being optional, they leave format_version at 1: older cards load without them (card.ood / card.triage /
     card.preparation are None) and older code keeps them in `extra` on re-save.
 
@@ -105,6 +107,7 @@ class ModelCard:
     ood: dict[str, Any] | None = None          # `dermaid calibrate`: the OOD detector (method, statistics, threshold)
     triage: dict[str, Any] | None = None       # `dermaid calibrate`: the validation-chosen triage cut-off
     preparation: dict[str, Any] | None = None  # training: how prepare made the images (dermaid.data.shards)
+    ensemble: dict[str, Any] | None = None     # kind "ensemble" only: its members (dermaid.models.ensemble)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept on re-save
 
     # --- typed reads -----------------------------------------------------------------------------------------
@@ -165,7 +168,7 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         """The card.json content (a compressed artifact's `compression` only when present)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        for optional in ("compression", "ood", "triage", "preparation"):
+        for optional in ("compression", "ood", "triage", "preparation", "ensemble"):
             if data[optional] is None:
                 del data[optional]
         return {**data, **self.extra}
@@ -289,7 +292,7 @@ def float_weights_for(url: str) -> str:
     (ONNX, TorchScript, int8), the float checkpoint it was made from (its card's compression.source).
     Grad-CAM needs them (gradients flow through PyTorch modules only); clear errors when they are gone."""
     card = load_card(url)
-    if card.is_float:
+    if card.is_float or card.kind == "ensemble":  # an ensemble's Grad-CAM takes each member's float weights itself
         return url
     source = card.compression_source
     hint = "set explainer_checkpoint= to the float checkpoint it was made from"
@@ -325,7 +328,7 @@ def load_float_model(url: str, device: str | torch.device = "cpu") -> tuple[torc
     card = load_card(url)
     if not card.is_float:
         raise CheckpointError(f"{url}: a {card.kind} artifact, not float weights")
-    model = create_classifier(card.model)
+    model = create_classifier(card.model, pretrained_weights=False)  # the checkpoint's weights replace them
     state = load_state_dict(url, card)
     try:
         model.load_state_dict(state)

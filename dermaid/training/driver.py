@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from dermaid.classes import DISCLAIMER
 from dermaid.config import to_plain
 from dermaid.errors import DermaidError
-from dermaid.files import absolute_url, exists, join, read_text, write_text
+from dermaid.files import absolute_url, exists, is_local, join, read_text, write_text
 from dermaid.processes import sigint_handler_kept
 from dermaid.ray_runtime import ensure_ray
 from dermaid.training.hooks import load_loss_hook
@@ -58,6 +58,8 @@ def train(cfg: DictConfig | dict[str, Any], callbacks: list | None = None) -> di
     trainer = _create_trainer(settings, worker_config, callbacks)
     if settings.scaling.num_workers > 0:  # 0: Ray Train's local mode, the worker in this process, no cluster
         ensure_ray(settings.ray.address, settings.ray.num_cpus, log_to_driver=True)
+        check_shared_storage({"out": worker_config["out"], "data.prepared_dir": worker_config["data"]["version_url"]},
+                             settings.run.shared_storage)
     try:
         with sigint_handler_kept():  # Ray Train leaves its own Ctrl-C handler installed
             result = trainer.fit()
@@ -114,6 +116,24 @@ def build_run_config(run: RunSettings, out: str, callbacks: list | None = None):
     )
 
 
+def check_shared_storage(urls: dict[str, str], shared_storage: bool) -> None:
+    """Ray Train's workers on every node write checkpoints to out= and read the prepared shards: on a cluster of
+    several nodes a local path is on one node's disk only. Refused (naming the key) unless run.shared_storage=true
+    says the path is a filesystem every node mounts; URLs (gs://, s3://) are shared by nature. Needs Ray started."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2 or shared_storage:
+        return
+    for key, url in urls.items():
+        if is_local(url):
+            raise DermaidError(
+                f"{key}={url} is a path on this node's disk, but the Ray cluster has {len(nodes)} nodes: workers on "
+                f"the others cannot reach it (Ray Train needs storage every node sees). Use a bucket URL "
+                f"({key}=gs://bucket/...) or a shared filesystem mounted on every node, and then set "
+                "run.shared_storage=true")
+
+
 # ---------------------------------------------------------------------------------------------
 # Run preparation: every input checked before any worker (or Ray) starts
 
@@ -132,6 +152,7 @@ def prepare_run(plain: dict[str, Any], settings: TrainConfig) -> dict[str, Any]:
     model_cfg, train_cfg = settings.model.model_dump(), settings.train.model_dump()
     fold = int(settings.data["fold"])
     hook = _prepare_loss_hook(train_cfg["loss_hook"], plain)  # cheap checks (the teacher) before any data work
+    _check_model(model_cfg, train_cfg)
     check_raw_roots(settings.data)
     version_url = absolute_url(ensure_prepared(settings.data, settings.ray.address, settings.ray.num_cpus))
     manifest = read_manifest(version_url)
@@ -178,6 +199,19 @@ def _prepare_loss_hook(path: str | None, plain: dict[str, Any]) -> dict[str, Any
     return {"section": hook.section, "settings": hook.prepare(plain)}
 
 
+def _check_model(model_cfg: dict[str, Any], train_cfg: dict[str, Any]) -> None:
+    """The backbone name (close names when timm lacks it) and a pretrained file (present, of this architecture:
+    loaded once here), before any data work; a local pretrained file's path made absolute (workers run elsewhere)."""
+    from dermaid.models.classifier import check_backbone_name, create_classifier
+
+    if train_cfg["init_from"]:
+        return  # the checkpoint's architecture is used (_fine_tune_source)
+    check_backbone_name(model_cfg["name"])
+    if model_cfg["pretrained_file"]:
+        model_cfg["pretrained_file"] = absolute_url(model_cfg["pretrained_file"])
+        create_classifier(model_cfg)  # PretrainedFileError (missing, unreadable, another architecture) names both
+
+
 def _check_split_sizes(manifest: dict[str, Any], fold: int, workers: int, version_url: str) -> None:
     by_fold = {int(k): int(v) for k, v in manifest.get("counts", {}).get("fold", {}).items()}
     if not by_fold:
@@ -199,7 +233,7 @@ def _fine_tune_source(init_from: str, model_cfg: dict[str, Any]) -> tuple[dict[s
     architecture = {k: card.model[k] for k in ("name", "use_metadata", "metadata_hidden") if k in card.model}
     if model_cfg["name"] != architecture.get("name"):
         print(f"fine-tune: model {architecture.get('name')!r} comes from {init_from} (model.name ignored)")
-    merged = {**model_cfg, **architecture, "pretrained": False}
+    merged = {**model_cfg, **architecture, "pretrained": False, "pretrained_file": None}
     return merged, card.trained_on, card.input_size[-1]
 
 

@@ -65,13 +65,22 @@ def resolve_channels_last(flag: Any, device: torch.device) -> bool:
 
 
 def create_optimizer(model: nn.Module, lr: float, weight_decay: float,
-                     betas: tuple[float, float] = (0.9, 0.999), backbone_lr_scale: float = 1.0) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases and norm weights; optional lower lr for the backbone."""
+                     betas: tuple[float, float] = (0.9, 0.999), backbone_lr_scale: float = 1.0,
+                     layer_decay: float | None = None) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norm weights; optional lower lr for the backbone.
+
+    layer_decay: layer-wise lr decay inside the backbone (BEiT-style, timm.optim.param_groups_layer_decay
+    over the backbone's group_matcher): its last block keeps the backbone lr, each earlier block gets
+    `layer_decay` times the one after it. The head and the metadata branch always train at `lr`.
+    """
+    inner = getattr(model, "module", model)  # DDP's wrapped model: the same parameter objects
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
+    for name, param in inner.named_parameters():
         if not param.requires_grad:
             continue
-        in_backbone = "backbone" in name.split(".")[:2]  # "backbone.x" or DDP's "module.backbone.x"
+        in_backbone = name.split(".", 1)[0] == "backbone"
+        if in_backbone and layer_decay:
+            continue  # grouped per layer below
         decay = param.ndim > 1
         groups.setdefault((in_backbone, decay), []).append(param)
     param_groups = [
@@ -79,7 +88,29 @@ def create_optimizer(model: nn.Module, lr: float, weight_decay: float,
          "lr": lr * (backbone_lr_scale if in_backbone else 1.0)}
         for (in_backbone, decay), params in groups.items()
     ]
+    if layer_decay:
+        from timm.optim import param_groups_layer_decay
+
+        backbone = inner.backbone
+        skip = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
+        for group in param_groups_layer_decay(backbone, weight_decay, no_weight_decay_list=skip,
+                                              layer_decay=float(layer_decay)):
+            scale = group.pop("lr_scale")
+            param_groups.append({**group, "lr": lr * backbone_lr_scale * scale})
     return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas))
+
+
+def create_ema(model: nn.Module, decay: float | None) -> Any | None:
+    """An exponential moving average of `model`'s weights (timm.utils.ModelEmaV3), or None when decay is unset.
+
+    The decay warms up (timm's use_warmup: 1 - (1 + step)^-2/3, capped at `decay`), so short runs and the
+    first epochs average over the steps there are rather than over the random initial weights.
+    """
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(getattr(model, "module", model), decay=float(decay), use_warmup=True)
 
 
 def create_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
@@ -129,10 +160,12 @@ def train_one_epoch(
     grad_clip: float | None = None,
     max_steps: int | None = None,
     teacher: nn.Module | None = None,
+    ema: Any | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns {"loss", "samples", "steps", "seconds", "images_per_s"}.
 
     teacher: a frozen model for knowledge distillation; then loss_fn(logits, labels, teacher_logits).
+    ema: create_ema's average, updated after every optimiser step (its warm-up counts the scheduler's steps).
     """
     model.train()
     start = time.perf_counter()
@@ -166,6 +199,8 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update(getattr(model, "module", model), step=scheduler.last_epoch if scheduler is not None else None)
         total_loss += loss.detach() * labels.shape[0]
         samples += int(labels.shape[0])
         steps += 1

@@ -5,6 +5,8 @@ version, builds the model (DDP), calls loop.py once per epoch, gathers the valid
 and reports metrics + a checkpoint with `ray.train.report`; it resumes from
 `ray.train.get_checkpoint()` when one exists. Only rank 0 logs, writes cards and saves:
 DIR/last/ every epoch, DIR/best/ when val/balanced_accuracy improved, DIR/history.csv.
+With `optim.ema_decay`, an EMA of the weights is what is validated and what every checkpoint stores
+(the raw weights travel in Ray's train state, for resuming).
 
 A loss hook named by `train.loss_hook` (dermaid.training.hooks; e.g. distillation from
 dermaid.compress) replaces the loss and may add a frozen teacher.
@@ -53,6 +55,12 @@ class _Trainee:
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
+    ema: Any | None = None  # timm ModelEmaV3 when optim.ema_decay is set
+
+    @property
+    def kept(self) -> torch.nn.Module:
+        """The weights validated and checkpointed: the EMA's when there is one, else the trained model."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -108,7 +116,8 @@ def _build_trainee(cfg: WorkerConfig, rank: int, world: int, fresh: bool) -> _Tr
 
     # identical init on every rank; DDP also broadcasts rank 0's weights
     loop.set_seed(cfg.seed)
-    model = create_classifier(cfg.model.model_dump())
+    # starting weights (hub or model.pretrained_file) only for a fresh run: a fine-tune or resume replaces them
+    model = create_classifier(cfg.model.model_dump(), pretrained_weights=fresh and not cfg.train.init_from)
     input_spec = resolve_input_spec(model, cfg.train.image_size)
     if fresh and cfg.train.init_from:
         model.load_state_dict(load_state_dict(cfg.train.init_from))
@@ -117,6 +126,7 @@ def _build_trainee(cfg: WorkerConfig, rank: int, world: int, fresh: bool) -> _Tr
     train_loader, val_loader, class_counts = _create_loaders(cfg, input_spec, rank, world, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ema = loop.create_ema(model.to(device), cfg.optim.ema_decay)  # on the device, before DDP wraps it (timm's order)
     ddp_model = ray.train.torch.prepare_model(model)
     plain_model = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
     optimizer, scheduler = _create_optimisation(cfg, ddp_model, len(train_loader))
@@ -126,7 +136,7 @@ def _build_trainee(cfg: WorkerConfig, rank: int, world: int, fresh: bool) -> _Tr
         val_loader=val_loader, optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None,
         loss_fn=loss_fn, teacher=teacher, card_fields=card_fields, device=device, amp_dtype=amp_dtype,
-        channels_last=channels_last,
+        channels_last=channels_last, ema=ema,
     )
 
 
@@ -142,24 +152,43 @@ def _create_loaders(cfg: WorkerConfig, input_spec: dict[str, Any], rank: int, wo
     train_records, train_info = read_worker_records(data.version_url, "train", data.fold, rank, world)
     train_records = pad_records(train_records, train_info["per_rank"])
     val_records, _ = read_worker_records(data.version_url, "val", data.fold, rank, world)
-    size = int(input_spec["input_size"][-1])
-    train_set = LesionDataset(train_records, create_train_transform(input_spec, cfg.augment.model_dump()),
-                              draft_size=math.ceil(size / float(input_spec["crop_pct"])))
+    augment = create_train_transform(input_spec, cfg.augment.model_dump())
+    on_device = _input_path(cfg.config["data"]["loader"], device) == "gpu"
+    train_set = LesionDataset(train_records, None if on_device else augment, raw=on_device)
     sampling = "balanced" if cfg.train.imbalance == "balanced_sampler" else "shuffle"
     pin = device.type == "cuda"
     train_loader = create_train_loader(train_set, batch_size, sampling, train_info["class_counts"],
                                        cfg.seed + rank, num_workers=cfg.train.loader_workers, pin_memory=pin)
+    if on_device:  # loader workers only slice JPEG bytes; decode + augment run on the GPU (nvJPEG, torch)
+        from dermaid.data.gpu_transforms import DeviceAugmentLoader
+
+        train_loader = DeviceAugmentLoader(train_loader, augment, device)
     val_loader = create_eval_loader(val_records, input_spec, batch_size=batch_size * 2,
                                     num_workers=cfg.train.loader_workers, pin_memory=pin)
     return train_loader, val_loader, train_info["class_counts"]
 
 
+def _input_path(loader: str, device: torch.device) -> str:
+    """`data.loader` -> "gpu" (decode + augment on the device) or "cpu" (in the DataLoader workers, OpenCV)."""
+    from dermaid.errors import DermaidError
+
+    if loader == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    if loader not in ("cpu", "gpu"):
+        raise DermaidError(f"data.loader={loader!r}: expected auto, cpu or gpu")
+    if loader == "gpu" and device.type != "cuda":
+        raise DermaidError(f"data.loader=gpu decodes on a CUDA device; this worker trains on {device.type} "
+                           "(use data.loader=auto or cpu, or scaling=gpu1|gpu4)")
+    return loader
+
+
 def _create_optimisation(cfg: WorkerConfig, ddp_model: torch.nn.Module, steps_per_epoch: int):
-    """AdamW and its per-batch warm-up + cosine schedule, from the `optim` group."""
+    """AdamW (with layer-wise lr decay when set) and its per-batch warm-up + cosine schedule, from `optim`."""
     from dermaid.training import loop
 
     optim = cfg.optim
-    optimizer = loop.create_optimizer(ddp_model, optim.lr, optim.weight_decay, optim.betas, optim.backbone_lr_scale)
+    optimizer = loop.create_optimizer(ddp_model, optim.lr, optim.weight_decay, optim.betas, optim.backbone_lr_scale,
+                                      optim.layer_decay)
     scheduler = loop.create_cosine_schedule(optimizer, cfg.train.epochs * steps_per_epoch,
                                             optim.warmup_epochs * steps_per_epoch, optim.min_lr_ratio)
     return optimizer, scheduler
@@ -191,8 +220,11 @@ def _resume(trainee: _Trainee, checkpoint, rank: int) -> dict[str, Any]:
     if checkpoint is None:
         return state
     with checkpoint.as_directory() as ckpt_dir:
-        trainee.model.load_state_dict(load_state_dict(ckpt_dir))
+        kept = load_state_dict(ckpt_dir)  # the checkpoint's weights: the EMA's when the run keeps one
         saved = torch.load(os.path.join(ckpt_dir, TRAIN_STATE_FILE), map_location="cpu", weights_only=False)
+    trainee.model.load_state_dict(saved.get("model") or kept)  # the raw trained weights, saved beside an EMA
+    if trainee.ema is not None:
+        trainee.ema.module.load_state_dict(kept if saved.get("model") else trainee.model.state_dict())
     trainee.optimizer.load_state_dict(saved["optimizer"])
     trainee.scheduler.load_state_dict(saved["scheduler"])
     if trainee.scaler is not None and saved["scaler"]:
@@ -221,10 +253,13 @@ def _run_epoch(cfg: WorkerConfig, trainee: _Trainee, state: dict[str, Any], epoc
         trainee.device, trainee.amp_dtype, trainee.channels_last, trainee.scaler,
         metadata_dropout=cfg.model.metadata_dropout if cfg.model.use_metadata else 0.0,
         grad_clip=cfg.train.grad_clip, max_steps=cfg.train.max_steps_per_epoch, teacher=trainee.teacher,
+        ema=trainee.ema,
     )
     train_loss = _mean_over_workers(stats["loss"] * stats["samples"], stats["samples"], trainee.device, dist)
     _broadcast_buffers(trainee.model, dist)  # BatchNorm statistics of rank 0: the model that is saved
-    logits, labels = loop.predict_logits(trainee.model, trainee.val_loader, trainee.device, trainee.amp_dtype,
+    if trainee.ema is not None:
+        _broadcast_buffers(trainee.ema.module, dist)  # ... and of its EMA, averaged from each rank's own
+    logits, labels = loop.predict_logits(trainee.kept, trainee.val_loader, trainee.device, trainee.amp_dtype,
                                          trainee.channels_last)
     logits, labels = _gather(logits[:, 0], labels, dist)  # (N_val, K), (N_val,) in shard order
     metrics, details, temperature = _epoch_metrics(logits, labels)
@@ -251,7 +286,7 @@ def _report_rank0(cfg: WorkerConfig, trainee: _Trainee, state: dict[str, Any], r
     card = _epoch_card(cfg, trainee, row, details, temperature)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = _write_ray_checkpoint(tmp, card, trainee, state)
-        _save_run_checkpoints(cfg.out, card, trainee.model, improved)
+        _save_run_checkpoints(cfg.out, card, trainee.kept, improved)
         write_history(cfg.out, state["history"])
         _console(format_epoch_line(row, cfg.train.epochs, improved))
         if run is not None:
@@ -302,12 +337,14 @@ def _epoch_card(cfg: WorkerConfig, trainee: _Trainee, row: dict[str, Any], detai
 
 
 def _write_ray_checkpoint(tmp: str, card, trainee: _Trainee, state: dict[str, Any]) -> str:
-    """A Ray checkpoint that is also a DermAID checkpoint (card.json + model.pt) plus the train state."""
+    """A Ray checkpoint that is also a DermAID checkpoint (card.json + model.pt: the kept weights) plus the
+    train state (with the raw trained weights when model.pt holds the EMA's)."""
     from dermaid.models.card import save_checkpoint
 
     ckpt_dir = os.path.join(tmp, "checkpoint")
-    save_checkpoint(ckpt_dir, card, trainee.model.state_dict())
+    save_checkpoint(ckpt_dir, card, trainee.kept.state_dict())
     torch.save({
+        "model": trainee.model.state_dict() if trainee.ema is not None else None,
         "optimizer": trainee.optimizer.state_dict(),
         "scheduler": trainee.scheduler.state_dict(),
         "scaler": trainee.scaler.state_dict() if trainee.scaler is not None else None,

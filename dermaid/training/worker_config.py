@@ -30,6 +30,7 @@ class ModelSettings(_Section):
 
     name: str
     pretrained: bool
+    pretrained_file: str | None
     use_metadata: bool
     metadata_hidden: int
     metadata_dropout: float
@@ -68,6 +69,55 @@ class OptimSettings(_Section):
     warmup_epochs: float
     min_lr_ratio: float
     backbone_lr_scale: float
+    layer_decay: float | None
+    ema_decay: float | None
+
+
+class BrightnessContrastSettings(_Section):
+    p: float
+    brightness: float
+    contrast: float
+
+
+class BlurSettings(_Section):
+    p: float
+    limit: int
+    noise_var: tuple[float, float]
+
+
+class DistortionSettings(_Section):
+    p: float
+    optical: float
+    grid: float
+    grid_steps: int
+    elastic_alpha: float
+    elastic_sigma: float
+
+
+class ClaheSettings(_Section):
+    p: float
+    clip_limit: float
+    grid: int
+
+
+class HsvSettings(_Section):
+    p: float
+    hue: float
+    saturation: float
+    value: float
+
+
+class ShiftScaleRotateSettings(_Section):
+    p: float
+    shift: float
+    scale: float
+    rotate: float
+
+
+class CutoutSettings(_Section):
+    p: float
+    size: float
+    holes: int
 
 
 class AugmentSettings(_Section):
@@ -77,8 +127,16 @@ class AugmentSettings(_Section):
     ratio: tuple[float, float]
     hflip: bool
     vflip: bool
+    transpose: bool
     rotation: float
     color_jitter: float
+    brightness_contrast: BrightnessContrastSettings
+    blur: BlurSettings
+    distortion: DistortionSettings
+    clahe: ClaheSettings
+    hsv: HsvSettings
+    shift_scale_rotate: ShiftScaleRotateSettings
+    cutout: CutoutSettings
 
 
 class ScalingSettings(_Section):
@@ -97,6 +155,7 @@ class RunSettings(_Section):
     keep_checkpoints: int
     max_failures: int
     log_level: str
+    shared_storage: bool  # local paths are on storage every node sees (NFS): dermaid.training.driver.check_shared_storage
 
 
 class RaySettings(_Section):
