@@ -27,6 +27,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -106,16 +107,7 @@ def write_atomic(url: str, data: bytes) -> None:
         with fs.open(path, "wb") as f:
             f.write(data)
         return
-    tmp = f"{path}{TMP_INFIX}{_stamp()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on one filesystem
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    _write_local_then(path, data, os.replace)  # atomic on one filesystem
 
 
 def write_exclusive(url: str, data: bytes) -> None:
@@ -134,13 +126,19 @@ def write_exclusive(url: str, data: bytes) -> None:
         with fs.open(path, "xb") as f:
             f.write(data)
         return
+    _write_local_then(path, data, os.link)  # EEXIST -> FileExistsError
+
+
+def _write_local_then(path: str, data: bytes, publish: Any) -> None:
+    """Write `data` whole (fsynced) to a temporary sibling of `path`, then `publish(tmp, path)` (os.replace or
+    os.link); the temporary name is gone afterwards either way."""
     tmp = f"{path}{TMP_INFIX}{_stamp()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.link(tmp, path)  # EEXIST -> FileExistsError
+        publish(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -58,7 +58,8 @@ from serve.uploads_api import router as uploads_router
 logger = logging.getLogger("ray.serve")
 
 READY_FRESH_S = 10.0  # /readyz trusts a classifier answer this recent instead of asking the classifier again
-SALIENCY_JSON_KEYS = ("target", "probability", "method", "layer", "width", "height", "model_version")
+SALIENCY_JSON_KEYS = ("target", "probability", "method", "layer", "width", "height", "model_version",
+                      "registry_version")
 CALIBRATE_HOW = "run `dermaid calibrate checkpoint=...` on the served checkpoint, then redeploy"
 # What /v1/model shows of the card: what a client needs to use the model and judge it. The rest (training config
 # with its paths and bucket URLs, compression source, code commit, OOD statistics) is on /v1/review/model.
@@ -124,12 +125,12 @@ def _saliency_png(out: dict[str, Any], ood: dict[str, Any]) -> Response:
                              "X-DermAID-Probability": f"{out['probability']:.6f}",
                              "X-DermAID-OOD-Score": _header_value(ood["ood_score"]),
                              "X-DermAID-Abstain": _header_value(ood["abstain"]),
-                             "X-DermAID-Disclaimer": DISCLAIMER})
+                             "X-DermAID-Disclaimer": DISCLAIMER, **_model_headers(out)})
 
 
 def _saliency_json(out: dict[str, Any], ood: dict[str, Any]) -> JSONResponse:
     """The class, its probability and the overlay as base64 PNG, with the OOD decision."""
-    body = {key: out[key] for key in SALIENCY_JSON_KEYS}
+    body = {key: out.get(key) for key in SALIENCY_JSON_KEYS}  # registry_version: None for a plain checkpoint
     body.update(name=BY_CODE[out["target"]].name, overlay_png_base64=base64.b64encode(out["png"]).decode(),
                 **ood, disclaimer=DISCLAIMER)
     return JSONResponse(body)

@@ -102,6 +102,8 @@ class SaliencyResponse(AbstentionFields):
     width: int = Field(description="the overlay's width: the upload's, scaled to overlay_max_side unless full_size")
     height: int = Field(description="the overlay's height (the upload's aspect ratio)")
     model_version: str
+    registry_version: str | None = Field(None, description="NAME@VERSION of the registry version whose Grad-CAM "
+                                                           "this is (null for a plain checkpoint)")
     overlay_png_base64: str
 
 

@@ -163,6 +163,34 @@ def promotable_checkpoint(tiny_checkpoint, tmp_path_factory) -> str:
         {"cutoff": 0.3, "target_sensitivity": 0.9, "sensitivity": 0.9, "specificity": 0.5}))
     return url
 
+def start_test_app(checkpoint: str, app_name: str, tmp_path_factory, *overrides: str, ready_s: float = 180) -> str:
+    """`dermaid serve`'s app on the session's Ray (blocking=false), sized for 2 CPUs, its uploads and prediction log
+    in temporary folders; returns the base URL once /readyz answers 200. `overrides` (key=value) win over these
+    defaults; the caller shuts Serve down (`serve.shutdown()`) when its module is done."""
+    import time
+
+    import requests
+
+    from dermaid.config import compose
+    from dermaid.processes import free_port
+    from serve.launcher import start
+
+    settings = {
+        "port": str(free_port()), "app_name": app_name, "blocking": "false",
+        "storage.url": str(tmp_path_factory.mktemp(f"{app_name}_uploads")),
+        "monitoring.url": str(tmp_path_factory.mktemp(f"{app_name}_monitoring")),  # out of the checkout
+        "classifier.num_cpus": "0.5", "classifier.torch_threads": "1",   # a fraction of the session's 2 CPUs
+        "explainer.num_cpus": "0.25", "explainer.torch_threads": "1", "ingress.num_cpus": "0.1",
+    }
+    settings.update(override.split("=", 1) for override in overrides)
+    base = start(compose("serve", [f"checkpoint={checkpoint}", *(f"{k}={v}" for k, v in settings.items())]))
+    deadline = time.monotonic() + ready_s
+    while requests.get(f"{base}/readyz", timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, f"serve app {app_name} never became ready"
+        time.sleep(0.5)
+    return base
+
+
 @dataclass
 class CliResult:
     """What a `dermaid ...` call left: like subprocess.CompletedProcess's fields."""

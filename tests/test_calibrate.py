@@ -214,14 +214,29 @@ def test_forward_with_features_is_what_the_head_sees_and_forward_is_unchanged():
     assert stop == model.feature_dim - sum(2 * c for _, c in model.feature_levels[1:])
 
 
-def test_old_cards_load_and_compressed_artifacts_are_refused(tiny_checkpoint, tmp_path):
+def test_old_cards_load_and_feature_methods_on_a_compressed_artifact_are_a_clear_error(tiny_checkpoint, tmp_path,
+                                                                                      capsys):
     card = load_card(tiny_checkpoint)
     assert card.ood is None and card.triage is None and card.ood_method is None and card.triage_cutoff is None
     assert "ood" not in card.to_dict() and "triage" not in card.to_dict()
     onnx = str(tmp_path / "onnx")
     save_checkpoint(onnx, card.derived("onnx", "model.onnx", {"source": tiny_checkpoint}), artifact_bytes=b"")
-    with pytest.raises(CheckpointError, match=f"calibrate its float source.*checkpoint={tiny_checkpoint}"):
-        calibrate(compose("calibrate", [f"checkpoint={onnx}"]))
+    with pytest.raises(DermaidError, match=r"onnx checkpoint gives no penultimate features.*name msp and/or energy"):
+        calibrate(compose("calibrate", [f"checkpoint={onnx}", "ood.methods=[knn,multilayer]"]))
+    with pytest.raises(DermaidError, match=r"ood.default='knn' needs penultimate features.*\['msp'\]"):
+        calibrate(compose("calibrate", [f"checkpoint={onnx}", "ood.methods=[msp,knn]", "ood.default=knn"]))
+    assert "ood.methods ['knn'] are not fitted" in capsys.readouterr().out
+
+
+def test_an_ensemble_of_members_held_out_on_different_folds_is_refused(tiny_checkpoint, tmp_path):
+    import dataclasses
+
+    card = load_card(tiny_checkpoint)
+    members = [{"path": f"members/0{fold}", "kind": "float", "fold": fold} for fold in (0, 1)]
+    ensemble = dataclasses.replace(card, kind="ensemble", artifact="members", ensemble={"members": members})
+    save_checkpoint(str(tmp_path / "ens"), ensemble, artifact_bytes=b"")
+    with pytest.raises(DermaidError, match=r"members held out different validation folds \(0, 1\)"):
+        calibrate(compose("calibrate", [f"checkpoint={tmp_path / 'ens'}"]))
 
 
 def test_multilayer_levels_must_be_levels_of_the_backbone(tiny_checkpoint):
@@ -239,3 +254,57 @@ def test_multilayer_levels_must_be_levels_of_the_backbone(tiny_checkpoint):
     assert fitted["multilayer"].levels == [model.feature_layout[f"level{i}"] for i in ood_cfg["multilayer_levels"]]
     with pytest.raises(DermaidError, match=r"multilayer_levels=\[9\]: this backbone has feature levels 0..4"):
         fit_detectors({**ood_cfg, "multilayer_levels": [9]}, card, train, model.feature_layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensembles and compressed artifacts: logit detectors through their own model callable
+
+
+@pytest.fixture(scope="module", params=["ensemble", "int8_dynamic"])
+def logit_only(request, trained_run, toy_prepared, tmp_path_factory) -> tuple[str, str]:
+    """(kind, checkpoint) calibrated with the default ood.methods (every method: the feature ones are dropped):
+    an ensemble of two copies of trained_run's best/ (`dermaid ensemble`'s builder), or its dynamic int8 artifact
+    (`dermaid quantize`'s function)."""
+    from dermaid.models.ensemble import build_ensemble
+
+    root = tmp_path_factory.mktemp(request.param)
+    best = Path(trained_run) / "best"
+    if request.param == "ensemble":
+        copies = [root / "a", root / "b"]
+        for copy in copies:
+            shutil.copytree(best, copy)
+        checkpoint = str(root / "ens")
+        build_ensemble([str(copy) for copy in copies], checkpoint)
+    else:
+        from dermaid.compress.quantize import run_quantize
+
+        checkpoint = str(root / "int8")
+        run_quantize(compose("quantize", [f"checkpoint={best}", f"out={checkpoint}", "method=dynamic",
+                                          "evaluate=false", *_data_overrides(toy_prepared)]))
+    calibrate(compose("calibrate", [f"checkpoint={checkpoint}", *_data_overrides(toy_prepared),
+                                    f"ood.refuse_share={REFUSE_SHARE}", "ood.validation_set.n_per_kind=4"]))
+    return request.param, checkpoint
+
+
+def test_an_ensemble_or_int8_artifact_is_calibrated_serves_abstain_and_may_be_promoted(logit_only, toy_prepared):
+    from dermaid.monitoring.reference import REFERENCE_FILE
+    from dermaid.registry import check_card
+
+    kind, checkpoint = logit_only
+    card = load_card(checkpoint)
+    assert card.kind == {"ensemble": "ensemble", "int8_dynamic": "quantized_dynamic"}[kind]
+    assert set(card.ood["validation"]) == {"msp", "energy"} and card.ood_method in ("msp", "energy")
+    assert (Path(checkpoint) / card.ood["statistics"]).is_file() and (Path(checkpoint) / REFERENCE_FILE).is_file()
+    assert card.ood["validation"][card.ood_method]["refused_in"] <= REFUSE_SHARE + 1.0 / 20
+    assert card.triage["sensitivity"] >= 0.95 and card.triage["tp"] + card.triage["fn"] > 0
+    assert check_card(card, checkpoint) == []
+
+    predictor = Predictor(checkpoint)
+    document = _jpeg(generate_ood_image("document", np.random.default_rng(5), (320, 240)))
+    lesions = load_records(toy_prepared, "val", 0)["image"].tolist()[:8]
+    items = [(data, None, None, None) for data in [document, *lesions]]
+    batch = predictor.predict_full(items)
+    assert batch.ood_scores.shape == batch.abstain.shape == (len(items),) and batch.abstain.dtype == bool
+    assert np.isfinite(batch.ood_scores).all() and batch.ood_scores.std() > 0
+    assert np.array_equal(batch.abstain, batch.ood_scores > card.ood["threshold"])
+    assert np.array_equal(batch.probabilities, predictor.predict(items))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -165,21 +164,9 @@ def test_cli_builds_and_refuses_with_one_line(dermaid_cli, members, tmp_path):
 def ensemble_server(ray_session, ensemble, tmp_path_factory):
     from ray import serve
 
-    from dermaid.config import compose
-    from dermaid.processes import free_port
-    from serve.launcher import start
+    from conftest import start_test_app
 
-    cfg = compose("serve", [
-        f"checkpoint={ensemble}", f"port={free_port()}", "app_name=dermaid-ensemble", "blocking=false",
-        f"storage.url={tmp_path_factory.mktemp('ensemble_uploads')}",
-        "classifier.num_cpus=0.25", "classifier.torch_threads=1", "explainer.num_cpus=0.25",
-        "explainer.torch_threads=1", "ingress.num_cpus=0.1",
-    ])
-    base = start(cfg)
-    deadline = time.time() + 180
-    while requests.get(f"{base}/readyz", timeout=10).status_code != 200:
-        assert time.time() < deadline, "serve app never became ready"
-        time.sleep(0.5)
+    base = start_test_app(ensemble, "dermaid-ensemble", tmp_path_factory)
     yield base
     serve.shutdown()
 

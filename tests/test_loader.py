@@ -55,10 +55,13 @@ def test_cpu_items_are_augmented_tensors_and_raw_items_are_the_bytes():
     assert batch[0].shape == (4, 3, 96, 96) and batch[1].shape == (4, 14) and batch[2].shape == (4,)
 
 
-def _memory(process: psutil.Process) -> tuple[float, list[float]]:
-    """(summed PSS of the process and its children, each child's USS) in bytes."""
+def _memory(process: psutil.Process, others: set[int]) -> tuple[float, list[float]]:
+    """(summed PSS of the process and its loader workers, each worker's USS) in bytes. `others`: children that
+    were there before the loader (a Ray session the test run started, ...), left out."""
     pss, uss = process.memory_full_info().pss, []
     for child in process.children(recursive=True):
+        if child.pid in others:
+            continue
         info = child.memory_full_info()
         pss += info.pss
         uss.append(info.uss)
@@ -72,14 +75,15 @@ def test_loader_memory_stays_flat_across_epochs_and_workers_share_the_buffer():
     dataset = LesionDataset(_records(160, PADDING), create_train_transform(
         {**SPEC, "input_size": [3, 32, 32]}, yaml.safe_load((AUGMENT_DIR / "light.yaml").read_text())))
     buffer = dataset.images.buffer.nbytes
-    loader = create_train_loader(dataset, 16, "shuffle", [1] * 8, seed=0, num_workers=2)
     me = psutil.Process()
+    others = {child.pid for child in me.children(recursive=True)}
+    loader = create_train_loader(dataset, 16, "shuffle", [1] * 8, seed=0, num_workers=2)
     after = []
     for epoch in (1, 2, 3):
         loader.sampler.set_epoch(epoch)
         for _ in loader:
             pass
-        after.append(_memory(me))
+        after.append(_memory(me, others))
     assert after[2][0] < 1.10 * after[0][0], [round(p / 2**20) for p, _ in after]
     assert len(after[2][1]) == 2 and max(after[2][1]) < buffer / 2, (buffer, after[2][1])
     del loader

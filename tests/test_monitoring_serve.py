@@ -18,7 +18,6 @@ import pytest
 import requests
 from PIL import Image
 
-from dermaid.processes import free_port
 
 APP = "dermaid-monitoring"
 
@@ -28,22 +27,12 @@ def monitored(ray_session, calibrated_checkpoint, tmp_path_factory):
     """(base URL, storage URL, log URL) of a running app with metrics and a fast-flushing prediction log."""
     from ray import serve
 
-    from dermaid.config import compose
-    from serve.launcher import start
+    from conftest import start_test_app
 
     storage = str(tmp_path_factory.mktemp("monitoring_uploads"))
     log = str(tmp_path_factory.mktemp("monitoring_log"))
-    cfg = compose("serve", [
-        f"checkpoint={calibrated_checkpoint}", f"port={free_port()}", f"app_name={APP}", "blocking=false",
-        f"storage.url={storage}", f"monitoring.url={log}", "monitoring.flush_interval_s=0.5",
-        "classifier.num_cpus=0.5", "classifier.torch_threads=1", "explainer.num_cpus=0.25",
-        "explainer.torch_threads=1", "ingress.num_cpus=0.1",
-    ])
-    base = start(cfg)
-    deadline = time.time() + 120
-    while requests.get(f"{base}/readyz", timeout=10).status_code != 200:
-        assert time.time() < deadline, "serve app never became ready"
-        time.sleep(0.5)
+    base = start_test_app(calibrated_checkpoint, APP, tmp_path_factory, f"storage.url={storage}",
+                          f"monitoring.url={log}", "monitoring.flush_interval_s=0.5", ready_s=120)
     yield base, storage, log
     serve.shutdown()
 

@@ -33,25 +33,16 @@ def server(ray_session, tiny_checkpoint, tmp_path_factory):
     """(base URL, storage URL) of a running DermAID Serve app, started the way `dermaid serve` starts it."""
     from ray import serve
 
-    from dermaid.config import compose
-    from serve.launcher import start
+    from conftest import start_test_app
 
     storage = str(tmp_path_factory.mktemp("serve_uploads"))
-    cfg = compose("serve", [
-        f"checkpoint={tiny_checkpoint}", f"port={free_port()}", "app_name=dermaid-test", "blocking=false",
+    base = start_test_app(
+        tiny_checkpoint, "dermaid-test", tmp_path_factory,
         f"max_upload_mb={MAX_UPLOAD_MB}", f"storage.url={storage}",
-        f"monitoring.url={tmp_path_factory.mktemp('serve_monitoring')}",  # the prediction log, out of the checkout
         "storage.uploads_per_client_per_hour=10000",  # the module stores ~60 uploads from 127.0.0.1 (limit: its own test)
-        "classifier.num_cpus=0.5", "classifier.torch_threads=1",       # a fraction of the session's 2 CPUs
-        "explainer.num_cpus=0.25", "explainer.torch_threads=1", "explainer.concurrency=2",
-        "ingress.num_cpus=0.1", f"ingress.grpc_max_upload_mb={GRPC_MAX_UPLOAD_MB}",
+        "explainer.concurrency=2", f"ingress.grpc_max_upload_mb={GRPC_MAX_UPLOAD_MB}",
         "ingress.docs=true",  # Swagger UI, as in development (off by default: tests/test_web.py)
-    ])
-    base = start(cfg)
-    deadline = time.time() + 120
-    while requests.get(f"{base}/readyz", timeout=10).status_code != 200:
-        assert time.time() < deadline, "serve app never became ready"
-        time.sleep(0.5)
+        ready_s=120)
     yield base, storage
     serve.shutdown()
 

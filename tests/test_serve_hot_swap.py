@@ -104,6 +104,10 @@ def _saliency_from(base: str, version: str, timeout_s: float = 120) -> str:
         assert r.status_code == 200, r.text
         description = Image.open(io.BytesIO(r.content)).text["Description"]
         if version in description:
+            assert r.headers["X-DermAID-Model-Version"] == version  # the header names the same version
+            as_json = requests.post(f"{base}/v1/saliency", data={"format": "json"}, timeout=60,
+                                    files={"image": ("a.jpg", _jpeg(99), "image/jpeg")}).json()
+            assert as_json["registry_version"] == version, as_json
             return description
         time.sleep(0.2)
     raise AssertionError(f"/v1/saliency never named {version} within {timeout_s} s: {description}")

@@ -15,7 +15,6 @@ import pytest
 import requests
 from PIL import Image
 
-from dermaid.processes import free_port
 
 BURST = 64  # concurrent clients, against 2 running + 2 queued classifications
 
@@ -31,28 +30,13 @@ def small_app(ray_session, tiny_checkpoint, tmp_path_factory):
     """Base URL of an app whose classifier takes 2 requests at a time and queues 2 more per caller."""
     from ray import serve
 
-    from dermaid.config import compose
-    from serve.launcher import start_app
+    from conftest import start_test_app
 
-    cfg = compose("serve", [
-        f"checkpoint={tiny_checkpoint}", f"port={free_port()}", "app_name=dermaid-overload", "blocking=false",
-        f"storage.url={tmp_path_factory.mktemp('overload_uploads')}",
-        "classifier.num_cpus=0.5", "classifier.torch_threads=1", "classifier.max_ongoing_requests=2",
-        "classifier.max_queued_requests=2", "classifier.max_batch_size=2",
-        "explainer.num_cpus=0.25", "explainer.torch_threads=1", "ingress.num_cpus=0.1",
-    ])
-    base = start_app(cfg).url
-    _wait_ready(base)
+    base = start_test_app(
+        tiny_checkpoint, "dermaid-overload", tmp_path_factory, "classifier.max_ongoing_requests=2",
+        "classifier.max_queued_requests=2", "classifier.max_batch_size=2")
     yield base
     serve.shutdown()
-
-
-def _wait_ready(base: str, timeout_s: float = 180) -> None:
-    """Until /readyz says ready (the explainer's replica starts after the classifier answers)."""
-    deadline = time.monotonic() + timeout_s
-    while requests.get(f"{base}/readyz", timeout=30).status_code != 200:
-        assert time.monotonic() < deadline, "the app never became ready"
-        time.sleep(0.5)
 
 
 def _classify(base: str, image: bytes) -> tuple[int, float, dict, Any]:

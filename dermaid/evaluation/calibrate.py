@@ -4,11 +4,19 @@
     dermaid calibrate checkpoint=runs/toy/best experiment=toy ood.refuse_share=0.1 triage.target_sensitivity=0.9
     dermaid calibrate checkpoint=runs/x/best data.version=v3 "triage.malignant_codes=[MEL,BCC,SCC,AK]"
 
+    dermaid calibrate checkpoint=runs/cv/toy/ensemble                   # an ensemble: msp / energy only
+    dermaid calibrate checkpoint=runs/toy/best-int8                      # int8 / ONNX / TorchScript: msp / energy only
+
 In this process (no Ray), through evaluate's prediction path (dermaid.evaluation.evaluate.
-predict_records_with_features: the same eval transform and loader):
+predict_records_with_features: the same eval transform and loader) with the checkpoint's own model callable
+(dermaid.inference.loaders.create_model_fn, what the Predictor serves, for every artifact kind):
 1. the training fold's features (the head's input and the backbone's per-level channel statistics:
    LesionClassifier.forward_with_features) and raw logits fit every detector in `ood.methods`
-   (dermaid.evaluation.ood);
+   (dermaid.evaluation.ood). An ensemble or a compressed artifact gives logits only: the feature methods
+   (dermaid.evaluation.ood.FEATURE_METHODS) are dropped with a printed note, msp / energy are fitted on its own
+   logits (an ensemble's: log of the members' mean calibrated probability); an ensemble is calibrated on the
+   validation fold its members share (members held out on different folds, as `dermaid cv`'s, are refused:
+   every fold trained some member, so no threshold would be chosen on unseen images);
 2. on the validation fold each detector's threshold refuses `ood.refuse_share` of the images, and its
    AUROC / FPR@95TPR / refused shares are measured against a generated OOD set
    (dermaid.data.synth_ood.iter_ood_images); `ood.default: auto` picks the method with the best AUROC;
@@ -16,7 +24,7 @@ predict_records_with_features: the same eval transform and loader):
    validation fold's malignant images (dermaid.evaluation.operating_point).
 Writes ood_statistics.npz beside the weights, then card.json with new `ood` and `triage` blocks (nothing else
 in the card changes), then the monitoring reference profile of the validation fold (monitoring_reference.parquet:
-dermaid.monitoring.reference, what `dermaid report monitoring` compares the served stream with). Compressed artifacts are refused: calibrate their float source.
+dermaid.monitoring.reference, what `dermaid report monitoring` compares the served stream with).
 Thresholds are decision support for research, never a diagnosis.
 """
 
@@ -32,10 +40,10 @@ from dermaid.classes import CLASS_CODES, DISCLAIMER, MALIGNANT_CODES
 from dermaid.config import to_plain
 from dermaid.errors import DermaidError
 from dermaid.evaluation.evaluate import predict_records_with_features
-from dermaid.models.card import CheckpointError, ModelCard, load_card, replace_card
+from dermaid.models.card import ModelCard, load_card, replace_card
 from dermaid.training.loop import resolve_device
 
-# What one split gives the detectors: features (N, D), raw logits (N, K), calibrated probs (N, K), labels (N,).
+# What one split gives the detectors: features (N, D) | None, raw logits (N, K), calibrated probs (N, K), labels (N,).
 Outputs = dict[str, np.ndarray]
 
 
@@ -64,30 +72,31 @@ def calibrate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Fit, choose, write (see the module docstring); returns the card blocks and the counts."""
     from dermaid.data.prepare import ensure_prepared
     from dermaid.evaluation.ood import save_statistics
-    from dermaid.models.card import load_float_model
+    from dermaid.inference.loaders import create_model_fn
 
     plain = to_plain(cfg)
-    checkpoint = _float_checkpoint(plain["checkpoint"])
-    default = str(plain["ood"]["default"])
-    if default != "auto" and default not in plain["ood"]["methods"]:
-        raise DermaidError(f"ood.default={default!r} is not among ood.methods {list(plain['ood']['methods'])}; "
+    checkpoint = _checkpoint_url(plain["checkpoint"])
+    card = load_card(checkpoint)  # CheckpointError: missing, unreadable, unknown format
+    ood_cfg = {**plain["ood"], "methods": _methods_for(card, plain["ood"])}
+    default = str(ood_cfg["default"])
+    if default != "auto" and default not in ood_cfg["methods"]:
+        raise DermaidError(f"ood.default={default!r} is not among ood.methods {list(ood_cfg['methods'])}; "
                            "name one of them, or auto (the best AUROC)")
+    fold, batch_size = int(_training_fold(plain, card)), int(plain["batch_size"])
     device = resolve_device(str(plain["device"]))
-    model, card = load_float_model(checkpoint, device)
+    model = create_model_fn(checkpoint, card, device)  # any artifact kind: the callable the Predictor serves
     version_url = ensure_prepared(_data_config(plain["data"], card))
     version = version_url.rstrip("/").rsplit("/", 1)[-1]
     if card.trained_on and version not in card.trained_on:
         raise DermaidError(f"data version {version} is not one the checkpoint was trained on ({card.trained_on}): "
                            "calibrate on the checkpoint's own version (leave data.version unset)")
-    fold, batch_size = int(_training_fold(plain, card)), int(plain["batch_size"])
     train = record_outputs(model, card, labelled_records(version_url, "train", fold), device, batch_size)
     val = record_outputs(model, card, labelled_records(version_url, "val", fold), device, batch_size)
-    ood_cfg = plain["ood"]
     set_cfg = ood_cfg["validation_set"]
     generated = generated_ood_outputs(model, card, int(set_cfg["n_per_kind"]), int(set_cfg["seed"]), device,
                                       batch_size)
 
-    detectors = fit_detectors(ood_cfg, card, train, model.feature_layout)
+    detectors = fit_detectors(ood_cfg, card, train, getattr(model, "feature_layout", {}))  # {}: no features
     ood_block = choose_detector(detectors, val, generated, ood_cfg, version)
     triage_block = choose_triage(val, plain["triage"])
     ood_block["statistics"] = save_statistics(checkpoint, detectors)
@@ -114,16 +123,20 @@ def fit_detectors(ood_cfg: dict[str, Any], card: ModelCard, train: Outputs,
 
     levels = [int(level) for level in ood_cfg["multilayer_levels"]]
     missing = [level for level in levels if f"level{level}" not in layout]
-    if missing or not levels:
+    if "multilayer" in ood_cfg["methods"] and (missing or not levels):
         raise DermaidError(f"ood.multilayer_levels={levels}: this backbone has feature levels "
                            f"0..{sum(key.startswith('level') for key in layout) - 1}; name at least one of them")
-    options = {"msp": {"temperature": card.temperature}, "energy": {"temperature": card.temperature},
-               "mahalanobis": {"columns": layout["head"]}, "knn": {"k": int(ood_cfg["knn_k"]), "columns": layout["head"]},
-               "multilayer": {"levels": [layout[f"level{level}"] for level in levels]}}
+    options = {"msp": lambda: {"temperature": card.temperature}, "energy": lambda: {"temperature": card.temperature},
+               "mahalanobis": lambda: {"columns": layout["head"]},
+               "knn": lambda: {"k": int(ood_cfg["knn_k"]), "columns": layout["head"]},
+               "multilayer": lambda: {"levels": [layout[f"level{level}"] for level in levels]}}
     methods = list(ood_cfg["methods"])
     if not methods:
         raise DermaidError(f"ood.methods is empty: name at least one of {', '.join(METHODS)}")
-    return {method: create_detector(method, **options.get(method, {})).fit(
+    unknown = [method for method in methods if method not in options]
+    if unknown:
+        raise DermaidError(f"ood.methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
+    return {method: create_detector(method, **options[method]()).fit(
         train["features"], train["logits"], train["labels"]) for method in methods}
 
 
@@ -170,16 +183,34 @@ def choose_triage(val: Outputs, triage_cfg: dict[str, Any]) -> dict[str, Any]:
     return {**point, "malignant_codes": codes}
 
 
-def _float_checkpoint(checkpoint: Any) -> str:
-    """The checkpoint URL; a clear error for none and for a compressed artifact."""
+def _checkpoint_url(checkpoint: Any) -> str:
+    """The checkpoint URL; a clear error for none."""
     if not checkpoint:
-        raise DermaidError("checkpoint= is required: a checkpoint directory written by `dermaid train` (DIR/best)")
-    card = load_card(str(checkpoint))
-    if not card.is_float:
-        source = card.compression_source or "the float checkpoint it was made from"
-        raise CheckpointError(f"{checkpoint}: a {card.kind} artifact; calibrate its float source instead "
-                              f"(`dermaid calibrate checkpoint={source}`): compressed artifacts cannot be calibrated yet")
+        raise DermaidError("checkpoint= is required: a checkpoint directory written by `dermaid train` (DIR/best), "
+                           "`dermaid ensemble` / `dermaid cv` or `dermaid quantize` / `dermaid export`")
     return str(checkpoint)
+
+
+def _methods_for(card: ModelCard, ood_cfg: dict[str, Any]) -> list[str]:
+    """ood.methods this checkpoint can fit: all for float weights; an ensemble or a compressed artifact gives no
+    penultimate features, so its feature methods are dropped (said on stdout), an error when none is left."""
+    from dermaid.evaluation.ood import FEATURE_METHODS
+
+    methods = list(ood_cfg["methods"])
+    if card.is_float:
+        return methods
+    dropped = [method for method in methods if method in FEATURE_METHODS]
+    kept = [method for method in methods if method not in FEATURE_METHODS]
+    if not kept:
+        raise DermaidError(f"ood.methods={methods}: a {card.kind} checkpoint gives no penultimate features, so only "
+                           "the logit methods fit it: name msp and/or energy (e.g. \"ood.methods=[msp,energy]\")")
+    if dropped:
+        print(f"note: {card.kind} checkpoint: no penultimate features, so ood.methods {dropped} are not fitted "
+              f"(logit methods only: {kept})")
+    if str(ood_cfg["default"]) in dropped:
+        raise DermaidError(f"ood.default={ood_cfg['default']!r} needs penultimate features, which a {card.kind} "
+                           f"checkpoint does not give: name one of {kept}, or auto")
+    return kept
 
 
 def _data_config(data: dict[str, Any], card: ModelCard) -> dict[str, Any]:
@@ -190,8 +221,19 @@ def _data_config(data: dict[str, Any], card: ModelCard) -> dict[str, Any]:
 
 
 def _training_fold(plain: dict[str, Any], card: ModelCard) -> int:
-    """The validation fold the checkpoint was trained with (its card's config), else data.fold."""
-    trained = (card.config.get("data") or {}).get("fold")  # cards without a recorded config: data.fold
+    """The validation fold the checkpoint was trained with (its card's config; an ensemble: the one its members
+    share), else data.fold. An ensemble whose members held out different folds has none: every fold trained one
+    of them, so thresholds chosen there would be optimistic (a triage cut-off missing more malignant lesions)."""
+    if card.ensemble:
+        folds = {member.get("fold") for member in card.ensemble.get("members", [])}
+        if len(folds) > 1:
+            shown = sorted(str(fold) for fold in folds)
+            raise DermaidError(f"{plain['checkpoint']}: the ensemble's members held out different validation folds "
+                               f"({', '.join(shown)}): each fold trained another member, so none is unseen by the "
+                               "ensemble; calibrate an ensemble of members sharing one validation fold")
+        trained = folds.pop() if folds else None
+    else:
+        trained = (card.config.get("data") or {}).get("fold")  # cards without a recorded config: data.fold
     return int(plain["data"]["fold"] if trained is None else trained)
 
 
@@ -207,8 +249,9 @@ def labelled_records(version_url: str, split: str, fold: int) -> pd.DataFrame:
 
 
 def record_outputs(model: Any, card: ModelCard, records: pd.DataFrame, device: Any, batch_size: int) -> Outputs:
-    """Labelled records through evaluate's path: features, raw logits, calibrated probs, labels (the training
-    report's predictions take this path too: dermaid.reporting.training.predict_split)."""
+    """Labelled records through evaluate's path: features (None for a model callable that gives none: an ensemble,
+    a compressed artifact), raw logits, calibrated probs, labels (the training report's predictions take this path
+    too: dermaid.reporting.training.predict_split)."""
     features, logits, probs = predict_records_with_features(model, records, card.input, card.temperature, 0, device,
                                                             batch_size=batch_size)
     return {"features": features, "logits": logits, "probs": probs, "labels": records["label_idx"].to_numpy()}
@@ -217,7 +260,7 @@ def record_outputs(model: Any, card: ModelCard, records: pd.DataFrame, device: A
 def generated_ood_outputs(model: Any, card: ModelCard, n_per_kind: int, seed: int, device: Any,
                           batch_size: int) -> Outputs:
     """n_per_kind generated non-lesion images of every kind (dermaid.data.synth_ood) through the same path,
-    with their kinds (features (M, D), raw logits (M, K), kinds (M,))."""
+    with their kinds (features (M, D) | None, raw logits (M, K), kinds (M,))."""
     from dermaid.data.synth_ood import iter_ood_images
 
     rows = [{"image": data, "kind": kind} for kind, data in iter_ood_images(n_per_kind, seed)]

@@ -51,7 +51,8 @@ class OodScorer:
         if feature_dim is None:
             if method in FEATURE_METHODS:
                 raise CheckpointError(f"{url}: OOD method {method!r} needs penultimate features, which a {card.kind} "
-                                      "artifact does not give; calibrate the float source")
+                                      f"artifact does not give; rerun `dermaid calibrate checkpoint={url}` (it fits "
+                                      "the logit methods msp / energy for this kind)")
             detectors = {name: det for name, det in detectors.items() if name not in FEATURE_METHODS}
         check_compatible(detectors, NUM_CLASSES, feature_dim, f"{url}/{block['statistics']}")
         validation = block.get("validation") or {}

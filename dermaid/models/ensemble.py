@@ -17,7 +17,9 @@ the same batch (one deployment serves them all, batched together) and returns lo
 the ensemble's own temperature is 1, so the softmax every consumer applies (Predictor, evaluate) gives back exactly
 the mean of the members' calibrated probabilities. Members therefore share one input: their class tables, input
 specs and preparation blocks must be equal; a difference is refused with what differs named. Grad-CAM averages the
-members' maps (dermaid.inference.saliency). Decision support for research, never a diagnosis.
+members' maps (dermaid.inference.saliency). `dermaid calibrate checkpoint=DIR` gives the ensemble its own OOD
+detector (msp / energy on its combined logits) and triage cut-off in DIR/card.json; the members need none.
+Decision support for research, never a diagnosis.
 """
 
 from __future__ import annotations

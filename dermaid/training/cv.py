@@ -136,21 +136,12 @@ def _requested_folds(folds: Any, num_folds: int) -> list[int]:
 
 
 def _prepare_base(plain: dict[str, Any], out: str) -> dict[str, Any]:
-    """The resolved config every fold starts from: data prepared once, local paths absolute, the version pinned."""
+    """The resolved config every fold starts from (training.driver.prepared_base), with the folds the version has."""
     from dermaid.data.loading import read_manifest
-    from dermaid.data.prepare import ensure_prepared
+    from dermaid.training.driver import prepared_base
 
-    base = json.loads(json.dumps(plain))  # a deep copy of plain values
-    base["out"] = out
-    data = base["data"]
-    for key in ("root", "prepared_dir"):
-        if data[key]:
-            data[key] = absolute_url(data[key])
-    if base["train"]["init_from"]:
-        base["train"]["init_from"] = absolute_url(base["train"]["init_from"])
-    version_url = ensure_prepared(data, base["ray"]["address"], base["ray"]["num_cpus"])
+    base, version_url = prepared_base(plain, out)
     manifest = read_manifest(version_url)
-    data["version"] = manifest["version"]
     base["version_url"] = absolute_url(version_url)
     base["num_folds"] = int(manifest["settings"]["folds"])
     base["has_test"] = int(manifest.get("counts", {}).get("fold", {}).get("-1", 0)) > 0

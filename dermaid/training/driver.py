@@ -138,6 +138,26 @@ def check_shared_storage(urls: dict[str, str], shared_storage: bool) -> None:
 # Run preparation: every input checked before any worker (or Ray) starts
 
 
+def prepared_base(plain: dict[str, Any], out: str) -> tuple[dict[str, Any], str]:
+    """The resolved config every run of a search or a CV starts from, and its dataset version's URL: a deep copy
+    with out= set, local paths absolute (Ray workers run elsewhere), the dataset prepared (or resolved) once here
+    and data.version pinned, so the runs only read it."""
+    from dermaid.data.loading import read_manifest
+    from dermaid.data.prepare import ensure_prepared
+
+    base = json.loads(json.dumps(plain))  # a deep copy of plain values
+    base["out"] = out
+    data = base["data"]
+    for key in ("root", "prepared_dir"):
+        if data[key]:
+            data[key] = absolute_url(data[key])
+    if base["train"]["init_from"]:
+        base["train"]["init_from"] = absolute_url(base["train"]["init_from"])
+    version_url = ensure_prepared(data, base["ray"]["address"], base["ray"]["num_cpus"])
+    data["version"] = read_manifest(version_url)["version"]
+    return base, version_url
+
+
 def prepare_run(plain: dict[str, Any], settings: TrainConfig) -> dict[str, Any]:
     """Resolve the dataset version, a fine-tune source and the loss hook, check them, write DIR/config.yaml.
 

@@ -13,7 +13,6 @@ epoch's metrics to Tune, where ASHA compares trials and stops weak ones.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -109,20 +108,10 @@ def _checked_new_search(plain: dict[str, Any], out: str) -> dict[str, Any]:
 
 
 def _prepare_base(plain: dict[str, Any], out: str) -> dict[str, Any]:
-    """The resolved config every trial starts from: data prepared once, local paths absolute."""
-    from dermaid.data.loading import read_manifest
-    from dermaid.data.prepare import ensure_prepared
+    """The resolved config every trial starts from (training.driver.prepared_base), its W&B group named."""
+    from dermaid.training.driver import prepared_base
 
-    base = json.loads(json.dumps(plain))  # a deep copy of plain values
-    base["out"] = out
-    data = base["data"]
-    for key in ("root", "prepared_dir"):
-        if data[key]:
-            data[key] = absolute_url(data[key])
-    if base["train"]["init_from"]:
-        base["train"]["init_from"] = absolute_url(base["train"]["init_from"])
-    # Prepare (or resolve) the dataset version once, here: trials then only read it.
-    data["version"] = read_manifest(ensure_prepared(data))["version"]
+    base, _ = prepared_base(plain, out)
     logger = base["logger"]
     if logger["name"] == "wandb" and not logger["group"]:
         search_name = base["hparams_search"].get("name", "search")  # as conf/tune.yaml's out= when unnamed
