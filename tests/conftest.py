@@ -35,6 +35,7 @@ INTEGRATION_FIXTURES = {
     "app": "a Serve app (test_web.py)",
     "browser": "a browser",
     "postgres_url": "a PostgreSQL server",
+    "calibrated_checkpoint": "a run calibrated by `dermaid calibrate` (about a minute of OOD fitting)",
 }
 
 
