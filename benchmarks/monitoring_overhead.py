@@ -20,7 +20,6 @@ carry a few % of noise either way; the per-request costs bound what the log can 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_bench import _multipart, create_bench_checkpoint, http_throughput, load_images  # noqa: E402
+from serve_bench import _multipart, create_bench_checkpoint, http_throughput, load_images, save_results  # noqa: E402
 
 VARIANTS = {
     "log": [],
@@ -138,9 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'log row built + queued per request (us)':<38} {row_us:.0f}    "
           f"({100 * row_us / 1000 / request_cpu_ms:.2f}% of the request's CPU)")
     print(f"parquet files written: {log_rows}")
-    out = REPO / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "monitoring_overhead.json").write_text(json.dumps(results, indent=2))
+    save_results("monitoring_overhead", results)
     return results
 
 

@@ -12,7 +12,6 @@ Results also go to benchmarks/results/overload.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from promotion_under_load import launch_serve, stop_serve  # noqa: E402 - benchmarks/ is not a package
-from serve_bench import REPO, Client, _multipart, load_images  # noqa: E402
+from serve_bench import REPO, Client, _multipart, load_images, save_results  # noqa: E402
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -83,9 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"p99 {results['p99_200_ms']:.0f} ms); other statuses {other or 'none'}")
     print(f"/readyz during the burst: {ready[0]} in {ready[1] * 1000:.0f} ms; recovery after the burst: "
           f"{recovery_s:.2f} s")
-    out = REPO / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "overload.json").write_text(json.dumps(results, indent=2))
+    save_results("overload", results)
     return results
 
 

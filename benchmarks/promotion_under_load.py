@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_bench import REPO, Client, _multipart, load_images  # noqa: E402 - benchmarks/ is not a package
+from serve_bench import REPO, Client, _multipart, load_images, save_results  # noqa: E402 - benchmarks/ is not a package
 
 
 def launch_serve(workdir: str, *overrides: str, timeout_s: float = 600) -> tuple[subprocess.Popen, int, float]:
@@ -147,9 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"promotion -> first answer from bench@v2: {promotion_s:.2f} s; rollback -> first from bench@v1: "
           f"{rollback_s:.2f} s (poll interval {args.follow_interval:g} s included)")
     print(f"version switches seen per client (target 2: once each way): {switches}")
-    out = REPO / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "promotion_under_load.json").write_text(json.dumps(results, indent=2))
+    save_results("promotion_under_load", results)
     return results
 
 

@@ -352,6 +352,13 @@ def _retry(fn, attempts: int = 5):
 
 # --- main -----------------------------------------------------------------------------------------------------
 
+def save_results(name: str, results: dict) -> None:
+    """benchmarks/results/NAME.json: what a benchmark measured, for docs/benchmarks.md (the serve benchmarks share it)."""
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="efficientnet_b0")
@@ -492,9 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     for name, value, target, ok in checks:
         print(f"{name:<36} {value:8.2f}   target {target:<9} {'ok' if ok else 'MISSED'}")
-    out = REPO / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve_bench.json").write_text(json.dumps(results, indent=2))
+    save_results("serve_bench", results)
     return results
 
 

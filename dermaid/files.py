@@ -99,15 +99,7 @@ def write_text(url: str, text: str) -> None:
 def write_atomic(url: str, data: bytes) -> None:
     """Replace one small file so that readers see the old or the new content, never a part: on local disk a
     temporary sibling then os.replace; on object stores one PUT (an object appears whole when it is closed)."""
-    fs, path = get_fs(url)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if not is_local(url):
-        with fs.open(path, "wb") as f:
-            f.write(data)
-        return
-    _write_local_then(path, data, os.replace)  # atomic on one filesystem
+    _write_whole(url, data, "wb", os.replace)  # os.replace: atomic on one filesystem
 
 
 def write_exclusive(url: str, data: bytes) -> None:
@@ -118,20 +110,21 @@ def write_exclusive(url: str, data: bytes) -> None:
     taken (O_EXCL alone would expose a half-written file to readers). Object stores: open(mode="xb"), which
     gcsfs sends as a conditional PUT (ifGenerationMatch=0) and memory:// checks under its lock; a store
     without "xb" raises ValueError (no silent fallback to a racy check-then-write)."""
+    _write_whole(url, data, "xb", os.link)  # os.link: EEXIST -> FileExistsError
+
+
+def _write_whole(url: str, data: bytes, store_mode: str, publish: Any) -> None:
+    """One small file, never seen half-written. Object stores: one PUT opened with `store_mode` ("wb", or "xb":
+    only if absent). Local disk: `data` written whole (fsynced) to a temporary sibling, then `publish(tmp, path)`
+    (os.replace or os.link); the temporary name is gone afterwards either way."""
     fs, path = get_fs(url)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
     if not is_local(url):
-        with fs.open(path, "xb") as f:
+        with fs.open(path, store_mode) as f:
             f.write(data)
         return
-    _write_local_then(path, data, os.link)  # EEXIST -> FileExistsError
-
-
-def _write_local_then(path: str, data: bytes, publish: Any) -> None:
-    """Write `data` whole (fsynced) to a temporary sibling of `path`, then `publish(tmp, path)` (os.replace or
-    os.link); the temporary name is gone afterwards either way."""
     tmp = f"{path}{TMP_INFIX}{_stamp()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as f:
