@@ -46,6 +46,7 @@ def _per_call(fn, n: int) -> float:
 
 def main() -> None:
     from dermaid import files
+    from dermaid.models.card import CARD_FILE, load_card
     from dermaid.registry import Registry
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,7 +56,8 @@ def main() -> None:
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="registry_ops_")
     checkpoint = args.checkpoint or _tiny_promotable(workdir)
-    blobs = {name: files.read_bytes(files.join(checkpoint, name)) for name in ("card.json", "model.pt")}
+    weights = load_card(checkpoint).artifact  # model.pt, or a fresh name on a checkpoint replaced on an object store
+    blobs = {name: files.read_bytes(files.join(checkpoint, name)) for name in (CARD_FILE, weights)}
 
     for root in (f"{workdir}/registry", f"memory://registry-ops-{uuid.uuid4().hex[:6]}"):
         where = "memory://" if root.startswith("memory") else "local disk"

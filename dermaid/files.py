@@ -8,13 +8,23 @@ Publishing (how a directory becomes visible, `atomic_dir`): the files are writte
   - object stores (gs://, memory://): there is no directory rename. The files are copied into place one
     object at a time (each object appears whole: a PUT is atomic) with the marker files (card.json,
     manifest.json, ... `PUBLISH_MARKERS`) written LAST: readers go by the marker, so they never read a
-    directory whose marker is missing. Replacing an existing directory first deletes its marker (the directory
-    reads as absent, never as a mix) and only then its files. What must never be absent is therefore never
-    replaced: registry versions and dataset versions are written once under fresh names, and what switches
-    between them is a pointer file written last (`write_atomic`, `write_exclusive`: registry stages,
-    dataset tags).
-A crash leaves only garbage: a `*.tmp-*` directory, or on object stores a directory without its marker;
-`dermaid gc` (dermaid.registry.gc) names and removes both once they are older than a grace period.
+    directory whose marker is missing. Replacing an existing directory (overwrite=True) takes one of two ways:
+      * in place, never absent: when the new directory has one marker, at its top, and none of its other files
+        has the name of a file of the old directory (a checkpoint replaced by `save_checkpoint`, whose weights
+        get a fresh name, `versioned_name`: model-v<UTC stamp>-<id>.pt), the new files are copied beside the
+        old ones, then the marker over the old marker (one PUT: readers see the old card, naming the old
+        weights, or the new card, naming the new ones), then the old files the new directory lacks are
+        removed. A reader that read the old card just before the switch and its weights just after the removal
+        is told the weights are missing: reading the card again gives the new checkpoint;
+      * otherwise (a file name shared by both, like ood_statistics.npz or part-0.txt, several markers): the old
+        marker is deleted first (the directory reads as absent, never as a mix), then its files, then the new
+        files are copied with the marker last; a crash in between loses the old version.
+    What must never be absent is therefore never replaced that second way: registry versions and dataset
+    versions are written once under fresh names, and what switches between them is a pointer file written
+    last (`write_atomic`, `write_exclusive`: registry stages, dataset tags).
+A crash leaves only garbage: a `*.tmp-*` directory; on object stores a directory without its marker, or, from an
+in-place replacement, weights beside a valid card that does not name them (the new ones before the marker switch,
+the old ones after it); `dermaid gc` (dermaid.registry.gc) names and removes them once older than a grace period.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import ctypes
 import datetime as _dt
 import errno
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -36,6 +47,8 @@ TMP_INFIX = ".tmp-"   # fresh publish locations: <name>.tmp-<YYYYmmddTHHMMSSZ>-<
 TMP_STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 # files that say "this directory is complete": copied last into place on object stores, looked for by readers
 PUBLISH_MARKERS = ("card.json", "manifest.json", "version.json", "registry.json", "summary.json", "report.html")
+# fresh artifact name of an in-place replacement: <stem>-v<YYYYmmddTHHMMSSZ>-<hex8><suffixes>; gc looks for it
+_VERSIONED_NAME = re.compile(r"^(?P<stem>[^/.]+)-v(?P<stamp>\d{8}T\d{6}Z)-[0-9a-f]{8}(?P<suffix>\.[^/]*)?$")
 
 
 def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -213,27 +226,70 @@ def _publish_local(tmp: str, path: str, overwrite: bool) -> None:
 
 def _publish_by_copy(fs: fsspec.AbstractFileSystem, tmp: str, path: str, overwrite: bool,
                      markers: tuple[str, ...]) -> None:
-    """Object stores: copy tmp's objects into `path`, marker files last; an existing `path` loses its markers
-    first, then its other files (never read as a mix of old and new)."""
+    """Object stores: copy tmp's objects into `path`, marker files last. An existing `path` is replaced in place
+    when `_in_place` allows (old files the new directory lacks are removed after the marker switch); otherwise it
+    loses its markers first, then its other files (read as absent meanwhile, never as a mix of old and new)."""
     sources = sorted(p for p in fs.find(tmp, detail=False) if not fs.isdir(p))
     rel = [p[len(tmp):].lstrip("/") for p in sources]
     is_marker = [r.rsplit("/", 1)[-1] in markers for r in rel]
+    stale: list[str] = []  # the old directory's files to remove once the new marker is in place
     if fs.exists(path):
         if not overwrite:
             raise FileExistsError(f"{path} exists already")
-        old = sorted(p for p in fs.find(path, detail=False) if not fs.isdir(p))
-        old_markers = [p for p in old if p.rsplit("/", 1)[-1] in markers]
-        for p in old_markers:
-            fs.rm_file(p)
-        for p in old:
-            if p not in old_markers:
+        old = {p[len(path):].lstrip("/"): p for p in sorted(fs.find(path, detail=False)) if not fs.isdir(p)}
+        if _in_place(rel, is_marker, old, markers):
+            kept = set(rel)
+            stale = [p for r, p in old.items() if r not in kept]
+        else:
+            old_markers = [p for r, p in old.items() if r.rsplit("/", 1)[-1] in markers]
+            for p in old_markers:
                 fs.rm_file(p)
+            for p in old.values():
+                if p not in old_markers:
+                    fs.rm_file(p)
     marker_order = sorted((i for i in range(len(rel)) if is_marker[i]), key=lambda i: (-rel[i].count("/"), rel[i]))
     order = [i for i in range(len(rel)) if not is_marker[i]] + marker_order  # a top-level marker is the very last
     for i in order:
         target = f"{path}/{rel[i]}"
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)  # a no-op on object stores; local-like stores need it
         fs.copy(sources[i], target)
+    for p in stale:  # nothing the new marker names: the old weights (a crash here leaves them for gc)
+        fs.rm_file(p)
+
+
+def _in_place(rel: list[str], is_marker: list[bool], old: dict[str, str], markers: tuple[str, ...]) -> bool:
+    """Whether the new files (`rel`, paths inside the directory) can be copied beside the `old` ones (relative
+    path -> full path) and switched by one marker: exactly one new marker, at the top, the old directory's markers
+    at most that one, and no other new file overwriting an old one (which readers of the old marker might read)."""
+    new_markers = [r for r, m in zip(rel, is_marker) if m]
+    if len(new_markers) != 1 or "/" in new_markers[0]:
+        return False
+    if any(r.rsplit("/", 1)[-1] in markers and r != new_markers[0] for r in old):
+        return False
+    return not any(r in old for r, m in zip(rel, is_marker) if not m)
+
+
+def versioned_name(name: str) -> str:
+    """A fresh name for a file replacing `name` in place (`_in_place`): model.pt -> model-v<UTC stamp>-<hex8>.pt,
+    model.int8.onnx -> model-v<...>-<hex8>.int8.onnx; a versioned name gets a new version, not a second one."""
+    stem, dot, suffix = unversioned_name(name).partition(".")
+    return f"{stem}-v{_stamp()}-{uuid.uuid4().hex[:8]}{dot}{suffix}"
+
+
+def unversioned_name(name: str) -> str:
+    """The name `versioned_name` started from (model-v...-ab12cd34.pt -> model.pt); other names unchanged."""
+    match = _VERSIONED_NAME.match(name)
+    return f"{match['stem']}{match['suffix'] or ''}" if match else name
+
+
+def is_versioned_name(name: str) -> bool:
+    return _VERSIONED_NAME.match(name) is not None
+
+
+def versioned_age_seconds(name: str, now: _dt.datetime | None = None) -> float | None:
+    """Age of a `versioned_name` from its stamp; None for another name."""
+    match = _VERSIONED_NAME.match(name)
+    return _stamp_age(match["stamp"], now) if match else None
 
 
 class _Unsupported(OSError):
@@ -269,7 +325,10 @@ def tmp_age_seconds(name: str, now: _dt.datetime | None = None) -> float | None:
     """Age of a publish location from the stamp in its name (`x.tmp-20261129T200000Z-ab12cd34`); None for a
     name without one (older `x.tmp-ab12cd34` names: gc then goes by the modification time)."""
     _, _, tail = name.rpartition(TMP_INFIX)
-    stamp = tail.split("-", 1)[0]
+    return _stamp_age(tail.split("-", 1)[0], now)
+
+
+def _stamp_age(stamp: str, now: _dt.datetime | None) -> float | None:
     try:
         when = _dt.datetime.strptime(stamp, TMP_STAMP_FORMAT).replace(tzinfo=_dt.timezone.utc)
     except ValueError:

@@ -58,6 +58,7 @@ def build_app(args: AppArgs) -> Application:
     settings = {"max_upload_mb": args.max_upload_mb, "malignant_codes": args.malignant_codes,
                 "grpc_max_upload_mb": args.ingress.grpc_max_upload_mb,
                 "request_timeout_s": args.ingress.request_timeout_s, "retry_after_s": args.ingress.retry_after_s,
+                "requests_per_client_per_minute": args.ingress.requests_per_client_per_minute,
                 "triage": args.triage, "storage": args.storage.model_dump(),
                 "review": review_settings(args.review), "monitoring": args.monitoring.model_dump()}
     return Ingress.options(**deployment_options(args.ingress)).bind(classifier, explainer, settings)

@@ -24,7 +24,7 @@ from dermaid.classes import CLASS_CODES, MALIGNANT_CODES
 from dermaid.data.images import DEFAULT_MAX_PIXELS
 from dermaid.files import absolute_url
 from dermaid.inference import DEFAULT_TRIAGE
-from dermaid.inference.saliency import OVERLAY_MAX_SIDE
+from dermaid.inference.saliency_spec import OVERLAY_MAX_SIDE
 from dermaid.registry.store import SCHEME as REGISTRY_SCHEME
 from serve.metrics import MonitoringArgs
 
@@ -139,6 +139,11 @@ class IngressArgs(DeploymentArgs):
     request_timeout_s: float = Field(30.0, gt=0)
     # Retry-After (seconds) of a 503 when a model's queue is full (max_queued_requests) or an answer timed out
     retry_after_s: int = Field(1, ge=0)
+    # Requests per client address in a moving minute (None: no limit), every route but the probes and the
+    # token-checked review API; past it 429 + Retry-After before the body is read (serve/quotas.py). Counted in
+    # each Ingress replica's memory (N replicas: up to N x this); the client is found as for the upload limit
+    # (storage.trusted_proxies).
+    requests_per_client_per_minute: int | None = Field(None, ge=1)
 
     def user_config(self) -> dict[str, Any]:
         """The user_config of the Ingress deployment (Ingress.reconfigure)."""

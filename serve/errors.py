@@ -80,7 +80,7 @@ class ApiError(Exception):
 
 
 class TooManyRequests(ApiError):
-    """429: a limit on what the public may store was reached (serve/quotas.py). The body names the reason
+    """429: a limit on what the public may send or store was reached (serve/quotas.py). The body names the reason
     ("rate_limit" | "daily_quota") and retry_after_s; the Retry-After header says the same in whole seconds."""
 
     def __init__(self, reason: str, message: str, retry_after_s: float) -> None:
@@ -270,13 +270,21 @@ async def _send_json(send: Callable, status: int, body: dict, headers: dict[str,
 
 
 async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(_api_error_body(exc), status_code=exc.status, headers=getattr(exc, "headers", None))
+
+
+async def send_api_error(send: Callable, exc: ApiError) -> None:
+    """An ApiError answered from a pure ASGI middleware (nothing of the request read: the connection closes)."""
+    await _send_json(send, exc.status, _api_error_body(exc), getattr(exc, "headers", None))
+
+
+def _api_error_body(exc: ApiError) -> dict[str, Any]:
     extra = {"fields": exc.fields} if exc.fields else {}
     if isinstance(exc, TooManyRequests):
         extra.update(reason=exc.reason, retry_after_s=exc.retry_after)
     elif isinstance(exc, Unavailable):
         extra.update(retry_after_s=exc.retry_after)
-    return JSONResponse(error_body(exc.code, exc.message, **extra), status_code=exc.status,
-                        headers=getattr(exc, "headers", None))
+    return error_body(exc.code, exc.message, **extra)
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

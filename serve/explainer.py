@@ -29,7 +29,6 @@ from typing import Any
 from ray import serve
 
 from dermaid.errors import DermaidError
-from dermaid.inference import saliency_png
 from serve.args import ExplainerArgs, ExplainerConfig, ModelSource, deployment_options
 from serve.errors import describe_image_error
 from serve.replica import ModelSlot, freeze_gc
@@ -111,6 +110,8 @@ class Explainer:
     def _explain(self, data: bytes, age: Any, sex: Any, site: Any, target: str | None, method: str,
                  full_size: bool = False, model: ExplainerModel | None = None) -> dict[str, Any]:
         """In a CAM thread: the overlay and what it shows, by `model` (None: the current one)."""
+        from dermaid.inference import saliency_png   # torch: imported by the replica, not by the app's build
+
         model = model or self._model.current
         saliency = model.explainer.explain(data, age, sex, site, target=target, method=method, full_size=full_size)
         return {

@@ -45,7 +45,7 @@ from dermaid.ray_compat import by_value_handle
 from serve.args import MIB, AppArgs, IngressArgs, deployment_options
 from serve.errors import NO_STORE, ApiError, ErrorResponse, add_error_handling, error_body, guarded
 from serve.metrics import RequestMetrics, ServeMonitor, timed
-from serve.quotas import UploadGuard
+from serve.quotas import RequestLimit, RequestLimitMiddleware, UploadGuard
 from serve.review import create_review_context, require_reviewer
 from serve.review import router as review_router
 from serve.schemas import (
@@ -72,10 +72,8 @@ INTENDED_USE = ("Research decision support: a photo of one skin lesion (dermosco
 
 def _replica_upload_limit() -> int:
     """The serving Ingress replica's limit (config: max_upload_mb); AppArgs' default outside a replica."""
-    try:
-        return int(serve.get_replica_context().servable_object.max_upload_bytes)
-    except Exception:  # noqa: BLE001 - not inside a replica (or not initialised yet)
-        return int(AppArgs.model_fields["max_upload_mb"].default * MIB)
+    limit = _replica_attribute("max_upload_bytes")
+    return int(AppArgs.model_fields["max_upload_mb"].default * MIB) if limit is None else int(limit)
 
 
 async def _read_image(upload: UploadFile) -> bytes:
@@ -87,10 +85,16 @@ async def _read_image(upload: UploadFile) -> bytes:
 
 def _replica_setting(name: str, default: float) -> float:
     """A setting of the serving Ingress replica (request_timeout_s, retry_after_s); `default` outside a replica."""
+    settings = _replica_attribute("settings")
+    return default if settings is None else float(settings[name])
+
+
+def _replica_attribute(name: str) -> Any:
+    """An attribute of the serving Ingress replica; None outside a replica or before its __init__ set it."""
     try:
-        return float(serve.get_replica_context().servable_object.settings[name])
+        return getattr(serve.get_replica_context().servable_object, name, None)
     except Exception:  # noqa: BLE001 - not inside a replica (or not initialised yet)
-        return default
+        return None
 
 
 def _grpc_handle(handle: DeploymentHandle) -> DeploymentHandle | None:
@@ -165,6 +169,7 @@ api = FastAPI(
 add_error_handling(api, max_bytes=_replica_upload_limit,
                    deadline_s=lambda: _replica_setting("request_timeout_s", IngressArgs().request_timeout_s),
                    retry_after_s=lambda: int(_replica_setting("retry_after_s", IngressArgs().retry_after_s)))
+api.add_middleware(RequestLimitMiddleware, limit=lambda: _replica_attribute("request_limit"))  # before the body is read
 api.add_middleware(RequestMetrics)  # dermaid_requests_total{route, status} (serve/metrics.py), outermost: every answer
 api.include_router(review_router)  # GET / and /review (pages), /v1/review/... (serve/review.py)
 api.include_router(uploads_router)  # /v1/uploads/{ref} (a consumer's lookup, deletion), /v1/privacy (serve/uploads_api.py)
@@ -196,6 +201,8 @@ class Ingress:
         # the schema was migrated once by build_app; UploadStore only checks it (dermaid.uploads.schema)
         self.store = UploadStore(storage_url, database_url(storage_url, settings["storage"]["db_url"]))
         self.guard = UploadGuard(settings["storage"], self.store)  # what the public may store (serve/quotas.py)
+        per_minute = settings.get("requests_per_client_per_minute")  # what one client may send (serve/quotas.py)
+        self.request_limit = RequestLimit(per_minute, settings["storage"]["trusted_proxies"]) if per_minute else None
         self.review = create_review_context(self.store, settings["review"])  # used by serve/review.py
         self.consumer = create_consumer_context(self.store, settings["storage"])  # used by serve/uploads_api.py
         self.docs = False  # ingress.docs, set by reconfigure (the deployment's user_config)

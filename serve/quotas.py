@@ -1,5 +1,7 @@
-"""What the public may store: consented uploads per client address, and stored bytes per UTC day.
+"""What the public may send and store: requests per client address (an option), consented uploads per client
+address, and stored bytes per UTC day.
 
+    api.add_middleware(RequestLimitMiddleware, limit=lambda: <the replica's RequestLimit or None>)
     guard = UploadGuard(settings["storage"], store)    # in the Ingress replica (StorageArgs as a dict)
     guard.admit(request)                               # the per-client rate limit: TooManyRequests (429) past it
     await run_in_threadpool(guard.check_quota, size)   # the daily quota (database + blob store): 429 past it
@@ -16,6 +18,12 @@ in-memory storage, so each Ingress replica counts its own clients: with N replic
 to N x the limit). An IPv6 client is counted by its /64, the block one subscriber gets. The client address
 is the TCP peer's; X-Forwarded-For is read only when that peer is a configured trusted proxy.
 
+The request limit (ingress.requests_per_client_per_minute; off unless set) counts every request of a client
+address in a moving minute, the same way, except the probes (/healthz, /readyz) and the dermatologists' token-
+checked API (/v1/review/...). It answers 429 + Retry-After in the JSON error shape before the body is read (a pure
+ASGI middleware: a flood costs no multipart parsing and no model time). A load balancer's limit (Cloud Armor on GKE,
+cluster/README.md) can stand in front of it; this one works wherever the app runs.
+
 The daily quota is counted from the database (every replica's uploads) and the blob sizes
 (UploadStore.stored_bytes), so it holds across replicas, up to the uploads in flight at the same moment.
 
@@ -30,18 +38,62 @@ import datetime as _dt
 import ipaddress
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
-from limits import RateLimitItemPerHour
+from limits import RateLimitItemPerHour, RateLimitItemPerMinute
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
+from starlette.requests import Request
 
 from serve.args import MIB
-from serve.errors import TooManyRequests
+from serve.errors import TooManyRequests, send_api_error
 
 logger = logging.getLogger("ray.serve")
 
 IPV6_CLIENT_PREFIX = 64   # one subscriber's IPv6 block: counting single addresses would give them 2^64 limits
+# Not counted by the request limit: the load balancer's and Kubernetes' probes, and the review API (each request
+# carries a dermatologist's token, checked first; a leaked token is revoked, not rate limited)
+UNLIMITED_PATHS = ("/healthz", "/readyz")
+UNLIMITED_PREFIXES = ("/v1/review/",)
+
+
+class RequestLimit:
+    """ingress.requests_per_client_per_minute of one Ingress replica: a moving minute per client address."""
+
+    def __init__(self, per_minute: int, trusted_proxies: list[str]) -> None:
+        self.per_minute = RateLimitItemPerMinute(int(per_minute))
+        self.trusted = [ipaddress.ip_network(net, strict=False) for net in trusted_proxies or []]
+        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    def refusal(self, request: Any) -> TooManyRequests | None:
+        """Count this request of its client; the 429 to answer once the minute's limit is used, else None."""
+        path, root = request.scope["path"], request.scope.get("root_path") or ""
+        path = path[len(root):] if root and path.startswith(root) else path   # an app under a route prefix
+        if path in UNLIMITED_PATHS or path.startswith(UNLIMITED_PREFIXES):
+            return None
+        client = client_key(request, self.trusted)
+        if self.limiter.hit(self.per_minute, client):
+            return None
+        reset = self.limiter.get_window_stats(self.per_minute, client).reset_time
+        return TooManyRequests("rate_limit", f"this address has sent {self.per_minute.amount} requests in the last "
+                                             "minute, the most allowed; try again after the Retry-After seconds",
+                               reset - time.time())
+
+
+class RequestLimitMiddleware:
+    """Pure ASGI: the replica's RequestLimit (`limit()`, None: off) checked before anything of the request is read."""
+
+    def __init__(self, app: Any, limit: Callable[[], RequestLimit | None]) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        limit = self.limit() if scope["type"] == "http" else None
+        refusal = limit.refusal(Request(scope)) if limit is not None else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            await send_api_error(send, refusal)
 
 
 class UploadGuard:

@@ -151,3 +151,27 @@ def test_optional_packages_stay_out_of_the_core(module: str):
     """Test-only, database-driver and notebook-server packages live in extras, not in every install."""
     dists = _module_to_dists().get(module, {canonicalize_name(module)})
     assert not dists & _declared("core"), f"{sorted(dists)} belongs in an extra (dev, postgres, lab)"
+
+
+def test_the_serving_front_starts_without_the_heavy_imports():
+    """Cold start (issue #21 item 7): the launcher, the app's build and the Ingress replica import no torch or timm
+    (only the model replicas need them), and no Ray process builds rfc3987-syntax's grammar (constraints.txt's
+    jsonschema note). Each costs about a second or more of CPU per process on a 2-core machine."""
+    import subprocess
+
+    code = ("import sys, ray, serve.app, serve.launcher, serve.ingress, dermaid.inference, dermaid.models.card; "
+            "from dermaid.inference import build_result, CAM_METHODS, ImageShapeError, OVERLAY_MAX_SIDE; "
+            "print(sorted(m for m in ('torch', 'timm', 'rfc3987_syntax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_lazy_inference_package_names_every_export():
+    """dermaid.inference loads its names on first use: each name in __all__ resolves, and only those do."""
+    import dermaid.inference as inference
+
+    assert sorted(inference.__all__) == sorted([*inference._HOME, "model_version"])
+    assert all(getattr(inference, name) is not None for name in inference.__all__)
+    with pytest.raises(AttributeError):
+        inference.NotAName  # noqa: B018 - the lookup is the test

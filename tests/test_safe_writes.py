@@ -266,3 +266,175 @@ def promotable_copy(promotable_checkpoint, tmp_path) -> str:
     url = str(tmp_path / "ckpt")
     shutil.copytree(promotable_checkpoint, url)
     return url
+
+
+# --------------------------------------------------------------------------- checkpoints replaced in place
+# save_checkpoint on an object store gives a replacement's weights a fresh name (files.versioned_name), so
+# files._publish_by_copy copies them beside the old ones, switches card.json, then removes the old weights.
+
+def _save_generation(url: str, generation: int) -> None:
+    """A tiny float checkpoint whose weights and card both carry `generation` (weights: 4 times the number)."""
+    import torch
+
+    from dermaid.models.card import build_card, save_checkpoint
+
+    card = build_card({"name": "test_efficientnet", "use_metadata": False},
+                      {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}, epoch=generation)
+    save_checkpoint(url, card, {"w": torch.full((4,), float(generation))})
+
+
+def _read_generation(url: str) -> int:
+    """What a reader (training's resume, evaluate, Serve) does: the card, then the weights it names."""
+    card = load_card(url)
+    weights = load_state_dict(url, card)["w"]
+    assert weights.tolist() == [float(card.epoch)] * 4  # the card and the weights of one save, never a mix
+    return card.epoch
+
+
+def _names(url: str) -> list[str]:
+    fs, path = files.get_fs(url)
+    return sorted(p.rsplit("/", 1)[-1] for p in fs.find(path, detail=False))
+
+
+def test_versioned_names_round_trip():
+    name = files.versioned_name("model.pt")
+    assert name != "model.pt" and name.startswith("model-v") and name.endswith(".pt")
+    assert files.is_versioned_name(name) and not files.is_versioned_name("model.pt")
+    assert files.unversioned_name(name) == "model.pt" and files.unversioned_name("model.pt") == "model.pt"
+    again = files.versioned_name(name)  # a new version, not a version of a version
+    assert again != name and files.unversioned_name(again) == "model.pt"
+    assert files.unversioned_name(files.versioned_name("model.int8.onnx")) == "model.int8.onnx"
+    assert 0 <= files.versioned_age_seconds(name) < 60 and files.versioned_age_seconds("model.pt") is None
+
+
+def test_object_store_checkpoint_replacement_is_never_absent_nor_mixed(store, monkeypatch):
+    """(a) best/ replaced twice (model.pt -> versioned -> versioned): after every object copied into place and
+    every object removed, a reader loads a complete checkpoint, the old one until the card switch, then the new."""
+    url = f"{store}/run/best"
+    _save_generation(url, 0)
+    assert _names(url) == ["card.json", "model.pt"]  # a new directory keeps the card's name
+    fs, path = files.get_fs(url)
+    seen: list[int] = []
+    original_copy, original_rm = CopyingFileSystem.cp_file, CopyingFileSystem.rm_file
+
+    def copying(self, path1, path2, **kwargs):
+        original_copy(self, path1, path2, **kwargs)
+        if f"{path}/" in self._strip_protocol(path2):
+            seen.append(_read_generation(url))
+
+    def removing(self, p):
+        original_rm(self, p)
+        if f"{path}/" in self._strip_protocol(p):
+            seen.append(_read_generation(url))
+
+    monkeypatch.setattr(CopyingFileSystem, "cp_file", copying)
+    monkeypatch.setattr(CopyingFileSystem, "rm_file", removing)
+    for generation in (1, 2):
+        seen.clear()
+        _save_generation(url, generation)
+        # new weights copied beside the old ones (old card), the card switched, the old weights removed (new card)
+        assert seen == [generation - 1, generation, generation], seen
+        assert CopyingFileSystem.copied[-1] == f"{path}/{CARD_FILE}"  # the switch is the last copy
+        artifact = load_card(url).artifact
+        assert files.is_versioned_name(artifact) and _names(url) == sorted([CARD_FILE, artifact])
+    assert find_garbage(f"{store}/run") == []
+
+
+def test_memory_store_replacement_keeps_only_the_new_checkpoint():
+    url = f"memory://ckpt-{uuid.uuid4().hex[:8]}/best"
+    for generation in range(3):
+        _save_generation(url, generation)
+        assert _read_generation(url) == generation
+    assert _names(url) == sorted([CARD_FILE, load_card(url).artifact])
+    assert find_garbage(url.rsplit("/", 1)[0]) == []
+
+
+def _crash_when(monkeypatch, when) -> None:
+    """Kill the process (CopyingFileSystem.dead) right after the copy for which when(destination) is true."""
+    original = CopyingFileSystem.cp_file
+
+    def copying(self, path1, path2, **kwargs):
+        original(self, path1, path2, **kwargs)
+        if when(self._strip_protocol(path2)):
+            CopyingFileSystem.dead = True
+            raise SimulatedCrash(f"crashed after copying {path2}")
+
+    monkeypatch.setattr(CopyingFileSystem, "cp_file", copying)
+
+
+@pytest.mark.parametrize("replaced", [0, 1])  # the old weights: model.pt (first write), or a versioned name
+def test_a_crash_before_the_card_switch_keeps_the_previous_checkpoint(store, monkeypatch, replaced):
+    """(b) the crash comes right after the first new object (the new weights) is copied into best/: the previous
+    checkpoint still loads, and gc names the new weights (and the dead publish's temporary copy)."""
+    url = f"{store}/run/best"
+    for generation in range(replaced + 1):
+        _save_generation(url, generation)
+    old_artifact = load_card(url).artifact
+    path = files.get_fs(url)[1]
+    _crash_when(monkeypatch, lambda dst: dst.startswith(f"{path}/"))
+    with pytest.raises(SimulatedCrash):
+        _save_generation(url, 7)
+    CopyingFileSystem.dead = False
+    monkeypatch.undo()
+
+    assert _read_generation(url) == replaced and load_card(url).artifact == old_artifact
+    garbage = find_garbage(f"{store}/run")
+    leftover = [g for g in garbage if g.kind == "unreferenced-weights"]
+    assert len(leftover) == 1 and leftover[0].url.startswith(url + "/model-v"), garbage
+    assert sorted(g.kind for g in garbage) == ["tmp", "unreferenced-weights"]
+    assert collect(f"{store}/run", grace_s=3600, dry_run=False)[0] == []  # young: a publish might still be running
+    removed, _ = collect(f"{store}/run", grace_s=0, dry_run=False)
+    assert {g.url for g in removed} == {g.url for g in garbage}
+    assert find_garbage(f"{store}/run") == [] and _read_generation(url) == replaced
+    assert _names(url) == sorted([CARD_FILE, old_artifact])
+    _save_generation(url, 8)  # and the next epoch replaces it as usual
+    assert _read_generation(url) == 8
+
+
+@pytest.mark.parametrize("replaced", [0, 1])
+def test_a_crash_after_the_card_switch_keeps_the_new_checkpoint(store, monkeypatch, replaced):
+    """(c) the crash comes right after card.json is switched, before the old weights are removed: the new checkpoint
+    loads, and gc names the old weights (model.pt beside a card naming model-v...pt, or an older model-v...pt)."""
+    url = f"{store}/run/best"
+    for generation in range(replaced + 1):
+        _save_generation(url, generation)
+    old_artifact = load_card(url).artifact
+    path = files.get_fs(url)[1]
+    _crash_when(monkeypatch, lambda dst: dst == f"{path}/{CARD_FILE}")
+    with pytest.raises(SimulatedCrash):
+        _save_generation(url, 7)
+    CopyingFileSystem.dead = False
+    monkeypatch.undo()
+
+    assert _read_generation(url) == 7
+    garbage = find_garbage(f"{store}/run")
+    assert sorted(g.kind for g in garbage) == ["tmp", "unreferenced-weights"], garbage
+    assert [g.url for g in garbage if g.kind == "unreferenced-weights"] == [f"{url}/{old_artifact}"]
+    collect(f"{store}/run", grace_s=0, dry_run=False)
+    assert find_garbage(f"{store}/run") == [] and _read_generation(url) == 7
+    assert _names(url) == sorted([CARD_FILE, load_card(url).artifact])
+
+
+def test_a_shared_file_name_still_replaces_absent_first(store):
+    """A checkpoint holding a file the new one has too (ood_statistics.npz written by calibrate) is not replaced
+    in place: its card goes first, so readers see no checkpoint rather than the old card beside new statistics."""
+    url = f"{store}/run/best"
+    _save_generation(url, 0)
+    files.write_bytes(files.join(url, "ood_statistics.npz"), b"old")
+    with files.atomic_dir(url) as tmp:
+        for name in (CARD_FILE, load_card(url).artifact):
+            files.write_bytes(files.join(tmp, name), files.read_bytes(files.join(url, name)))
+        files.write_bytes(files.join(tmp, "ood_statistics.npz"), b"new")
+    assert files.read_bytes(files.join(url, "ood_statistics.npz")) == b"new"
+    order = [p.rsplit("/", 1)[-1] for p in CopyingFileSystem.copied if "/run/best/" in p]
+    assert order[-1] == CARD_FILE and find_garbage(f"{store}/run") == []
+
+
+def test_local_checkpoints_keep_model_pt(tmp_path):
+    """(d) local disk: one rename exchange, the weights keep their name, nothing left for gc."""
+    url = str(tmp_path / "run" / "best")
+    for generation in range(3):
+        _save_generation(url, generation)
+        assert load_card(url).artifact == "model.pt" and _read_generation(url) == generation
+    assert _names(url) == ["card.json", "model.pt"]
+    assert find_garbage(str(tmp_path / "run")) == []

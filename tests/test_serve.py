@@ -703,6 +703,7 @@ def test_demo_serve_step_refuses_a_document_with_a_calibrated_model(calibrated_c
 
 LIMITED_PER_HOUR = 2
 LIMITED_QUOTA_MB = 0.1  # a few of these tests' uploads (photo + model input + record, ~15-20 KB each)
+REQUESTS_PER_MINUTE = 8  # every request of one client (ingress.requests_per_client_per_minute); the tests below send fewer
 
 
 @pytest.fixture()
@@ -721,7 +722,8 @@ def limited_app(server, tiny_checkpoint, tmp_path):
         "storage": {"url": storage, "uploads_per_client_per_hour": LIMITED_PER_HOUR,
                     "daily_quota_mb": LIMITED_QUOTA_MB, "trusted_proxies": ["127.0.0.0/8", "::1"]},
         "classifier": {"num_cpus": 0.1, "torch_threads": 1, "forward_lanes": 1},
-        "explainer": {"num_cpus": 0.05, "torch_threads": 1}, "ingress": {"num_cpus": 0.05},
+        "explainer": {"num_cpus": 0.05, "torch_threads": 1},
+        "ingress": {"num_cpus": 0.05, "requests_per_client_per_minute": REQUESTS_PER_MINUTE},
     })
     serve.run(build_app(args), name="dermaid-limited", route_prefix="/limited")
     yield f"{base}/limited", storage
@@ -793,6 +795,50 @@ def test_consented_uploads_are_limited_per_client_and_classification_is_not(limi
     _refusal(forged, "rate_limit")
     _wait_for_metric("dermaid_uploads_refused_total", {"application": "dermaid-limited", "reason": "rate_limit"},
                      lambda values: sum(values) >= 2)
+
+
+def test_a_client_past_its_request_limit_gets_429_before_its_upload_is_read(limited_app):
+    """ingress.requests_per_client_per_minute: every request of one client counts (not the probes), the refusal comes
+    before the body is read (an upload over max_upload_mb gets 429, not 413), another client is not affected."""
+    base, _ = limited_app
+    client = {"X-Forwarded-For": "203.0.113.40"}
+    assert all(requests.get(f"{base}/readyz", headers=client, timeout=30).status_code == 200 for _ in range(10))
+    answers = [_from("203.0.113.40", base, _lesion_jpeg(930)) for _ in range(REQUESTS_PER_MINUTE)]
+    assert [r.status_code for r in answers] == [200] * REQUESTS_PER_MINUTE
+
+    refused = requests.post(f"{base}/v1/classify", data=b"x" * ((MAX_UPLOAD_MB + 1) << 20), headers=client, timeout=60)
+    assert refused.status_code == 429, refused.text
+    error = _error(refused)
+    assert error["code"] == "too_many_requests" and error["reason"] == "rate_limit"
+    assert f"{REQUESTS_PER_MINUTE} requests in the last minute" in error["message"]
+    assert 1 <= int(refused.headers["Retry-After"]) == error["retry_after_s"] <= 60
+    assert requests.get(f"{base}/v1/privacy", headers=client, timeout=30).status_code == 429  # every public route
+    assert requests.get(f"{base}/healthz", headers=client, timeout=30).status_code == 200     # never the probes
+    assert _from("203.0.113.41", base, _lesion_jpeg(930)).status_code == 200                 # another client
+
+
+def test_the_request_limit_skips_probes_and_the_review_api_and_is_off_by_default():
+    """serve/quotas.py on a plain FastAPI app (no Ray): one client's budget; the probes and /v1/review/... are
+    never counted; without a RequestLimit (the default) nothing is refused."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serve.errors import add_error_handling
+    from serve.quotas import RequestLimit, RequestLimitMiddleware
+
+    limit: list[RequestLimit | None] = [RequestLimit(2, [])]
+    app = FastAPI()
+    add_error_handling(app, max_bytes=lambda: 1 << 20)
+    app.add_middleware(RequestLimitMiddleware, limit=lambda: limit[0])
+    for path in ("/readyz", "/healthz", "/v1/review/queue", "/v1/model"):
+        app.get(path)(lambda: {"ok": True})
+    client = TestClient(app)
+
+    assert [client.get("/v1/model").status_code for _ in range(3)] == [200, 200, 429]
+    assert client.get("/v1/model").json()["error"]["reason"] == "rate_limit"
+    assert all(client.get(path).status_code == 200 for path in ("/readyz", "/healthz", "/v1/review/queue") * 3)
+    limit[0] = None
+    assert all(client.get("/v1/model").status_code == 200 for _ in range(5))
 
 
 def test_an_exact_duplicate_is_stored_once_and_hands_out_no_earlier_reference(limited_app):

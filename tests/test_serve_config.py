@@ -41,6 +41,7 @@ DELIBERATE_OVERRIDES: dict[str, dict[str, str]] = {
         "explainer.autoscaling_config": "1 warm replica, up to 4",
         "ingress.num_cpus": "half a core: validation and routing for many replicas",
         "ingress.autoscaling_config": "1 warm replica, up to 4",
+        "ingress.requests_per_client_per_minute": "a public server limits each client's requests",
     },
 }
 

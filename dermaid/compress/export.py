@@ -179,6 +179,7 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
     out_card = artifact_card(card, source, kind, artifact, {"format": fmt, "max_abs_diff": diff,
                                                             "opset": int(plain["opset"]) if fmt == "onnx" else None})
     save_checkpoint(out, out_card, artifact_bytes=data)
-    print(f"{kind} artifact ({len(data) / 1e6:.1f} MB) -> {out}/{artifact} (+ {CARD_FILE})")
+    written = load_card(out).artifact  # `artifact`, or a fresh name when an object-store checkpoint was replaced
+    print(f"{kind} artifact ({len(data) / 1e6:.1f} MB) -> {out}/{written} (+ {CARD_FILE})")
     print(DISCLAIMER)
     return {"out": out, "kind": kind, "max_abs_diff": diff, "bytes": len(data)}

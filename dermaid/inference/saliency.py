@@ -29,6 +29,7 @@ from torch import nn
 from dermaid.classes import BY_CODE, CLASS_CODES, CLASS_INDEX, DISCLAIMER
 from dermaid.errors import DermaidError
 from dermaid.inference.predictor import Predictor
+from dermaid.inference.saliency_spec import CAM_METHODS, OVERLAY_MAX_SIDE
 from dermaid.models.card import CheckpointError
 from dermaid.training.loop import probabilities_from_logits
 
@@ -48,15 +49,6 @@ def _cam_classes() -> dict[str, type]:
         "eigengradcam": pgc.EigenGradCAM,
         "gradcamelementwise": pgc.GradCAMElementWise,
     }
-
-
-# Longest side of an overlay unless full_size is asked for: a screen's width, whatever the upload's size. A 50 MP
-# upload's full-size overlay added ~0.9 GB to the Explainer and a ~20 MB PNG; at 2048 px, 35-250 MB (mostly the
-# decode: a JPEG drafts, a PNG cannot) and ~2-3 MB (benchmarks/image_cost.py, docs/benchmarks.md).
-OVERLAY_MAX_SIDE = 2048
-
-CAM_METHODS: tuple[str, ...] = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam",
-                                "eigengradcam", "gradcamelementwise")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory (any fsspec URL) holding:
     card.json   the model card (below), written last
-    model.pt    torch.save({"state_dict": ...}) for kind="float"
+    model.pt    torch.save({"state_dict": ...}) for kind="float"; a checkpoint replaced on an object store names
+                a fresh model-v<UTC stamp>-<id>.pt in its card's `artifact` (save_checkpoint)
                 (other kinds name their artifact in the card's `artifact`: model.int8.onnx, model.onnx, ...)
 
 The card (`ModelCard`, a typed, versioned record; card.json is its `to_dict()`) says everything needed
@@ -40,16 +41,16 @@ import subprocess
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from dermaid import __version__
 from dermaid.errors import DermaidError
 from dermaid.classes import CLASS_CODES, SEXES, SITES, class_table
-from dermaid.models.metadata import AGE_SCALE, METADATA_DIM
-from dermaid.files import (atomic_dir, exists, get_fs, is_local, join, read_bytes, read_text, write_bytes,
-                           write_text)
+from dermaid.files import (atomic_dir, exists, get_fs, is_local, join, read_bytes, read_text, versioned_name,
+                           write_bytes, write_text)
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written: the serving front (launcher, Ingress)
+    import torch   # reads cards without paying torch's import (seconds of a cold start)
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "model.pt"
@@ -80,6 +81,8 @@ def _utc_now() -> str:
 
 def metadata_vocabulary(used: bool) -> dict[str, Any]:
     """The card's `metadata` block: whether the model reads metadata, and the encoding it was trained with."""
+    from dermaid.models.metadata import AGE_SCALE, METADATA_DIM
+
     return {"used": bool(used), "dim": METADATA_DIM, "age_scale": AGE_SCALE, "sexes": list(SEXES), "sites": list(SITES)}
 
 
@@ -244,9 +247,19 @@ def build_card(
 
 def save_checkpoint(url: str, card: ModelCard, state_dict: dict[str, Any] | None = None,
                     artifact_bytes: bytes | None = None) -> str:
-    """Write a checkpoint directory atomically (temporary sibling, then moved into place)."""
+    """Write a checkpoint directory atomically (temporary sibling, then moved into place: dermaid.files.atomic_dir).
+
+    Replacing a checkpoint on an object store (best/ and last/ from the second epoch on), the artifact gets a
+    fresh name (dermaid.files.versioned_name: model-v<UTC stamp>-<id>.pt) written into the card's `artifact`, so
+    the new weights never overwrite the ones the old card names and the directory is replaced in place, never
+    absent (old card or new card, each with its own weights); the old weights are removed after the card switch.
+    On local disk (one atomic rename) and for a new directory the card's name stays (model.pt)."""
+    if (state_dict is not None or artifact_bytes is not None) and not is_local(url) and exists(url):
+        card = dataclasses.replace(card, artifact=versioned_name(card.artifact))
     with atomic_dir(url) as tmp:
         if state_dict is not None:
+            import torch
+
             buf = io.BytesIO()
             torch.save({"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}, buf)
             write_bytes(join(tmp, card.artifact), buf.getvalue())
@@ -314,6 +327,8 @@ def load_state_dict(url: str, card: ModelCard | None = None) -> dict[str, torch.
     weights_url = join(url, card.artifact)
     if not exists(weights_url):
         raise CheckpointError(f"{url}: weights file {card.artifact} is missing")
+    import torch
+
     try:
         blob = torch.load(io.BytesIO(read_bytes(weights_url)), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file

@@ -9,14 +9,22 @@ write_atomic, write_exclusive) and makes it visible by one small step. A crash b
   - a `*.tmp-*` directory or file (any root),
   - on object stores, where a directory is copied into place object by object with its marker last: a
     registry version without version.json, or a dataset version without manifest.json (readers skip both),
-  - a registry write probe (`.write-probe-*`).
+  - a registry write probe (`.write-probe-*`),
+  - on object stores, where a checkpoint is replaced in place (dermaid.files._publish_by_copy: the new weights
+    under a fresh name, dermaid.files.versioned_name, beside the old ones, then card.json switched, then the old
+    weights removed): weights that the directory's card.json does not name ("unreferenced-weights"): a versioned
+    file (model-v<stamp>-<id>.pt: the new weights of a replacement that died before its card switch, or old ones),
+    or the plain model.pt beside a card naming a versioned model-v...pt (old weights of a replacement that died
+    after its card switch).
 Nothing younger than the grace period is touched: a publish may still be running (a large dataset version
-takes a while). Readers never use any of these, so removing them changes nothing anyone sees.
+takes a while; a replacement's new weights wait for their card). Readers never use any of these (readers go by
+the marker, and the card names its weights), so removing them changes nothing anyone sees.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +32,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dermaid.errors import DermaidError
-from dermaid.files import TMP_INFIX, absolute_url, get_fs, is_local, tmp_age_seconds
+from dermaid.files import (TMP_INFIX, absolute_url, get_fs, is_local, is_versioned_name, tmp_age_seconds,
+                           unversioned_name, versioned_age_seconds)
+from dermaid.models.card import CARD_FILE
 
 _DATASET_VERSION = re.compile(r"^[0-9a-f]{16}$")  # dermaid.data.loading.VERSION_PATTERN
 
@@ -32,7 +42,7 @@ _DATASET_VERSION = re.compile(r"^[0-9a-f]{16}$")  # dermaid.data.loading.VERSION
 @dataclass(frozen=True)
 class Garbage:
     url: str
-    kind: str            # tmp | incomplete-version | incomplete-dataset | probe
+    kind: str            # tmp | incomplete-version | incomplete-dataset | probe | unreferenced-weights
     age_s: float | None  # None: the store gives no time (never removed)
     size: int
 
@@ -92,9 +102,15 @@ def _walk(fs, path: str, depth: int, max_depth: int, now: _dt.datetime, found: l
     except (FileNotFoundError, NotADirectoryError):
         return
     parent = path.rsplit("/", 1)[-1]
+    artifact = _card_artifact(fs, path, entries)  # None: not a checkpoint (or an unreadable card: touch nothing)
     for entry in entries:
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
         is_dir = entry["type"] == "directory"
+        if artifact is not None and not is_dir and _unreferenced_weights(name, artifact):
+            size, newest = _usage(fs, entry)
+            found.append(Garbage(entry["name"], "unreferenced-weights",
+                                 _younger(_age(newest, now), versioned_age_seconds(name, now)), size))
+            continue
         if TMP_INFIX in name:
             age = tmp_age_seconds(name, now)
             size, newest = _usage(fs, entry)
@@ -116,6 +132,29 @@ def _walk(fs, path: str, depth: int, max_depth: int, now: _dt.datetime, found: l
             continue  # a complete dataset version: thousands of shards, no leftovers inside
         if is_dir and depth + 1 < max_depth:
             _walk(fs, entry["name"], depth + 1, max_depth, now, found)
+
+
+def _card_artifact(fs, path: str, entries: list[dict[str, Any]]) -> str | None:
+    """The `artifact` named by `path`/card.json, when the directory has a readable one."""
+    if not any(e["type"] != "directory" and e["name"].rstrip("/").rsplit("/", 1)[-1] == CARD_FILE for e in entries):
+        return None
+    try:
+        artifact = json.loads(fs.cat_file(f"{path}/{CARD_FILE}")).get("artifact")
+    except (OSError, ValueError, AttributeError):  # gone meanwhile, not JSON, not an object
+        return None
+    return artifact if isinstance(artifact, str) and artifact else None
+
+
+def _unreferenced_weights(name: str, artifact: str) -> bool:
+    """A versioned weights file the card does not name, or the plain name beside a card naming a versioned one."""
+    if name == artifact:
+        return False
+    return is_versioned_name(name) or (is_versioned_name(artifact) and name == unversioned_name(artifact))
+
+
+def _younger(*ages: float | None) -> float | None:
+    known = [a for a in ages if a is not None]
+    return min(known) if known else None
 
 
 def _in_registry(fs, versions_dir: str) -> bool:
