@@ -15,7 +15,7 @@ import pandas as pd
 
 from dermaid.classes import DISCLAIMER
 from dermaid.errors import DermaidError
-from dermaid.files import atomic_dir, exists, join, read_bytes, write_bytes, write_text
+from dermaid.files import exists, join, read_bytes, write_text
 from dermaid.tuning.layout import BEST_DIR, RESULTS_FILE, SUMMARY_FILE, TUNE_DIR_NAME
 from dermaid.tuning.results import (STATUSES_FINISHED, best_row, format_overrides, format_results,
                                     hyperparameter_keys, read_results)
@@ -99,11 +99,9 @@ def _write_summary(out: str, summary: dict[str, Any]) -> None:
 
 
 def copy_checkpoint(src: str, dst: str) -> str:
-    """Copy a checkpoint directory (card + artifact) atomically to dst; returns dst."""
-    from dermaid.models.card import CARD_FILE, load_card
+    """Copy a checkpoint directory (card + artifact) to dst the way every checkpoint is written (save_checkpoint:
+    atomic, replaced in place on object stores); returns dst."""
+    from dermaid.models.card import load_card, save_checkpoint
 
     card = load_card(src)
-    with atomic_dir(dst) as tmp:
-        write_bytes(join(tmp, card.artifact), read_bytes(join(src, card.artifact)))
-        write_bytes(join(tmp, CARD_FILE), read_bytes(join(src, CARD_FILE)))
-    return dst
+    return save_checkpoint(dst, card, artifact_bytes=read_bytes(join(src, card.artifact)))
