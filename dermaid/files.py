@@ -15,7 +15,7 @@ Publishing (how a directory becomes visible, `atomic_dir`): the files are writte
         old ones, then the marker over the old marker (one PUT: readers see the old card, naming the old
         weights, or the new card, naming the new ones), then the old files the new directory lacks are
         removed. A reader that read the old card just before the switch and its weights just after the removal
-        is told the weights are missing: reading the card again gives the new checkpoint;
+        is told the checkpoint was replaced while it was read (card.load_state_dict): loading again gives the new;
       * otherwise (a file name shared by both, like ood_statistics.npz or part-0.txt, several markers): the old
         marker is deleted first (the directory reads as absent, never as a mix), then its files, then the new
         files are copied with the marker last; a crash in between loses the old version.

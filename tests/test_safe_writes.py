@@ -349,6 +349,21 @@ def test_memory_store_replacement_keeps_only_the_new_checkpoint():
     assert find_garbage(url.rsplit("/", 1)[0]) == []
 
 
+def test_a_reader_holding_the_replaced_card_is_told_to_load_again():
+    """The one window an in-place replacement leaves: a reader read the old card just before the switch and asks
+    for its weights after their removal. It is told the checkpoint was replaced (not that it is broken)."""
+    from dermaid.models.card import CheckpointError
+
+    url = f"memory://ckpt-{uuid.uuid4().hex[:8]}/best"
+    _save_generation(url, 0)
+    _save_generation(url, 1)
+    stale = load_card(url)
+    _save_generation(url, 2)
+    with pytest.raises(CheckpointError, match="replaced while it was being read.*load it again"):
+        load_state_dict(url, stale)
+    assert _read_generation(url) == 2
+
+
 def _crash_when(monkeypatch, when) -> None:
     """Kill the process (CopyingFileSystem.dead) right after the copy for which when(destination) is true."""
     original = CopyingFileSystem.cp_file

@@ -326,6 +326,10 @@ def load_state_dict(url: str, card: ModelCard | None = None) -> dict[str, torch.
     card = card or load_card(url)
     weights_url = join(url, card.artifact)
     if not exists(weights_url):
+        now = _current_artifact(url)
+        if now is not None and now != card.artifact:  # replaced in place between our card read and this one
+            raise CheckpointError(f"{url} was replaced while it was being read (its card now names {now}, not "
+                                  f"{card.artifact}); load it again")
         raise CheckpointError(f"{url}: weights file {card.artifact} is missing")
     import torch
 
@@ -334,6 +338,14 @@ def load_state_dict(url: str, card: ModelCard | None = None) -> dict[str, torch.
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"{weights_url}: unreadable weights ({type(exc).__name__}: {exc})") from None
     return blob["state_dict"] if isinstance(blob, dict) and "state_dict" in blob else blob
+
+
+def _current_artifact(url: str) -> str | None:
+    """The artifact `url`'s card names now; None when it cannot be read."""
+    try:
+        return load_card(url).artifact
+    except CheckpointError:
+        return None
 
 
 def load_float_model(url: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
