@@ -46,7 +46,7 @@ from serve.args import MIB, AppArgs, IngressArgs, deployment_options
 from serve.errors import NO_STORE, ApiError, ErrorResponse, add_error_handling, error_body, guarded
 from serve.metrics import RequestMetrics, ServeMonitor, timed
 from serve.quotas import RequestLimit, RequestLimitMiddleware, UploadGuard
-from serve.review import create_review_context, require_reviewer
+from serve.review import create_review_context, require_reviewer, servable_attribute
 from serve.review import router as review_router
 from serve.schemas import (
     ERROR_RESPONSES, Age, ClassifyResponse, Consent, FullSize, ImageFile, Method, ModelResponse, SaliencyFormat,
@@ -72,7 +72,7 @@ INTENDED_USE = ("Research decision support: a photo of one skin lesion (dermosco
 
 def _replica_upload_limit() -> int:
     """The serving Ingress replica's limit (config: max_upload_mb); AppArgs' default outside a replica."""
-    limit = _replica_attribute("max_upload_bytes")
+    limit = servable_attribute("max_upload_bytes")
     return int(AppArgs.model_fields["max_upload_mb"].default * MIB) if limit is None else int(limit)
 
 
@@ -85,16 +85,8 @@ async def _read_image(upload: UploadFile) -> bytes:
 
 def _replica_setting(name: str, default: float) -> float:
     """A setting of the serving Ingress replica (request_timeout_s, retry_after_s); `default` outside a replica."""
-    settings = _replica_attribute("settings")
+    settings = servable_attribute("settings")
     return default if settings is None else float(settings[name])
-
-
-def _replica_attribute(name: str) -> Any:
-    """An attribute of the serving Ingress replica; None outside a replica or before its __init__ set it."""
-    try:
-        return getattr(serve.get_replica_context().servable_object, name, None)
-    except Exception:  # noqa: BLE001 - not inside a replica (or not initialised yet)
-        return None
 
 
 def _grpc_handle(handle: DeploymentHandle) -> DeploymentHandle | None:
@@ -169,7 +161,7 @@ api = FastAPI(
 add_error_handling(api, max_bytes=_replica_upload_limit,
                    deadline_s=lambda: _replica_setting("request_timeout_s", IngressArgs().request_timeout_s),
                    retry_after_s=lambda: int(_replica_setting("retry_after_s", IngressArgs().retry_after_s)))
-api.add_middleware(RequestLimitMiddleware, limit=lambda: _replica_attribute("request_limit"))  # before the body is read
+api.add_middleware(RequestLimitMiddleware, limit=lambda: servable_attribute("request_limit"))  # before the body is read
 api.add_middleware(RequestMetrics)  # dermaid_requests_total{route, status} (serve/metrics.py), outermost: every answer
 api.include_router(review_router)  # GET / and /review (pages), /v1/review/... (serve/review.py)
 api.include_router(uploads_router)  # /v1/uploads/{ref} (a consumer's lookup, deletion), /v1/privacy (serve/uploads_api.py)

@@ -57,13 +57,28 @@ UNLIMITED_PATHS = ("/healthz", "/readyz")
 UNLIMITED_PREFIXES = ("/v1/review/",)
 
 
+class ClientWindow:
+    """A moving-window count per client address (`limits`, in this replica's memory): `item` hits per window."""
+
+    def __init__(self, item: Any, trusted_proxies: list[str] | None) -> None:
+        self.item = item   # a limits RateLimitItem: RateLimitItemPerMinute(120), RateLimitItemPerHour(60)
+        self.trusted = [ipaddress.ip_network(net, strict=False) for net in trusted_proxies or []]
+        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    def over(self, request: Any) -> float | None:
+        """Count one hit of this request's client: None while within the limit, else the seconds until the
+        window frees a slot (the hit past the limit is not counted)."""
+        client = client_key(request, self.trusted)
+        if self.limiter.hit(self.item, client):
+            return None
+        return self.limiter.get_window_stats(self.item, client).reset_time - time.time()
+
+
 class RequestLimit:
     """ingress.requests_per_client_per_minute of one Ingress replica: a moving minute per client address."""
 
     def __init__(self, per_minute: int, trusted_proxies: list[str]) -> None:
-        self.per_minute = RateLimitItemPerMinute(int(per_minute))
-        self.trusted = [ipaddress.ip_network(net, strict=False) for net in trusted_proxies or []]
-        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+        self.window = ClientWindow(RateLimitItemPerMinute(int(per_minute)), trusted_proxies)
 
     def refusal(self, request: Any) -> TooManyRequests | None:
         """Count this request of its client; the 429 to answer once the minute's limit is used, else None."""
@@ -71,13 +86,12 @@ class RequestLimit:
         path = path[len(root):] if root and path.startswith(root) else path   # an app under a route prefix
         if path in UNLIMITED_PATHS or path.startswith(UNLIMITED_PREFIXES):
             return None
-        client = client_key(request, self.trusted)
-        if self.limiter.hit(self.per_minute, client):
+        retry_after_s = self.window.over(request)
+        if retry_after_s is None:
             return None
-        reset = self.limiter.get_window_stats(self.per_minute, client).reset_time
-        return TooManyRequests("rate_limit", f"this address has sent {self.per_minute.amount} requests in the last "
+        return TooManyRequests("rate_limit", f"this address has sent {self.window.item.amount} requests in the last "
                                              "minute, the most allowed; try again after the Retry-After seconds",
-                               reset - time.time())
+                               retry_after_s)
 
 
 class RequestLimitMiddleware:
@@ -105,10 +119,9 @@ class UploadGuard:
         self.store = store
         per_hour = storage.get("uploads_per_client_per_hour")
         quota_mb = storage.get("daily_quota_mb")
-        self.per_hour = RateLimitItemPerHour(int(per_hour)) if per_hour else None
+        self.per_hour = (ClientWindow(RateLimitItemPerHour(int(per_hour)), storage.get("trusted_proxies"))
+                         if per_hour else None)
         self.quota_bytes = int(float(quota_mb) * MIB) if quota_mb else None
-        self.trusted = [ipaddress.ip_network(net, strict=False) for net in storage.get("trusted_proxies") or []]
-        self.limiter = MovingWindowRateLimiter(MemoryStorage())
         self.refused = Counter("dermaid_uploads_refused_total", tag_keys=("reason",),
                                description="Consented uploads refused with 429, by reason (rate_limit, daily_quota).")
         self.stored_today = Gauge("dermaid_uploads_stored_bytes_today",
@@ -118,13 +131,12 @@ class UploadGuard:
         """Count one consented upload of this request's client; TooManyRequests once the hour's limit is used."""
         if self.per_hour is None:
             return
-        client = client_key(request, self.trusted)
-        if self.limiter.hit(self.per_hour, client):
+        retry_after_s = self.per_hour.over(request)
+        if retry_after_s is None:
             return
-        reset = self.limiter.get_window_stats(self.per_hour, client).reset_time
-        self._refuse("rate_limit", f"this address has sent {self.per_hour.amount} photos for review in the "
+        self._refuse("rate_limit", f"this address has sent {self.per_hour.item.amount} photos for review in the "
                                    "last hour, the most allowed; try again later, or classify without consent "
-                                   "(nothing is stored then)", reset - time.time())
+                                   "(nothing is stored then)", retry_after_s)
 
     def check_quota(self, size: int) -> None:
         """TooManyRequests when `size` more bytes would pass today's quota (blocking: database + blob store).

@@ -113,15 +113,20 @@ def create_review_context(upload_store: Any, settings: dict[str, Any]) -> Review
 
 def replica_attribute(name: str, missing: str) -> Any:
     """An attribute of this Serve replica's ingress object (a route's context); 503 `missing` without one."""
-    from ray import serve
-
-    try:
-        value = getattr(serve.get_replica_context().servable_object, name, None)
-    except Exception:  # noqa: BLE001 - not inside a replica
-        value = None
+    value = servable_attribute(name)
     if value is None:
         raise HTTPException(503, missing)
     return value
+
+
+def servable_attribute(name: str) -> Any:
+    """An attribute of this Serve replica's ingress object; None outside a replica or before its __init__ set it."""
+    from ray import serve
+
+    try:
+        return getattr(serve.get_replica_context().servable_object, name, None)
+    except Exception:  # noqa: BLE001 - not inside a replica
+        return None
 
 
 def get_review_context() -> ReviewContext:
