@@ -14,6 +14,7 @@ Results also go to benchmarks/results/promotion_under_load.json.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import signal
 import subprocess
@@ -60,7 +61,9 @@ def stop_serve(proc: subprocess.Popen) -> None:
 
 
 class Load:
-    """`concurrency` keep-alive clients classifying in a loop: rows (client, sent, done, status, version)."""
+    """`concurrency` keep-alive clients classifying in a loop: rows (client, sent, done, status, version, header),
+    version the answer's registry_version (or the error text), header its X-DermAID-Model-Version. Also drives
+    tests/test_serve_hot_swap.py."""
 
     def __init__(self, port: int, bodies: list, concurrency: int) -> None:
         self.port, self.bodies, self.stop, self.rows = port, bodies, threading.Event(), []
@@ -68,17 +71,18 @@ class Load:
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(concurrency)]
 
     def _run(self, i: int) -> None:
-        client = Client(self.port)
+        client = Client(self.port, retries=0)  # never sent twice: a dropped request counts as failed
         n = 0
         while not self.stop.is_set():
             sent = time.monotonic()
             try:
                 status, payload = client.post("/v1/classify", *self.bodies[(i + n) % len(self.bodies)])
                 version = json.loads(payload).get("registry_version") if status == 200 else payload[:200].decode()
-            except OSError as exc:
-                status, version = -1, repr(exc)
+                header = client.headers.get("X-DermAID-Model-Version")
+            except (OSError, http.client.HTTPException) as exc:  # a broken answer is a failed request too
+                status, version, header = -1, repr(exc), None
             with self.lock:
-                self.rows.append((i, sent, time.monotonic(), status, version))
+                self.rows.append((i, sent, time.monotonic(), status, version, header))
             n += 1
 
     def __enter__(self) -> "Load":
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_client = [[r[4] for r in rows if r[0] == i and r[3] == 200] for i in range(args.concurrency)]
     switches = [sum(a != b for a, b in zip(v, v[1:])) for v in per_client]
     results = {"checkpoint": args.checkpoint, "concurrency": args.concurrency, "requests": len(rows),
-               "failed": len(failed), "failed_examples": [r[3:] for r in failed[:5]],
+               "failed": len(failed), "failed_examples": [r[3:5] for r in failed[:5]],
                "promotion_to_first_new_answer_s": promotion_s, "rollback_to_first_old_answer_s": rollback_s,
                "follow_interval_s": args.follow_interval, "switches_per_client": switches}
     print(f"requests sent {len(rows)}, failed {len(failed)} (target 0)")

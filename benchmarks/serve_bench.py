@@ -155,20 +155,23 @@ def _multipart(data: bytes, fields: dict[str, str] | None = None) -> tuple[bytes
 class Client:
     """One keep-alive HTTP connection (cheap on the shared CPU: no per-request client overhead)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, retries: int = 1) -> None:
         self.port = port
+        self.retries = retries  # a request sent again on a fresh connection after a connection error
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        self.headers: http.client.HTTPMessage | None = None  # the last answer's headers (case-insensitive .get)
 
     def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-        for attempt in range(2):
+        for attempt in range(self.retries + 1):
             try:
                 self.conn.request("POST", path, body=body, headers={"Content-Type": content_type})
                 response = self.conn.getresponse()
+                self.headers = response.headers
                 return response.status, response.read()
             except (http.client.HTTPException, OSError):
                 self.conn.close()
                 self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-                if attempt:
+                if attempt == self.retries:
                     raise
         raise RuntimeError("unreachable")
 

@@ -11,7 +11,6 @@ Also (no Ray): the Classifier's health check fails once its model cannot produce
 from __future__ import annotations
 
 import io
-import threading
 import time
 
 import numpy as np
@@ -63,37 +62,20 @@ def following_app(ray_session, calibrated_checkpoint, tmp_path_factory):
     serve.shutdown()
 
 
-class Load:
-    """CONCURRENCY threads classifying in a loop: (thread, sent, done, status, registry_version, header) each."""
+def _load(base: str):
+    """benchmarks/promotion_under_load.py's Load on this app: CONCURRENCY clients classifying in a loop, each
+    row (client, sent, done, status, registry_version, X-DermAID-Model-Version)."""
+    import sys
+    from pathlib import Path
 
-    def __init__(self, base: str) -> None:
-        self.base, self.stop, self.results = base, threading.Event(), []
-        self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(CONCURRENCY)]
-
-    def _run(self, i: int) -> None:
-        session, image = requests.Session(), _jpeg(i)
-        while not self.stop.is_set():
-            sent = time.monotonic()
-            try:
-                r = session.post(f"{self.base}/v1/classify", files={"image": ("a.jpg", image, "image/jpeg")}, timeout=60)
-                row = (i, sent, time.monotonic(), r.status_code, r.json().get("registry_version") if r.ok else r.text,
-                       r.headers.get("X-DermAID-Model-Version"))
-            except requests.RequestException as exc:
-                row = (i, sent, time.monotonic(), -1, repr(exc), None)
-            with self._lock:
-                self.results.append(row)
-
-    def wait_for(self, version: str, after: float, timeout_s: float = 120) -> float:
-        """When the first answer from `version` sent after `after` completed."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                done = [r[2] for r in self.results if r[4] == version and r[1] >= after]
-            if done:
-                return min(done)
-            time.sleep(0.05)
-        raise AssertionError(f"no answer from {version} within {timeout_s} s")
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        from promotion_under_load import Load
+        from serve_bench import _multipart
+    finally:
+        sys.path.remove(benchmarks)
+    return Load(int(base.rsplit(":", 1)[1]), [_multipart(_jpeg(i)) for i in range(CONCURRENCY)], CONCURRENCY)
 
 
 def _saliency_from(base: str, version: str, timeout_s: float = 120) -> str:
@@ -123,27 +105,20 @@ def test_promotion_and_rollback_under_load_switch_once_each_way_and_lose_nothing
     explainer_start = explainer.info.remote().result()
     assert explainer_start["registry_version"] == "derm@v1"
     assert "derm@v1" in _saliency_from(started.url, "derm@v1", timeout_s=1)
-    load = Load(started.url)
-    for t in load.threads:
-        t.start()
-    try:
+    with _load(started.url) as load:
         time.sleep(1.0)
         promoted = time.monotonic()
         registry.promote("derm", "v2")
         assert follower.check().version == "derm@v2" and follower.check() is None  # deployed once
-        first_v2 = load.wait_for("derm@v2", promoted)
+        first_v2 = load.first("derm@v2", promoted, timeout_s=120)
         _saliency_from(started.url, "derm@v2")  # the same deploy moved the Explainer: saliency names it too
         time.sleep(1.0)
         rolled_back = time.monotonic()
         assert registry.rollback("derm").version == "v1"
         assert follower.check().version == "derm@v1"
-        first_v1 = load.wait_for("derm@v1", rolled_back)
+        first_v1 = load.first("derm@v1", rolled_back, timeout_s=120)
         time.sleep(1.0)
-    finally:
-        load.stop.set()
-        for t in load.threads:
-            t.join()
-    results = sorted(load.results, key=lambda r: r[1])
+    results = sorted(load.rows, key=lambda r: r[1])
     failed = [r for r in results if r[3] != 200]
     assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:3]}"
     assert all(r[5] == r[4] for r in results), "the X-DermAID-Model-Version header names the answer's version"
