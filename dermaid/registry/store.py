@@ -33,6 +33,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,31 +112,26 @@ class Registry:
     # ------------------------------------------------------------------------------------ reading
 
     def models(self) -> list[str]:
-        """Names with at least one complete version, sorted."""
-        fs, path = get_fs(self.root)
-        if not fs.exists(path):
-            return []
-        names = []
-        for entry in fs.ls(path, detail=False):
-            name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if NAME_PATTERN.match(name) and TMP_INFIX not in name and fs.isdir(entry) and self.versions(name):
-                names.append(name)
-        return sorted(names)
+        """Names with at least one complete version, sorted (one version.json read per name, not all of them)."""
+        return sorted(name for name in self._names() if NAME_PATTERN.match(name) and TMP_INFIX not in name
+                      and next(self._complete_versions(name), None) is not None)
 
     def versions(self, name: str) -> list[ModelVersion]:
         """The complete versions of `name` (version.json present), oldest first; [] for an unknown name."""
-        fs, path = get_fs(join(self.root, _check_name(name, "model name"), VERSIONS_DIR))
+        return sorted(self._complete_versions(_check_name(name, "model name")), key=lambda v: (v.created, v.version))
+
+    def _complete_versions(self, name: str) -> Iterator[ModelVersion]:
+        """`name`'s complete versions in listing order, each read when asked for."""
+        fs, path = get_fs(join(self.root, name, VERSIONS_DIR))
         if not fs.exists(path):
-            return []
-        found = []
+            return
         for entry in fs.ls(path, detail=False):
             version = entry.rstrip("/").rsplit("/", 1)[-1]
             if TMP_INFIX in version or not NAME_PATTERN.match(version):
                 continue  # a publish in progress, or crash garbage (dermaid gc)
             record = self._read_version(name, version)
             if record is not None:
-                found.append(record)
-        return sorted(found, key=lambda v: (v.created, v.version))
+                yield record
 
     def version(self, name: str, version: str) -> ModelVersion:
         """One version; RegistryError naming what exists when it does not (or when it is from elsewhere)."""
